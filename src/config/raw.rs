@@ -1,0 +1,405 @@
+//! The file exactly as written, before any cross-reference is resolved.
+//!
+//! The document is read into a `serde_yaml::Value` first and every section, and every
+//! provider, model and tenant, is deserialized on its own: one typo then costs one
+//! entry, not the whole report, and the remaining entries are still checked.
+//! Name→entry maps are kept as `Vec`s in file order because a tenant's first model is
+//! its default and messages should follow the file.
+
+use super::report::{child, describe, deserialize, Report};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_yaml::{Mapping, Value};
+use std::path::PathBuf;
+
+const SECTIONS: &[&str] = &[
+    "node",
+    "listen",
+    "admin",
+    "max_body_bytes",
+    "providers",
+    "models",
+    "tenants",
+    "counters",
+    "cache",
+    "audit",
+];
+
+/// A section's state after parsing. `Invalid` is kept apart from `Absent` so that a
+/// section whose own error was already reported does not also count as missing.
+#[derive(Debug)]
+pub(super) enum Sec<T> {
+    Absent,
+    Invalid,
+    Valid(T),
+}
+
+impl<T> Sec<T> {
+    fn from_parsed(v: Option<T>) -> Self {
+        v.map_or(Sec::Invalid, Sec::Valid)
+    }
+}
+
+/// Entries in file order; `None` marks an entry whose own errors were reported, so
+/// references to it stay quiet instead of adding a second, misleading error.
+pub(super) type Entries<T> = Vec<(String, Option<T>)>;
+
+#[derive(Debug)]
+pub(super) struct RawConfig {
+    pub node: Sec<RawNode>,
+    pub listen: Sec<RawListen>,
+    pub admin: Sec<RawAdmin>,
+    pub max_body_bytes: Sec<u64>,
+    pub providers: Sec<Entries<RawProvider>>,
+    pub models: Sec<Entries<RawModel>>,
+    pub tenants: Sec<Entries<RawTenant>>,
+    pub counters: Sec<RawCounters>,
+    pub cache: Sec<RawCache>,
+    pub audit: Sec<RawAudit>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a mapping")]
+pub(super) struct RawNode {
+    pub region: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a mapping")]
+pub(super) struct RawListen {
+    pub http: Option<String>,
+    pub https: Option<RawHttps>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a mapping")]
+pub(super) struct RawHttps {
+    pub addr: String,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a mapping")]
+pub(super) struct RawAdmin {
+    pub listen: Option<String>,
+    pub token_env: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(expecting = "openai, anthropic or openai_compatible")]
+pub(super) enum RawKind {
+    #[serde(rename = "openai")]
+    OpenAi,
+    #[serde(rename = "anthropic")]
+    Anthropic,
+    #[serde(rename = "openai_compatible")]
+    OpenAiCompatible,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a mapping")]
+pub(super) struct RawProvider {
+    pub kind: RawKind,
+    pub base_url: String,
+    pub api_key_env: Option<String>,
+    pub region: String,
+    pub timeouts: Option<RawTimeouts>,
+}
+
+/// Each timeout may be given alone; the others keep their defaults.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a mapping")]
+pub(super) struct RawTimeouts {
+    pub connect_ms: Option<u64>,
+    pub first_token_ms: Option<u64>,
+    pub idle_ms: Option<u64>,
+    pub total_ms: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a mapping")]
+pub(super) struct RawModel {
+    pub provider: String,
+    pub upstream_model: Option<String>,
+    pub price: RawPrice,
+    pub max_output_tokens: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a mapping")]
+pub(super) struct RawPrice {
+    pub input_per_mtok: f64,
+    pub output_per_mtok: f64,
+    pub cached_input_per_mtok: Option<f64>,
+}
+
+/// `api_keys` and `models` default to empty so that leaving them out gets a message
+/// saying why they are needed, and the rest of the tenant is still checked.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a mapping")]
+pub(super) struct RawTenant {
+    #[serde(default)]
+    pub api_keys: Vec<RawApiKey>,
+    #[serde(default)]
+    pub models: Vec<String>,
+    pub pin_model: Option<String>,
+    #[serde(default)]
+    pub fallback: Vec<String>,
+    #[serde(default)]
+    pub allow_fallback_override: bool,
+    pub region: Option<String>,
+    pub rate: Option<RawRate>,
+    pub budget: Option<RawBudget>,
+    pub cache: Option<RawTenantCache>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a mapping")]
+pub(super) struct RawApiKey {
+    pub id: String,
+    pub sha256: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a mapping")]
+pub(super) struct RawRate {
+    pub rps: Option<u32>,
+    pub tpm: Option<u64>,
+    pub concurrency: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a mapping")]
+pub(super) struct RawBudget {
+    pub monthly_usd: Option<f64>,
+    pub hourly_usd: Option<f64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a mapping")]
+pub(super) struct RawTenantCache {
+    #[serde(default)]
+    pub enabled: bool,
+    #[serde(default = "default_ttl_s")]
+    pub ttl_s: u64,
+}
+
+impl Default for RawTenantCache {
+    fn default() -> Self {
+        RawTenantCache {
+            enabled: false,
+            ttl_s: default_ttl_s(),
+        }
+    }
+}
+
+fn default_ttl_s() -> u64 {
+    300
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case", expecting = "memory or redis")]
+pub(super) enum RawBackend {
+    Memory,
+    Redis,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "snake_case", expecting = "fail_open or fail_closed")]
+pub(super) enum RawOnError {
+    FailOpen,
+    FailClosed,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a mapping")]
+pub(super) struct RawCounters {
+    pub backend: RawBackend,
+    pub url: Option<String>,
+    pub on_error: Option<RawOnError>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a mapping")]
+pub(super) struct RawCache {
+    #[serde(default = "default_cache_max_bytes")]
+    pub max_bytes: u64,
+}
+
+fn default_cache_max_bytes() -> u64 {
+    256 * 1024 * 1024
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a mapping")]
+pub(super) struct RawAudit {
+    #[serde(default = "default_spool_dir")]
+    pub spool_dir: PathBuf,
+    pub clickhouse: Option<RawClickHouse>,
+}
+
+fn default_spool_dir() -> PathBuf {
+    PathBuf::from("./data/spool")
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a mapping")]
+pub(super) struct RawClickHouse {
+    pub url: String,
+    #[serde(default = "default_database")]
+    pub database: String,
+    #[serde(default = "default_table")]
+    pub table: String,
+    #[serde(default = "default_user")]
+    pub user: String,
+    pub password_env: Option<String>,
+    #[serde(default = "default_batch_rows")]
+    pub batch_rows: u64,
+    #[serde(default = "default_flush_ms")]
+    pub flush_ms: u64,
+}
+
+fn default_database() -> String {
+    "default".into()
+}
+fn default_table() -> String {
+    "llm_audit".into()
+}
+fn default_user() -> String {
+    "default".into()
+}
+fn default_batch_rows() -> u64 {
+    5000
+}
+fn default_flush_ms() -> u64 {
+    1000
+}
+
+/// Reads the document section by section; `None` only when it is not YAML at all or
+/// not a mapping, since then there is nothing further to check.
+pub(super) fn parse(text: &str, report: &mut Report) -> Option<RawConfig> {
+    let mut doc: Value = match serde_yaml::from_str(text) {
+        Ok(v) => v,
+        Err(e) => {
+            report.error("", format!("not valid YAML: {e}"));
+            return None;
+        }
+    };
+    if let Err(e) = doc.apply_merge() {
+        report.error("", format!("cannot apply a YAML merge key (<<): {e}"));
+        return None;
+    }
+    let top = match doc {
+        Value::Mapping(m) => m,
+        Value::Null => Mapping::new(),
+        other => {
+            report.error(
+                "",
+                format!(
+                    "the file must be a mapping of sections, found {}",
+                    describe(&other)
+                ),
+            );
+            return None;
+        }
+    };
+
+    let mut raw = RawConfig {
+        node: Sec::Absent,
+        listen: Sec::Absent,
+        admin: Sec::Absent,
+        max_body_bytes: Sec::Absent,
+        providers: Sec::Absent,
+        models: Sec::Absent,
+        tenants: Sec::Absent,
+        counters: Sec::Absent,
+        cache: Sec::Absent,
+        audit: Sec::Absent,
+    };
+    for (pos, (key, value)) in top.into_iter().enumerate() {
+        let Some(name) = key_string(&key) else {
+            report.error(
+                "",
+                format!("section names must be strings, found {}", describe(&key)),
+            );
+            continue;
+        };
+        let at = child("", &name);
+        report.rank(at.clone(), pos, 0);
+        match name.as_str() {
+            "node" => raw.node = section(value, &at, report),
+            "listen" => raw.listen = section(value, &at, report),
+            "admin" => raw.admin = section(value, &at, report),
+            "max_body_bytes" => raw.max_body_bytes = section(value, &at, report),
+            "providers" => raw.providers = entries(value, &at, pos, report),
+            "models" => raw.models = entries(value, &at, pos, report),
+            "tenants" => raw.tenants = entries(value, &at, pos, report),
+            "counters" => raw.counters = section(value, &at, report),
+            "cache" => raw.cache = section(value, &at, report),
+            "audit" => raw.audit = section(value, &at, report),
+            _ => {
+                let expected: Vec<String> = SECTIONS.iter().map(|s| format!("`{s}`")).collect();
+                report.error(
+                    at,
+                    format!(
+                        "unknown field `{name}`, expected one of {}",
+                        expected.join(", ")
+                    ),
+                );
+            }
+        }
+    }
+    Some(raw)
+}
+
+fn section<T: DeserializeOwned>(value: Value, at: &str, report: &mut Report) -> Sec<T> {
+    Sec::from_parsed(deserialize(value, at, report))
+}
+
+fn entries<T: DeserializeOwned>(
+    value: Value,
+    at: &str,
+    pos: usize,
+    report: &mut Report,
+) -> Sec<Entries<T>> {
+    let map = match value {
+        Value::Mapping(m) => m,
+        // `tenants:` with nothing under it reads as an empty section, not a type error.
+        Value::Null => return Sec::Valid(Vec::new()),
+        other => {
+            report.error(
+                at,
+                format!(
+                    "expected a mapping of names to entries, found {}",
+                    describe(&other)
+                ),
+            );
+            return Sec::Invalid;
+        }
+    };
+    let mut out = Vec::with_capacity(map.len());
+    for (i, (key, value)) in map.into_iter().enumerate() {
+        let Some(name) = key_string(&key) else {
+            report.error(
+                at,
+                format!("entry names must be strings, found {}", describe(&key)),
+            );
+            continue;
+        };
+        let entry_at = child(at, &name);
+        report.rank(entry_at.clone(), pos, i + 1);
+        let parsed = deserialize(value, &entry_at, report);
+        out.push((name, parsed));
+    }
+    Sec::Valid(out)
+}
+
+/// Numeric names (`1234:` as a tenant id) are accepted as the text they were written as.
+fn key_string(key: &Value) -> Option<String> {
+    match key {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}

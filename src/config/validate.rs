@@ -1,0 +1,350 @@
+//! Turns the raw file into the runtime form: names become `Arc`s, secrets are read
+//! from the environment, money becomes nano-USD.
+//!
+//! Entries are built in dependency order (providers, models, tenants). An entry that
+//! is broken is still remembered by name, so that references to it do not produce a
+//! second "unknown" error on top of the real one.
+
+use super::money::usd_to_nanousd;
+use super::net::base_url;
+use super::raw::{Entries, RawConfig, RawKind, RawModel, RawProvider, Sec};
+use super::report::{child, Report};
+use super::sections::{self, env_secret};
+use super::tenant;
+use super::{
+    Admin, AuditConf, BaseUrl, CacheConf, Counters, Listen, Model, Node, Price, Provider,
+    ProviderKind, Tenant, Timeouts,
+};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// Everything a `Config` is made of, once every section is valid.
+pub(super) struct Parts {
+    pub node: Node,
+    pub listen: Listen,
+    pub admin: Admin,
+    pub max_body_bytes: usize,
+    pub providers: Vec<Arc<Provider>>,
+    pub models: Vec<Arc<Model>>,
+    pub tenants: Vec<Arc<Tenant>>,
+    pub counters: Counters,
+    pub cache: CacheConf,
+    pub audit: AuditConf,
+}
+
+pub(super) fn build(raw: RawConfig, report: &mut Report) -> Option<Parts> {
+    let node = sections::node(raw.node, report);
+    let listen = sections::listen(raw.listen, report);
+    let admin = sections::admin(raw.admin, report);
+    let max_body_bytes = sections::max_body_bytes(raw.max_body_bytes, report);
+    let providers = named(raw.providers, "providers", report, build_provider);
+    let models = named(raw.models, "models", report, |name, raw, at, report| {
+        build_model(name, raw, at, &providers, report)
+    });
+    let mut key_owners = HashMap::new();
+    let tenants = named(raw.tenants, "tenants", report, |id, raw, at, report| {
+        tenant::build_tenant(id, raw, at, &models, &providers, &mut key_owners, report)
+    });
+    let counters = sections::counters(raw.counters, report);
+    let cache = sections::cache(raw.cache);
+    let audit = sections::audit(raw.audit, report);
+
+    if let (Some(listen), Some(admin)) = (&listen, &admin) {
+        let taken = [listen.http, listen.https.as_ref().map(|h| h.addr)];
+        if taken.contains(&Some(admin.listen)) {
+            report.error(
+                "admin.listen",
+                format!("{} is also a client listener", admin.listen),
+            );
+        }
+    }
+    for (name, provider) in &providers.items {
+        if provider.is_some() && !models.values().any(|m| &m.provider.name == name) {
+            report.warn(child("providers", name), "no model uses this provider");
+        }
+    }
+    if tenants.section_ok && tenants.items.is_empty() {
+        report.warn(
+            "tenants",
+            "no tenants: every request will be refused with 401",
+        );
+    }
+    if let Some(c) = &cache {
+        if c.max_bytes == 0 && tenants.values().any(|t| t.cache.enabled) {
+            report.warn(
+                "cache.max_bytes",
+                "0 turns the response cache off, although some tenants enable it",
+            );
+        }
+    }
+
+    Some(Parts {
+        node: node?,
+        listen: listen?,
+        admin: admin?,
+        max_body_bytes: max_body_bytes?,
+        providers: providers.into_values(),
+        models: models.into_values(),
+        tenants: tenants.into_values(),
+        counters: counters?,
+        cache: cache?,
+        audit: audit?,
+    })
+}
+
+/// Entries of one section, by name, including broken ones (as `None`).
+pub(super) struct Named<T> {
+    /// False when the section itself is missing or not a mapping: then nothing in it
+    /// can be looked up, and references are not worth reporting.
+    pub section_ok: bool,
+    pub items: Vec<(String, Option<Arc<T>>)>,
+    index: HashMap<String, usize>,
+}
+
+pub(super) enum Ref<'a, T> {
+    Found(&'a Arc<T>),
+    /// Exists but has its own errors: already reported.
+    Broken,
+    Missing,
+}
+
+impl<T> Named<T> {
+    pub fn get(&self, name: &str) -> Ref<'_, T> {
+        match self.index.get(name).and_then(|&i| self.items.get(i)) {
+            Some((_, Some(x))) => Ref::Found(x),
+            Some((_, None)) => Ref::Broken,
+            None if self.section_ok => Ref::Missing,
+            None => Ref::Broken,
+        }
+    }
+
+    pub fn values(&self) -> impl Iterator<Item = &Arc<T>> {
+        self.items.iter().filter_map(|(_, x)| x.as_ref())
+    }
+
+    fn into_values(self) -> Vec<Arc<T>> {
+        self.items.into_iter().filter_map(|(_, x)| x).collect()
+    }
+
+    /// "`a`, `b`" for messages, so the operator sees what would have been accepted.
+    pub fn known(&self) -> String {
+        let names: Vec<String> = self.items.iter().map(|(n, _)| format!("`{n}`")).collect();
+        if names.is_empty() {
+            "none are defined".to_string()
+        } else {
+            format!("known: {}", names.join(", "))
+        }
+    }
+}
+
+fn named<R, T>(
+    sec: Sec<Entries<R>>,
+    section: &str,
+    report: &mut Report,
+    mut build: impl FnMut(&str, R, &str, &mut Report) -> Option<T>,
+) -> Named<T> {
+    let (section_ok, entries) = match sec {
+        Sec::Valid(e) => (true, e),
+        Sec::Invalid => (false, Vec::new()),
+        Sec::Absent => {
+            report.error(section, "required section is missing");
+            (false, Vec::new())
+        }
+    };
+    let mut out = Named {
+        section_ok,
+        items: Vec::with_capacity(entries.len()),
+        index: HashMap::with_capacity(entries.len()),
+    };
+    for (name, raw) in entries {
+        let at = child(section, &name);
+        let name_ok = check_name(section, &name, &at, report);
+        let built = raw.and_then(|raw| build(&name, raw, &at, report));
+        out.index.insert(name.clone(), out.items.len());
+        out.items
+            .push((name, built.filter(|_| name_ok).map(Arc::new)));
+    }
+    out
+}
+
+/// Names travel in response headers, the comma-separated `x-gateway-fallback` header
+/// and (for tenants) admin URL paths, so they are limited to what survives all three.
+fn check_name(section: &str, name: &str, at: &str, report: &mut Report) -> bool {
+    let printable = name.bytes().all(|b| (0x21..=0x7e).contains(&b));
+    let bad_char = if section == "tenants" {
+        name.contains([',', '/', '?', '#', '%'])
+    } else {
+        name.contains(',')
+    };
+    if name.is_empty() || name.len() > 128 || !printable || bad_char {
+        let extra = if section == "tenants" {
+            ", `/`, `?`, `#`, `%`"
+        } else {
+            ""
+        };
+        report.error(
+            at,
+            format!(
+                "the name must be 1 to 128 printable ASCII characters without spaces, `,`{extra}"
+            ),
+        );
+        return false;
+    }
+    true
+}
+
+fn build_provider(name: &str, raw: RawProvider, at: &str, report: &mut Report) -> Option<Provider> {
+    let mut ok = true;
+    let mut err = |report: &mut Report, key: &str, msg: String| {
+        report.error(child(at, key), msg);
+        ok = false;
+    };
+    let kind = match raw.kind {
+        RawKind::OpenAi => ProviderKind::OpenAi,
+        RawKind::Anthropic => ProviderKind::Anthropic,
+        RawKind::OpenAiCompatible => ProviderKind::OpenAiCompatible,
+    };
+    let url = base_url(&raw.base_url)
+        .map_err(|e| err(report, "base_url", e))
+        .ok();
+    let api_key = match (&raw.api_key_env, kind) {
+        (Some(var), _) => env_secret(var)
+            .map_err(|e| err(report, "api_key_env", e))
+            .ok(),
+        (None, ProviderKind::OpenAiCompatible) => None,
+        (None, _) => {
+            err(
+                report,
+                "api_key_env",
+                format!("a provider of kind {kind} needs api_key_env: the environment variable holding its API key"),
+            );
+            None
+        }
+    };
+    let region = raw.region.trim().to_string();
+    if region.is_empty() {
+        err(report, "region", "must not be empty".into());
+    }
+    let t = raw.timeouts.unwrap_or_default();
+    let d = Timeouts::default();
+    let timeouts = Timeouts {
+        connect_ms: t.connect_ms.unwrap_or(d.connect_ms),
+        first_token_ms: t.first_token_ms.unwrap_or(d.first_token_ms),
+        idle_ms: t.idle_ms.unwrap_or(d.idle_ms),
+        total_ms: t.total_ms.unwrap_or(d.total_ms),
+    };
+    let each = [
+        ("connect_ms", timeouts.connect_ms),
+        ("first_token_ms", timeouts.first_token_ms),
+        ("idle_ms", timeouts.idle_ms),
+        ("total_ms", timeouts.total_ms),
+    ];
+    for (key, v) in each {
+        if v == 0 {
+            report.error(sub(at, "timeouts", key), "must be greater than 0");
+            ok = false;
+        } else if v > timeouts.total_ms {
+            report.warn(
+                sub(at, "timeouts", key),
+                format!(
+                    "{v} is longer than total_ms ({}), which wins",
+                    timeouts.total_ms
+                ),
+            );
+        }
+    }
+    let url = url?;
+    if !url.tls && api_key.is_some() && !is_local(&url) {
+        report.warn(
+            child(at, "base_url"),
+            "plain http: the provider's API key crosses the network unencrypted",
+        );
+    }
+    ok.then(|| Provider {
+        name: name.to_string(),
+        kind,
+        base_url: url,
+        api_key,
+        region,
+        timeouts,
+    })
+}
+
+/// `at.section.key`, each part quoted on its own if it needs to be.
+pub(super) fn sub(at: &str, section: &str, key: &str) -> String {
+    child(&child(at, section), key)
+}
+
+fn is_local(url: &BaseUrl) -> bool {
+    let host = url.host.trim_start_matches('[').trim_end_matches(']');
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+fn build_model(
+    name: &str,
+    raw: RawModel,
+    at: &str,
+    providers: &Named<Provider>,
+    report: &mut Report,
+) -> Option<Model> {
+    let mut ok = true;
+    let provider = match providers.get(&raw.provider) {
+        Ref::Found(p) => Some(p.clone()),
+        Ref::Broken => None,
+        Ref::Missing => {
+            report.error(
+                child(at, "provider"),
+                format!(
+                    "unknown provider `{}` ({})",
+                    raw.provider,
+                    providers.known()
+                ),
+            );
+            None
+        }
+    };
+    let upstream_model = raw.upstream_model.unwrap_or_else(|| name.to_string());
+    if upstream_model.trim().is_empty() {
+        report.error(child(at, "upstream_model"), "must not be empty");
+        ok = false;
+    }
+    let mut money = |key: &str, usd: f64, report: &mut Report| {
+        usd_to_nanousd(usd)
+            .map_err(|e| {
+                report.error(sub(at, "price", key), e);
+                ok = false;
+            })
+            .unwrap_or(0)
+    };
+    let input = money("input_per_mtok", raw.price.input_per_mtok, report);
+    let output = money("output_per_mtok", raw.price.output_per_mtok, report);
+    let cached = match raw.price.cached_input_per_mtok {
+        Some(usd) => money("cached_input_per_mtok", usd, report),
+        None => input,
+    };
+    if cached > input {
+        report.warn(
+            sub(at, "price", "cached_input_per_mtok"),
+            "cached input costs more than uncached input",
+        );
+    }
+    if raw.max_output_tokens == Some(0) {
+        report.error(child(at, "max_output_tokens"), "must be greater than 0");
+        ok = false;
+    }
+    let provider = provider?;
+    ok.then(|| Model {
+        name: name.to_string(),
+        provider,
+        upstream_model,
+        price: Price {
+            input_nanousd_per_mtok: input,
+            output_nanousd_per_mtok: output,
+            cached_input_nanousd_per_mtok: cached,
+        },
+        max_output_tokens: raw.max_output_tokens,
+    })
+}

@@ -1,0 +1,14 @@
+//! llm-gateway: a multi-tenant LLM inference gateway on Cloudflare Pingora.
+//!
+//! The library is split by concern; `main.rs` only parses the command line.
+
+pub mod admin;
+pub mod auth;
+pub mod config;
+pub mod demo;
+pub mod error;
+pub mod mock;
+pub mod providers;
+pub mod proxy;
+pub mod routing;
+pub mod server;

@@ -1,0 +1,136 @@
+//! `llm-gateway` command line; all behaviour lives in the library.
+
+use clap::{Parser, Subcommand};
+use llm_gateway::config::{sha256_hex, Config};
+use llm_gateway::{demo, mock, server};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "llm-gateway", version, about = "Multi-tenant LLM inference gateway")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway.
+    Serve {
+        /// Configuration file; the embedded demo defaults when absent.
+        #[arg(long, short = 'c')]
+        config: Option<PathBuf>,
+        /// Daemonize.
+        #[arg(short = 'd', long)]
+        daemon: bool,
+        /// Take over the listeners of a running instance (graceful upgrade).
+        #[arg(short = 'u', long)]
+        upgrade: bool,
+    },
+    /// Validate a configuration file and print every problem.
+    CheckConfig {
+        #[arg(long, short = 'c')]
+        config: PathBuf,
+    },
+    /// Print the sha256 hex of an API key, for a tenant's `api_keys`.
+    HashKey { key: String },
+    /// Run the local stand-in for OpenAI, Anthropic and in-house servers.
+    MockProvider {
+        #[arg(long)]
+        listen: SocketAddr,
+        /// Delay before the first token, in milliseconds.
+        #[arg(long, default_value_t = 0)]
+        ttft_ms: u64,
+        /// Delay between streamed tokens, in milliseconds.
+        #[arg(long, default_value_t = 0)]
+        gap_ms: u64,
+        /// Tokens per reply.
+        #[arg(long, default_value_t = 16)]
+        tokens: u32,
+    },
+    /// Start the mock provider and a gateway on the embedded defaults.
+    Demo {
+        /// Client listener of the demo gateway.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        /// Admin listener of the demo gateway.
+        #[arg(long, default_value = "127.0.0.1:9090")]
+        admin: SocketAddr,
+    },
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    match Cli::parse().command {
+        Command::Serve {
+            config,
+            daemon,
+            upgrade,
+        } => {
+            let loaded = match &config {
+                Some(path) => Config::load(path),
+                None => Config::from_yaml_str(&demo::demo_yaml_for_serve()),
+            };
+            match loaded {
+                Ok(cfg) => server::run(cfg, server::RunOptions { daemon, upgrade }),
+                Err(errors) => {
+                    eprintln!("invalid configuration:\n{errors}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+        Command::CheckConfig { config } => match Config::load(&config) {
+            Ok(cfg) => {
+                for w in &cfg.warnings {
+                    println!("warning: {w}");
+                }
+                println!(
+                    "{}: ok ({} providers, {} models, {} tenants)",
+                    config.display(),
+                    cfg.providers.len(),
+                    cfg.models.len(),
+                    cfg.tenants.len()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(errors) => {
+                eprintln!("{}: invalid configuration", config.display());
+                eprintln!("{errors}");
+                ExitCode::from(1)
+            }
+        },
+        Command::HashKey { key } => {
+            println!("{}", sha256_hex(&key));
+            ExitCode::SUCCESS
+        }
+        Command::MockProvider {
+            listen,
+            ttft_ms,
+            gap_ms,
+            tokens,
+        } => {
+            let opts = mock::MockOptions {
+                listen,
+                ttft_ms,
+                gap_ms,
+                tokens,
+            };
+            let rt = match tokio::runtime::Runtime::new() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("mock-provider: {e}");
+                    return ExitCode::from(1);
+                }
+            };
+            match rt.block_on(mock::run(opts)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("mock-provider: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Command::Demo { listen, admin } => demo::run(listen, admin),
+    }
+}

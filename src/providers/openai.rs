@@ -1,0 +1,263 @@
+//! OpenAI Chat Completions, spoken by `openai` and `openai_compatible` providers.
+
+use super::sse::SseParser;
+use super::{ClientRequest, Completion, UpstreamRequest, Usage};
+use crate::config::Model;
+use crate::error::GatewayError;
+use bytes::{Bytes, BytesMut};
+use serde_json::{json, Value};
+
+pub const CHAT_PATH: &str = "/v1/chat/completions";
+
+/// Rewrites the model and, for streams, asks for the usage chunk the gateway bills from.
+pub fn prepare_chat(req: &ClientRequest, model: &Model) -> Result<UpstreamRequest, GatewayError> {
+    let mut body = req.body.clone();
+    body.insert("model".into(), Value::String(model.upstream_model.clone()));
+    let strip_usage = req.stream && !req.include_usage;
+    if strip_usage {
+        match body.get_mut("stream_options") {
+            Some(Value::Object(o)) => {
+                o.insert("include_usage".into(), Value::Bool(true));
+            }
+            _ => {
+                body.insert("stream_options".into(), json!({"include_usage": true}));
+            }
+        }
+    }
+    let body = serde_json::to_vec(&body).map_err(|e| {
+        GatewayError::new(crate::error::ErrorKind::Internal, format!("encode: {e}"))
+    })?;
+    let mut headers = Vec::with_capacity(1);
+    if let Some(key) = &model.provider.api_key {
+        headers.push(("authorization", format!("Bearer {key}")));
+    }
+    Ok(UpstreamRequest {
+        path: CHAT_PATH,
+        body: Bytes::from(body),
+        headers,
+        strip_usage,
+    })
+}
+
+/// Reads an OpenAI `usage` object.
+pub fn parse_usage(u: &Value) -> Option<Usage> {
+    if !u.is_object() {
+        return None;
+    }
+    let n = |v: Option<&Value>| v.and_then(Value::as_u64).unwrap_or(0).min(u32::MAX as u64) as u32;
+    Some(Usage {
+        input: n(u.get("prompt_tokens")),
+        output: n(u.get("completion_tokens")),
+        cached_input: n(u
+            .get("prompt_tokens_details")
+            .and_then(|d| d.get("cached_tokens"))),
+    })
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Streamed chat completion passed through event by event.
+#[derive(Debug)]
+pub struct ChatStream {
+    parser: SseParser,
+    strip_usage: bool,
+    usage: Option<Usage>,
+    done: bool,
+    upstream_error: bool,
+    content_bytes: usize,
+}
+
+impl ChatStream {
+    pub fn new(strip_usage: bool) -> Self {
+        ChatStream {
+            parser: SseParser::new(),
+            strip_usage,
+            usage: None,
+            done: false,
+            upstream_error: false,
+            content_bytes: 0,
+        }
+    }
+
+    pub fn feed(&mut self, chunk: &[u8], out: &mut BytesMut) {
+        self.parser.push(chunk);
+        while let Some(ev) = self.parser.next_event() {
+            let data = &ev.data[..];
+            if data == b"[DONE]" {
+                self.done = true;
+                out.extend_from_slice(&ev.raw);
+                continue;
+            }
+            // Only the rare events that mention usage or an error are parsed in full.
+            if contains(data, b"\"usage\"") && !contains(data, b"\"usage\":null") {
+                if let Ok(v) = serde_json::from_slice::<Value>(data) {
+                    if let Some(u) = v.get("usage").and_then(parse_usage) {
+                        self.usage = Some(u);
+                        let no_choices = v
+                            .get("choices")
+                            .and_then(Value::as_array)
+                            .is_some_and(|c| c.is_empty());
+                        if self.strip_usage && no_choices {
+                            continue;
+                        }
+                    }
+                }
+            } else if data.starts_with(b"{\"error\"") {
+                self.upstream_error = true;
+            }
+            self.content_bytes += data.len();
+            if self.strip_usage {
+                if let Some(stripped) = strip_null_usage(data) {
+                    out.extend_from_slice(b"data: ");
+                    out.extend_from_slice(&stripped);
+                    out.extend_from_slice(b"\n\n");
+                    continue;
+                }
+            }
+            out.extend_from_slice(&ev.raw);
+        }
+    }
+
+    pub fn finish(&mut self, _out: &mut BytesMut) -> Completion {
+        self.snapshot()
+    }
+
+    pub fn snapshot(&self) -> Completion {
+        Completion {
+            usage: self.usage,
+            complete: self.done && !self.upstream_error,
+            upstream_error: self.upstream_error,
+            content_bytes: self.content_bytes,
+        }
+    }
+}
+
+/// Removes the `"usage":null` member OpenAI adds to every chunk once usage is requested,
+/// so a client that did not ask sees the chunks it would have seen.
+fn strip_null_usage(data: &[u8]) -> Option<Vec<u8>> {
+    for pat in [&b",\"usage\":null"[..], &b", \"usage\": null"[..]] {
+        if let Some(pos) = data.windows(pat.len()).position(|w| w == pat) {
+            let mut v = Vec::with_capacity(data.len());
+            v.extend_from_slice(&data[..pos]);
+            v.extend_from_slice(&data[pos + pat.len()..]);
+            return Some(v);
+        }
+    }
+    None
+}
+
+/// Non-streamed chat completion: forwarded as it arrives, parsed at the end for usage.
+#[derive(Debug, Default)]
+pub struct ChatBody {
+    buf: Vec<u8>,
+    usage: Option<Usage>,
+    complete: bool,
+}
+
+impl ChatBody {
+    pub fn feed(&mut self, chunk: &[u8], out: &mut BytesMut) {
+        self.buf.extend_from_slice(chunk);
+        out.extend_from_slice(chunk);
+    }
+
+    pub fn finish(&mut self, _out: &mut BytesMut) -> Completion {
+        if let Ok(v) = serde_json::from_slice::<Value>(&self.buf) {
+            self.usage = v.get("usage").and_then(parse_usage);
+            self.complete = v.get("choices").is_some();
+        }
+        self.snapshot()
+    }
+
+    pub fn snapshot(&self) -> Completion {
+        Completion {
+            usage: self.usage,
+            complete: self.complete,
+            upstream_error: false,
+            content_bytes: self.buf.len(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const WITH_USAGE: &[u8] = b"data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"},\"finish_reason\":null}],\"usage\":null}\n\n\
+data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"},\"finish_reason\":null}],\"usage\":null}\n\n\
+data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}],\"usage\":null}\n\n\
+data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"choices\":[],\"usage\":{\"prompt_tokens\":9,\"completion_tokens\":2,\"total_tokens\":11,\"prompt_tokens_details\":{\"cached_tokens\":4}}}\n\n\
+data: [DONE]\n\n";
+
+    fn run(strip: bool, chunks: &[&[u8]]) -> (Vec<u8>, Completion) {
+        let mut s = ChatStream::new(strip);
+        let mut out = BytesMut::new();
+        for c in chunks {
+            s.feed(c, &mut out);
+        }
+        let c = s.finish(&mut out);
+        (out.to_vec(), c)
+    }
+
+    #[test]
+    fn usage_chunk_is_counted_and_stripped_at_every_split() {
+        let (whole, c) = run(true, &[WITH_USAGE]);
+        assert_eq!(
+            c.usage,
+            Some(Usage {
+                input: 9,
+                output: 2,
+                cached_input: 4
+            })
+        );
+        assert!(c.complete);
+        let text = String::from_utf8(whole.clone()).unwrap();
+        assert!(!text.contains("\"usage\""), "{text}");
+        assert!(text.ends_with("data: [DONE]\n\n"));
+        assert_eq!(text.matches("data: ").count(), 4);
+        for i in 0..=WITH_USAGE.len() {
+            let (out, c2) = run(true, &[&WITH_USAGE[..i], &WITH_USAGE[i..]]);
+            assert_eq!(out, whole, "split at {i}");
+            assert_eq!(c2, c);
+        }
+    }
+
+    #[test]
+    fn client_asked_usage_passes_through_unchanged() {
+        let (out, c) = run(false, &[WITH_USAGE]);
+        assert_eq!(out, WITH_USAGE);
+        assert_eq!(c.usage.unwrap().output, 2);
+    }
+
+    #[test]
+    fn cut_stream_is_incomplete() {
+        let cut = &WITH_USAGE[..200];
+        let (_, c) = run(true, &[cut]);
+        assert!(!c.complete);
+        assert!(c.usage.is_none());
+    }
+
+    #[test]
+    fn midstream_error_is_seen() {
+        let s = b"data: {\"error\":{\"message\":\"overloaded\"}}\n\n";
+        let (_, c) = run(false, &[s]);
+        assert!(c.upstream_error);
+        assert!(!c.complete);
+    }
+
+    #[test]
+    fn non_stream_usage() {
+        let body = br#"{"id":"x","choices":[{"message":{"content":"hi"}}],"usage":{"prompt_tokens":5,"completion_tokens":1}}"#;
+        for i in 0..=body.len() {
+            let mut b = ChatBody::default();
+            let mut out = BytesMut::new();
+            b.feed(&body[..i], &mut out);
+            b.feed(&body[i..], &mut out);
+            let c = b.finish(&mut out);
+            assert_eq!(&out[..], &body[..]);
+            assert_eq!(c.usage.unwrap().input, 5);
+            assert!(c.complete);
+        }
+    }
+}

@@ -1,0 +1,299 @@
+//! The Pingora `ProxyHttp` service.
+//!
+//! Every data-plane request runs twice through this trait: once as the *parent*, which
+//! authenticates, reads and parses the whole body, applies policy and then pipes a
+//! *subrequest* to the client; and once as that subrequest, which does the real
+//! proxying (attempts, failover, body filters). The split exists because Pingora 0.9
+//! replays a body read in `request_filter` only while it fits a 64 KiB buffer: the
+//! subrequest has no body of its own and gets the rewritten one injected on every
+//! attempt (see `upstream.rs`). The subrequest API is alpha upstream, so everything
+//! that touches it lives in this module.
+
+pub mod dns;
+mod parent;
+mod respond;
+mod upstream;
+
+use crate::config::{Config, Model, Tenant};
+use crate::error::{ApiFormat, GatewayError};
+use crate::providers::{ClientRequest, Completion, ResponseTranslator, UpstreamRequest};
+use crate::routing::Chain;
+use async_trait::async_trait;
+use bytes::Bytes;
+use pingora::prelude::*;
+use pingora_core::upstreams::peer::HttpPeer;
+use pingora_http::{RequestHeader, ResponseHeader};
+use pingora_proxy::{FailToProxy, ProxyHttp, Session};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
+
+/// The proxy service; cheap to clone, so the admin listener shares the same state.
+#[derive(Clone)]
+pub struct Gateway {
+    inner: Arc<Shared>,
+}
+
+/// State shared by every request of one gateway process.
+pub struct Shared {
+    config: RwLock<Arc<Config>>,
+    resolver: dns::Resolver,
+}
+
+impl std::ops::Deref for Gateway {
+    type Target = Shared;
+    fn deref(&self) -> &Shared {
+        &self.inner
+    }
+}
+
+impl Gateway {
+    pub fn new(config: Arc<Config>) -> Self {
+        Gateway {
+            inner: Arc::new(Shared {
+                config: RwLock::new(config),
+                resolver: dns::Resolver::default(),
+            }),
+        }
+    }
+
+    /// The configuration in force; a reload swaps it without disturbing requests in flight.
+    pub fn config(&self) -> Arc<Config> {
+        match self.config.read() {
+            Ok(c) => c.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    pub fn set_config(&self, cfg: Arc<Config>) {
+        match self.config.write() {
+            Ok(mut c) => *c = cfg,
+            Err(poisoned) => *poisoned.into_inner() = cfg,
+        }
+    }
+}
+
+/// Which endpoint a request called.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    ChatCompletions,
+    Messages,
+    Models,
+    Other,
+}
+
+impl Endpoint {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Endpoint::ChatCompletions => "chat_completions",
+            Endpoint::Messages => "messages",
+            Endpoint::Models => "models",
+            Endpoint::Other => "other",
+        }
+    }
+
+    pub fn format(self) -> ApiFormat {
+        match self {
+            Endpoint::Messages => ApiFormat::Anthropic,
+            _ => ApiFormat::OpenAi,
+        }
+    }
+}
+
+/// Everything decided in the parent that every attempt of the subrequest needs.
+pub struct Plan {
+    pub request_id: String,
+    pub tenant: Arc<Tenant>,
+    pub req: ClientRequest,
+    pub chain: Chain,
+    pub started: Instant,
+    /// Written by the subrequest as it goes, read by the parent when the call ends
+    /// (also when the client left and the subrequest was cancelled).
+    pub outcome: Mutex<Outcome>,
+}
+
+/// What happened upstream, for accounting and the audit row.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    pub attempts: u8,
+    /// The model of the attempt that produced the response (or the last one tried).
+    pub model: Option<Arc<Model>>,
+    pub upstream_status: u16,
+    pub completion: Completion,
+    pub error: Option<GatewayError>,
+}
+
+impl Plan {
+    pub fn outcome(&self) -> std::sync::MutexGuard<'_, Outcome> {
+        match self.outcome.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+}
+
+/// Per-request context; one struct serves both roles to keep the trait impl simple.
+#[derive(Default)]
+pub struct Ctx {
+    /// Set in the subrequest (from the parent) and in the parent once policy passed.
+    plan: Option<Arc<Plan>>,
+    // --- parent ---
+    started: Option<Instant>,
+    client_gone: bool,
+    request_id: String,
+    endpoint: Option<Endpoint>,
+    tenant: Option<Arc<Tenant>>,
+    api_key_id: String,
+    status: u16,
+    error: Option<GatewayError>,
+    first_byte: Option<Instant>,
+    // --- subrequest ---
+    /// Index in the chain of the next model to try.
+    next: usize,
+    /// The current attempt: its model, request and translator.
+    attempt: Option<Attempt>,
+    /// Retry the same model once on a stale pooled connection, without moving on.
+    retry_same: bool,
+    /// The response header went to the client: no failover from here on.
+    header_sent: bool,
+}
+
+struct Attempt {
+    model: Arc<Model>,
+    upstream: UpstreamRequest,
+    translator: Option<ResponseTranslator>,
+    body_sent: bool,
+}
+
+impl Ctx {
+    fn is_subrequest(&self) -> bool {
+        self.plan.is_some() && self.endpoint.is_none()
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for Gateway {
+    type CTX = Ctx;
+
+    fn new_ctx(&self) -> Ctx {
+        Ctx::default()
+    }
+
+    fn allow_spawning_subrequest(&self, session: &Session, _ctx: &Ctx) -> bool {
+        session.subrequest_ctx.is_none()
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        if let Some(plan) = upstream::take_plan(session) {
+            ctx.plan = Some(plan);
+            return Ok(false);
+        }
+        self.handle_parent(session, ctx).await;
+        Ok(true)
+    }
+
+    async fn upstream_peer(&self, session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+        self.choose_peer(session, ctx).await
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream_request: &mut RequestHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        upstream::rewrite_request_header(session, upstream_request, ctx)
+    }
+
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        upstream::inject_body(body, end_of_stream, ctx);
+        Ok(())
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        upstream::on_response_header(upstream_response, ctx)
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        if ctx.is_subrequest() {
+            upstream::decorate_response(upstream_response, ctx)?;
+        }
+        Ok(())
+    }
+
+    fn upstream_response_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut Ctx,
+    ) -> Result<Option<std::time::Duration>> {
+        upstream::translate_body(body, end_of_stream, ctx);
+        Ok(None)
+    }
+
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut Ctx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        // Nothing reached the provider: trying the next candidate is always safe.
+        e.set_retry(upstream::has_next(ctx));
+        e
+    }
+
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        _session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut Ctx,
+        client_reused: bool,
+    ) -> Box<Error> {
+        upstream::decide_retry(peer, e, ctx, client_reused)
+    }
+
+    fn suppress_proxy_warn_log(
+        &self,
+        _session: &Session,
+        _ctx: &Ctx,
+        _error: &Error,
+        _log_context: pingora_proxy::ProxyWarnLogContext,
+    ) -> bool {
+        // Failed attempts are reported once, in the response and the audit row.
+        true
+    }
+
+    fn suppress_error_log(&self, _session: &Session, _ctx: &Ctx, _error: &Error) -> bool {
+        true
+    }
+
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
+        upstream::fail(session, e, ctx).await
+    }
+
+    async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Ctx) {
+        if ctx.is_subrequest() {
+            upstream::record_end(ctx);
+            return;
+        }
+        self.finish_parent(session, ctx);
+    }
+}

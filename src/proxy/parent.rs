@@ -1,0 +1,290 @@
+//! The parent side: everything decided before the first upstream byte, then the pipe.
+
+use super::upstream::SubInput;
+use super::{respond, Ctx, Endpoint, Gateway, Outcome, Plan};
+use crate::config::Tenant;
+use crate::error::{ErrorKind, GatewayError};
+use crate::providers::ClientRequest;
+use crate::{auth, routing};
+use bytes::{Bytes, BytesMut};
+use pingora_core::protocols::http::subrequest::server::SubrequestHandle;
+use pingora_core::protocols::http::HttpTask;
+use pingora_proxy::subrequest::{BodyMode, Ctx as SubrequestCtx};
+use pingora_proxy::Session;
+use serde_json::json;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+/// Above the limit the body is still read (and dropped) up to this much, so that the
+/// client, still busy uploading, gets to read our 413 instead of a reset connection.
+const DRAIN_CAP: usize = 64 << 20;
+
+impl Gateway {
+    pub(super) async fn handle_parent(&self, session: &mut Session, ctx: &mut Ctx) {
+        ctx.started = Some(Instant::now());
+        ctx.request_id = auth::request_id(session.req_header());
+        let endpoint = Endpoint::of(session.req_header());
+        ctx.endpoint = Some(endpoint);
+        if let Err(ge) = self.serve(session, ctx, endpoint).await {
+            let _ = respond::error(session, &ge, endpoint.format(), &ctx.request_id).await;
+            ctx.status = ge.status();
+            ctx.error = Some(ge);
+        }
+    }
+
+    async fn serve(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        endpoint: Endpoint,
+    ) -> Result<(), GatewayError> {
+        let method = &session.req_header().method;
+        match endpoint {
+            Endpoint::ChatCompletions | Endpoint::Messages if method == http::Method::POST => {}
+            Endpoint::Models if method == http::Method::GET => {}
+            Endpoint::Other => {
+                return Err(GatewayError::new(ErrorKind::NotFound, "no such endpoint"));
+            }
+            _ => {
+                return Err(GatewayError::new(
+                    ErrorKind::MethodNotAllowed,
+                    format!("method {method} is not allowed here"),
+                ))
+            }
+        }
+        let cfg = self.config();
+        let key = auth::presented_key(session.req_header()).ok_or_else(|| {
+            GatewayError::new(
+                ErrorKind::InvalidApiKey,
+                "missing API key: send 'Authorization: Bearer <key>' or 'x-api-key'",
+            )
+        })?;
+        let (tenant, key_id) = cfg
+            .authenticate(key)
+            .ok_or_else(|| GatewayError::new(ErrorKind::InvalidApiKey, "invalid API key"))?;
+        let tenant = tenant.clone();
+        ctx.api_key_id = key_id.to_string();
+        ctx.tenant = Some(tenant.clone());
+
+        if endpoint == Endpoint::Models {
+            let body = models_list(&tenant);
+            ctx.status = 200;
+            return respond::json(session, 200, body, &ctx.request_id, &[])
+                .await
+                .map_err(|_| GatewayError::new(ErrorKind::Internal, "write failed"));
+        }
+
+        let body = read_body(session, cfg.max_body_bytes).await?;
+        let req = ClientRequest::parse(endpoint.format(), &body)?;
+        drop(body);
+        let override_header = session
+            .req_header()
+            .headers
+            .get("x-gateway-fallback")
+            .map(|v| v.to_str().unwrap_or("\u{0}"));
+        let chain = routing::plan(&cfg, &tenant, req.model.as_deref(), override_header)?;
+        let plan = Arc::new(Plan {
+            request_id: ctx.request_id.clone(),
+            tenant,
+            req,
+            chain,
+            started: ctx.started.unwrap_or_else(Instant::now),
+            outcome: Mutex::new(Outcome::default()),
+        });
+        ctx.plan = Some(plan.clone());
+        self.pipe(session, ctx, plan).await
+    }
+
+    /// Runs the subrequest and copies its response to the client as it arrives,
+    /// cancelling it as soon as the client goes away.
+    async fn pipe(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        plan: Arc<Plan>,
+    ) -> Result<(), GatewayError> {
+        normalize_for_subrequest(session);
+        let internal = |m: &str| GatewayError::new(ErrorKind::Internal, m.to_string());
+        let spawner = session
+            .subrequest_spawner
+            .as_ref()
+            .ok_or_else(|| internal("subrequests are not enabled"))?;
+        let sub_ctx = SubrequestCtx::builder()
+            .body_mode(BodyMode::NoBody)
+            .user_ctx(Box::new(SubInput(plan)))
+            .build();
+        let (prepared, handle) = spawner.create_subrequest(session.as_downstream(), sub_ctx);
+        let SubrequestHandle { tx, mut rx, .. } = handle;
+        let job = tokio::spawn(prepared.run());
+
+        let mut client_gone = false;
+        let mut watch_client = true;
+        loop {
+            tokio::select! {
+                biased;
+                task = rx.recv() => {
+                    let Some(first) = task else { break };
+                    let mut tasks = Vec::with_capacity(4);
+                    tasks.push(first);
+                    while tasks.len() < 16 {
+                        match rx.try_recv() {
+                            Ok(t) => tasks.push(t),
+                            Err(_) => break,
+                        }
+                    }
+                    for t in &tasks {
+                        match t {
+                            HttpTask::Header(h, _) => ctx.status = h.status.as_u16(),
+                            HttpTask::Body(Some(b), _) if !b.is_empty() && ctx.first_byte.is_none() => {
+                                ctx.first_byte = Some(Instant::now());
+                            }
+                            _ => {}
+                        }
+                    }
+                    match session.write_response_tasks(tasks).await {
+                        Ok(true) => break,
+                        Ok(false) => {}
+                        Err(_) => {
+                            client_gone = true;
+                            break;
+                        }
+                    }
+                }
+                gone = session.downstream_session.read_body_or_idle(true), if watch_client => {
+                    match gone {
+                        Err(_) => {
+                            client_gone = true;
+                            break;
+                        }
+                        Ok(_) => watch_client = false,
+                    }
+                }
+            }
+        }
+        drop(tx);
+        if client_gone {
+            job.abort();
+            ctx.client_gone = true;
+            return Ok(());
+        }
+        let _ = job.await;
+        if ctx.status == 0 {
+            return Err(internal("the upstream attempt ended without a response"));
+        }
+        Ok(())
+    }
+
+    /// The request is over: account for it once.
+    pub(super) fn finish_parent(&self, _session: &mut Session, ctx: &mut Ctx) {
+        let Some(started) = ctx.started else {
+            return;
+        };
+        let (model, attempts, usage) = match &ctx.plan {
+            Some(plan) => {
+                let o = plan.outcome();
+                (
+                    o.model.as_ref().map(|m| m.name.clone()).unwrap_or_default(),
+                    o.attempts,
+                    o.completion.usage,
+                )
+            }
+            None => (String::new(), 0, None),
+        };
+        log::debug!(
+            "request {} tenant={} endpoint={} model={} status={} attempts={} usage={:?} gone={} latency_ms={}",
+            ctx.request_id,
+            ctx.tenant.as_ref().map(|t| t.id.as_str()).unwrap_or(""),
+            ctx.endpoint.map(Endpoint::as_str).unwrap_or(""),
+            model,
+            ctx.status,
+            attempts,
+            usage,
+            ctx.client_gone,
+            started.elapsed().as_millis()
+        );
+    }
+}
+
+impl Endpoint {
+    fn of(req: &pingora_http::RequestHeader) -> Endpoint {
+        match req.uri.path().trim_end_matches('/') {
+            "/v1/chat/completions" => Endpoint::ChatCompletions,
+            "/v1/messages" => Endpoint::Messages,
+            "/v1/models" => Endpoint::Models,
+            _ => Endpoint::Other,
+        }
+    }
+}
+
+fn models_list(tenant: &Tenant) -> Bytes {
+    let data: Vec<_> = tenant
+        .models
+        .iter()
+        .map(|m| json!({"id": m.name, "object": "model", "created": 0, "owned_by": m.provider.name}))
+        .collect();
+    Bytes::from(json!({"object": "list", "data": data}).to_string())
+}
+
+fn too_large(max: usize) -> GatewayError {
+    GatewayError::new(
+        ErrorKind::RequestTooLarge,
+        format!("request body is larger than the limit of {max} bytes"),
+    )
+}
+
+/// Reads the whole body, refusing anything over `max` bytes.
+async fn read_body(session: &mut Session, max: usize) -> Result<Bytes, GatewayError> {
+    let declared = session
+        .req_header()
+        .headers
+        .get("content-length")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    let mut buf = BytesMut::with_capacity(declared.unwrap_or(16 << 10).min(max));
+    let mut over = declared.is_some_and(|n| n > max);
+    let mut seen = 0usize;
+    loop {
+        match session.read_request_body().await {
+            Ok(Some(chunk)) => {
+                seen += chunk.len();
+                if seen > max {
+                    over = true;
+                }
+                if over {
+                    buf.clear();
+                    if seen > DRAIN_CAP {
+                        break;
+                    }
+                } else {
+                    buf.extend_from_slice(&chunk);
+                }
+            }
+            Ok(None) => break,
+            Err(_) => {
+                return Err(GatewayError::new(
+                    ErrorKind::InvalidRequest,
+                    "the request body could not be read",
+                ))
+            }
+        }
+    }
+    if over {
+        session.set_keepalive(None);
+        return Err(too_large(max));
+    }
+    Ok(buf.freeze())
+}
+
+/// The subrequest is built from the parent's header as HTTP/1.1 text: an HTTP/2
+/// client's request needs a 1.1 version and a `Host` taken from `:authority` first.
+fn normalize_for_subrequest(session: &mut Session) {
+    let req = session.req_header_mut();
+    if req.version != http::Version::HTTP_11 {
+        if req.headers.get("host").is_none() {
+            if let Some(a) = req.uri.authority().map(|a| a.to_string()) {
+                let _ = req.insert_header("host", a);
+            }
+        }
+        req.set_version(http::Version::HTTP_11);
+    }
+}

@@ -1,0 +1,376 @@
+//! The subrequest side: one upstream attempt after another until one answers.
+//!
+//! Each attempt rebuilds the request for its model's provider (the next one may speak
+//! another dialect), injects that body when Pingora asks for the (empty) request body,
+//! and translates the response as it streams. Failover happens only while nothing has
+//! been sent to the client.
+
+use super::{respond, Attempt, Ctx, Gateway, Plan};
+use crate::error::{ErrorKind, GatewayError};
+use crate::providers::{self, ResponseTranslator};
+use bytes::{Bytes, BytesMut};
+use pingora::prelude::*;
+use pingora_core::protocols::ALPN;
+use pingora_core::upstreams::peer::HttpPeer;
+use pingora_http::{RequestHeader, ResponseHeader};
+use pingora_proxy::{FailToProxy, Session};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// What the parent hands to its subrequest.
+pub(super) struct SubInput(pub Arc<Plan>);
+
+/// The plan, when this session is one of our subrequests.
+pub(super) fn take_plan(session: &mut Session) -> Option<Arc<Plan>> {
+    session
+        .subrequest_ctx
+        .as_mut()?
+        .user_ctx_mut()?
+        .downcast_mut::<SubInput>()
+        .map(|s| s.0.clone())
+}
+
+fn plan_of(ctx: &Ctx) -> Result<Arc<Plan>> {
+    ctx.plan
+        .clone()
+        .ok_or_else(|| Error::explain(ErrorType::InternalError, "subrequest without a plan"))
+}
+
+pub(super) fn has_next(ctx: &Ctx) -> bool {
+    ctx.plan
+        .as_ref()
+        .is_some_and(|p| ctx.next < p.chain.models.len())
+}
+
+fn ms(v: u64) -> Option<Duration> {
+    Some(Duration::from_millis(v))
+}
+
+impl Gateway {
+    pub(super) async fn choose_peer(
+        &self,
+        _session: &mut Session,
+        ctx: &mut Ctx,
+    ) -> Result<Box<HttpPeer>> {
+        let plan = plan_of(ctx)?;
+        let idx = if ctx.retry_same && ctx.next > 0 {
+            ctx.retry_same = false;
+            ctx.next - 1
+        } else {
+            ctx.next += 1;
+            ctx.next - 1
+        };
+        let model = plan
+            .chain
+            .models
+            .get(idx)
+            .cloned()
+            .ok_or_else(|| Error::explain(ErrorType::InternalError, "no candidate left"))?;
+        ctx.error = None;
+        {
+            let mut o = plan.outcome();
+            o.attempts = o.attempts.saturating_add(1);
+            o.model = Some(model.clone());
+        }
+        let upstream = match providers::prepare(&plan.req, &model) {
+            Ok(u) => u,
+            Err(ge) => {
+                let mut e = Error::explain(ErrorType::InternalError, ge.message.clone());
+                ctx.error = Some(ge);
+                e.set_retry(false);
+                return Err(e);
+            }
+        };
+        let translator = Some(ResponseTranslator::new(&plan.req, &upstream, &model));
+        ctx.attempt = Some(Attempt {
+            model: model.clone(),
+            upstream,
+            translator,
+            body_sent: false,
+        });
+
+        let p = &model.provider;
+        let addrs = match self.resolver.resolve(&p.base_url.host, p.base_url.port).await {
+            Ok(a) => a,
+            Err(err) => {
+                let mut e = Error::because(
+                    ErrorType::ConnectNoRoute,
+                    format!("resolving {}", p.base_url.host),
+                    err,
+                )
+                .into_up();
+                e.set_retry(has_next(ctx));
+                return Err(e);
+            }
+        };
+        let mut peer = HttpPeer::new(addrs[0], p.base_url.tls, p.base_url.host.clone());
+        let t = &p.timeouts;
+        peer.options.connection_timeout = ms(t.connect_ms);
+        peer.options.total_connection_timeout = ms(t.connect_ms);
+        peer.options.read_timeout = ms(t.first_token_ms);
+        peer.options.write_timeout = ms(t.idle_ms);
+        peer.options.idle_timeout = Some(Duration::from_secs(60));
+        // HTTP/1.1 only: a body injected through `request_body_filter` cannot go to an
+        // h2 upstream in Pingora 0.9.
+        peer.options.alpn = ALPN::H1;
+        Ok(Box::new(peer))
+    }
+}
+
+/// Headers that belong to the client's hop or identify the client to us; never forwarded.
+const STRIPPED: &[&str] = &[
+    "authorization",
+    "x-api-key",
+    "proxy-authorization",
+    "cookie",
+    "host",
+    "expect",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "te",
+    "upgrade",
+    "accept-encoding",
+    "x-request-id",
+    "x-gateway-fallback",
+];
+
+pub(super) fn rewrite_request_header(
+    _session: &mut Session,
+    req: &mut RequestHeader,
+    ctx: &mut Ctx,
+) -> Result<()> {
+    let plan = plan_of(ctx)?;
+    let a = ctx
+        .attempt
+        .as_ref()
+        .ok_or_else(|| Error::explain(ErrorType::InternalError, "no attempt"))?;
+    let base = &a.model.provider.base_url;
+    let uri = format!("{}{}", base.path_prefix, a.upstream.path);
+    req.set_uri(
+        uri.parse()
+            .or_err(ErrorType::InternalError, "upstream uri")?,
+    );
+    req.set_method(http::Method::POST);
+    for h in STRIPPED {
+        req.remove_header(*h);
+    }
+    let default_port = if base.tls { 443 } else { 80 };
+    let host = if base.port == default_port {
+        base.host.clone()
+    } else {
+        format!("{}:{}", base.host, base.port)
+    };
+    req.insert_header("host", host)?;
+    req.insert_header("content-type", "application/json")?;
+    req.insert_header("content-length", a.upstream.body.len().to_string())?;
+    req.insert_header("x-request-id", plan.request_id.as_str())?;
+    for (k, v) in &a.upstream.headers {
+        req.insert_header(*k, v.as_str())?;
+    }
+    Ok(())
+}
+
+/// Gives the attempt its body: the subrequest itself has none.
+pub(super) fn inject_body(body: &mut Option<Bytes>, end_of_stream: bool, ctx: &mut Ctx) {
+    let Some(a) = ctx.attempt.as_mut() else {
+        return;
+    };
+    if end_of_stream && body.as_ref().is_none_or(Bytes::is_empty) {
+        *body = Some(a.upstream.body.clone());
+        a.body_sent = true;
+    }
+}
+
+pub(super) fn on_response_header(resp: &mut ResponseHeader, ctx: &mut Ctx) -> Result<()> {
+    let status = resp.status.as_u16();
+    if let Some(plan) = &ctx.plan {
+        plan.outcome().upstream_status = status;
+    }
+    if status == 429 || status >= 500 {
+        let name = ctx
+            .attempt
+            .as_ref()
+            .map(|a| a.model.name.clone())
+            .unwrap_or_default();
+        let mut ge = GatewayError::new(
+            ErrorKind::UpstreamUnavailable,
+            format!("model '{name}' is unavailable: upstream answered {status}"),
+        );
+        let retry_after = resp
+            .headers
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        ge.retry_after = Some(retry_after.unwrap_or(1));
+        ctx.error = Some(ge);
+        let mut e = Error::explain(ErrorType::HTTPStatus(status), "upstream failure status").into_up();
+        e.set_retry(has_next(ctx));
+        return Err(e);
+    }
+    if status != 200 {
+        // The client's own mistake, answered by the provider in its format: passed on as is.
+        if let Some(a) = ctx.attempt.as_mut() {
+            a.translator = None;
+        }
+    }
+    Ok(())
+}
+
+pub(super) fn decorate_response(resp: &mut ResponseHeader, ctx: &mut Ctx) -> Result<()> {
+    ctx.header_sent = true;
+    let plan = plan_of(ctx)?;
+    let a = ctx
+        .attempt
+        .as_ref()
+        .ok_or_else(|| Error::explain(ErrorType::InternalError, "no attempt"))?;
+    for h in [
+        "set-cookie",
+        "openai-organization",
+        "openai-project",
+        "anthropic-organization-id",
+        "x-request-id",
+        "request-id",
+    ] {
+        resp.remove_header(h);
+    }
+    if a.translator.as_ref().is_some_and(ResponseTranslator::rewrites) {
+        resp.remove_header("content-length");
+        resp.insert_header("transfer-encoding", "chunked")?;
+    }
+    let attempts = plan.outcome().attempts;
+    respond::gateway_headers(resp, &plan.request_id)?;
+    resp.insert_header("x-gateway-model", a.model.name.as_str())?;
+    resp.insert_header("x-gateway-provider", a.model.provider.name.as_str())?;
+    resp.insert_header("x-gateway-attempts", attempts.to_string())?;
+    let fell_back = a.model.name != plan.chain.first().name;
+    resp.insert_header("x-gateway-fallback", if fell_back { "true" } else { "false" })?;
+    resp.insert_header("x-gateway-cache", "bypass")?;
+    Ok(())
+}
+
+pub(super) fn translate_body(body: &mut Option<Bytes>, end_of_stream: bool, ctx: &mut Ctx) {
+    let Some(plan) = ctx.plan.clone() else {
+        return;
+    };
+    let Some(t) = ctx.attempt.as_mut().and_then(|a| a.translator.as_mut()) else {
+        return;
+    };
+    let mut out = BytesMut::new();
+    if let Some(b) = body.as_ref() {
+        t.feed(b, &mut out);
+    }
+    let completion = if end_of_stream {
+        let c = t.finish(&mut out);
+        if plan.req.stream && !c.complete && !c.upstream_error {
+            // A clean close before the stream's own end is still a failure: say so.
+            let ge = GatewayError::new(
+                ErrorKind::BadUpstreamResponse,
+                "the upstream stream ended before completion",
+            );
+            out.extend_from_slice(&ge.sse_event(plan.req.format));
+            plan.outcome().error = Some(ge);
+        }
+        c
+    } else {
+        t.snapshot()
+    };
+    *body = Some(out.freeze());
+    plan.outcome().completion = completion;
+}
+
+/// Retry on another candidate only while the client has seen nothing.
+pub(super) fn decide_retry(
+    peer: &HttpPeer,
+    e: Box<Error>,
+    ctx: &mut Ctx,
+    client_reused: bool,
+) -> Box<Error> {
+    let mut e = e.more_context(format!("peer {peer}"));
+    if ctx.header_sent {
+        e.set_retry(false);
+    } else if matches!(e.retry, RetryType::ReusedOnly) && client_reused {
+        // A pooled connection the provider had already closed: same model again.
+        ctx.retry_same = true;
+        e.set_retry(true);
+    } else if !matches!(e.etype(), ErrorType::HTTPStatus(_)) {
+        e.set_retry(has_next(ctx));
+    }
+    e
+}
+
+/// Maps a Pingora failure that our filters did not already describe.
+fn classify(e: &Error) -> GatewayError {
+    use ErrorType::*;
+    let (kind, msg) = match e.etype() {
+        ConnectTimedout | ReadTimedout | WriteTimedout => {
+            (ErrorKind::UpstreamTimeout, "the upstream did not answer in time")
+        }
+        ConnectRefused | ConnectNoRoute | ConnectError | TLSHandshakeFailure
+        | TLSHandshakeTimedout | ConnectionClosed | HTTPStatus(_) => {
+            (ErrorKind::UpstreamUnavailable, "the upstream could not be reached")
+        }
+        _ if e.esource() == &ErrorSource::Upstream => (
+            ErrorKind::BadUpstreamResponse,
+            "the upstream sent an invalid response",
+        ),
+        _ => (ErrorKind::Internal, "internal error"),
+    };
+    let ge = GatewayError::new(kind, msg);
+    if kind == ErrorKind::UpstreamUnavailable {
+        ge.with_retry_after(1)
+    } else {
+        ge
+    }
+}
+
+pub(super) async fn fail(session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
+    let Some(plan) = ctx.plan.clone() else {
+        // A parent-level failure before our own handling (e.g. an unreadable request).
+        let ge = GatewayError::new(ErrorKind::InvalidRequest, "malformed HTTP request");
+        let code = if e.esource() == &ErrorSource::Downstream {
+            0
+        } else {
+            let _ = respond::error(session, &ge, crate::error::ApiFormat::OpenAi, "").await;
+            ge.status()
+        };
+        return FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        };
+    };
+    let mut ge = ctx.error.take().unwrap_or_else(|| classify(e));
+    let attempts = plan.outcome().attempts;
+    if ge.kind.fault() == crate::error::Fault::Upstream && attempts > 1 {
+        ge.message = format!("{} (after {attempts} attempts)", ge.message);
+    }
+    let format = plan.req.format;
+    if ctx.header_sent {
+        if plan.req.stream {
+            let _ = session
+                .write_response_body(Some(ge.sse_event(format)), true)
+                .await;
+        }
+    } else {
+        let _ = respond::error(session, &ge, format, &plan.request_id).await;
+    }
+    let code = ge.status();
+    plan.outcome().error = Some(ge);
+    FailToProxy {
+        error_code: code,
+        can_reuse_downstream: false,
+    }
+}
+
+/// The subrequest is over; anything the body filter did not see is settled here.
+pub(super) fn record_end(ctx: &mut Ctx) {
+    if let (Some(plan), Some(a)) = (&ctx.plan, &ctx.attempt) {
+        if let Some(t) = &a.translator {
+            let mut o = plan.outcome();
+            if o.completion == Default::default() {
+                o.completion = t.snapshot();
+            }
+        }
+    }
+}

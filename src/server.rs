@@ -1,0 +1,81 @@
+//! Process bootstrap: builds the Pingora server from a validated config and runs it.
+
+use crate::admin::Admin;
+use crate::config::Config;
+use crate::proxy::Gateway;
+use pingora_core::apps::http_app::HttpServer;
+use pingora_core::server::configuration::{Opt, ServerConf};
+use pingora_core::server::Server;
+use pingora_core::services::listening::Service;
+use std::sync::Arc;
+
+/// How the process was asked to run.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    pub daemon: bool,
+    pub upgrade: bool,
+}
+
+/// Seconds between SIGTERM and the end of in-flight streams; systemd's
+/// `TimeoutStopSec` must be longer (see `systemd/llm-gateway.service`).
+pub const GRACE_PERIOD_S: u64 = 30;
+
+fn server_conf() -> ServerConf {
+    let mut conf = ServerConf {
+        grace_period_seconds: Some(GRACE_PERIOD_S),
+        graceful_shutdown_timeout_seconds: Some(5),
+        threads: std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2),
+        ..ServerConf::default()
+    };
+    // Pingora's defaults point at /tmp; keep them but make the names ours so two
+    // gateways on one node do not take over each other's listeners.
+    conf.pid_file = std::env::var("LLM_GATEWAY_PID_FILE")
+        .unwrap_or_else(|_| "/tmp/llm-gateway.pid".to_string());
+    conf.upgrade_sock = std::env::var("LLM_GATEWAY_UPGRADE_SOCK")
+        .unwrap_or_else(|_| "/tmp/llm-gateway-upgrade.sock".to_string());
+    conf
+}
+
+/// Runs the gateway until it is told to stop; never returns.
+pub fn run(config: Config, opts: RunOptions) -> ! {
+    let config = Arc::new(config);
+    for w in &config.warnings {
+        log::warn!("config: {w}");
+    }
+    let opt = Opt {
+        upgrade: opts.upgrade,
+        daemon: opts.daemon,
+        nocapture: false,
+        test: false,
+        conf: None,
+    };
+    let mut server = Server::new_with_opt_and_conf(opt, server_conf());
+    server.bootstrap();
+
+    let gateway = Gateway::new(config.clone());
+    let mut proxy = pingora_proxy::http_proxy_service_with_name(
+        &server.configuration,
+        gateway.clone(),
+        "llm-gateway",
+    );
+    if let Some(addr) = config.listen.http {
+        proxy.add_tcp(&addr.to_string());
+    }
+    server.add_service(proxy);
+
+    let mut admin = Service::new(
+        "llm-gateway admin".to_string(),
+        HttpServer::new_app(Admin::new(gateway)),
+    );
+    admin.add_tcp(&config.admin.listen.to_string());
+    server.add_service(admin);
+
+    log::info!(
+        "llm-gateway serving on {:?}, admin on {}",
+        config.listen.http,
+        config.admin.listen
+    );
+    server.run_forever()
+}

@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# The whole test suite: `bash tests/run.sh` (README's test command; CI runs it too).
+#
+# Works on a fresh Debian 12 machine with only the Rust toolchain, python3 (with
+# venv/pip) and gcc: installs what is missing (as root, or through sudo), then
+#   1. cargo build --bin llm-gateway
+#   2. cargo test                      (unit tests + Rust integration tests, tests/it)
+#   3. pytest tests/e2e                (the real binary + mock provider, official SDKs)
+# Re-runs are quick: nothing is reinstalled while present and unchanged.
+#
+# Environment: LLM_GATEWAY_BIN  binary for the e2e suite (default: target/debug/llm-gateway)
+#              PYTEST_ARGS      extra pytest arguments, e.g. "-k streaming -x"
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+ROOT="$PWD"
+export DEBIAN_FRONTEND=noninteractive
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+
+section() { printf '\n==== %s ====\n' "$*"; }
+die() { printf 'tests/run.sh: %s\n' "$*" >&2; exit 1; }
+
+SUDO=""
+if [ "$(id -u)" != 0 ]; then
+    if command -v sudo >/dev/null 2>&1; then SUDO="sudo -n"; fi
+fi
+
+APT_UPDATED=0
+apt_install() {
+    # Try from the current package lists first; refresh them only if that fails.
+    if ! $SUDO apt-get install -y -q --no-install-recommends "$@"; then
+        if [ "$APT_UPDATED" = 0 ]; then
+            $SUDO apt-get update -q
+            APT_UPDATED=1
+        fi
+        $SUDO apt-get install -y -q --no-install-recommends "$@"
+    fi
+}
+
+# need_pkg CMD PKG: install Debian package PKG unless command CMD is already on PATH.
+need_pkg() {
+    local cmd="$1" pkg="$2"
+    if ! command -v "$cmd" >/dev/null 2>&1; then
+        echo "installing $pkg (no '$cmd' on PATH)"
+        apt_install "$pkg" || die "could not install $pkg"
+        command -v "$cmd" >/dev/null 2>&1 || die "$pkg installed but '$cmd' is still not on PATH"
+    fi
+}
+
+section "prerequisites"
+command -v cargo >/dev/null 2>&1 || die "cargo not found: the Rust toolchain is required"
+need_pkg cmake cmake      # pingora-core builds zlib-ng
+need_pkg cc gcc
+need_pkg python3 python3
+echo "cargo: $(cargo --version)"
+echo "cmake: $(cmake --version | head -n1)"
+echo "python3: $(python3 --version 2>&1)"
+
+section "python virtualenv (.venv)"
+VENV="$ROOT/.venv"
+REQ="$ROOT/tests/e2e/requirements.txt"
+if [ -x "$VENV/bin/python" ] && ! "$VENV/bin/python" -c 'import sys' >/dev/null 2>&1; then
+    echo "stale virtualenv (its python no longer runs): recreating"
+    rm -rf "$VENV"
+fi
+if [ ! -x "$VENV/bin/python" ]; then
+    rm -rf "$VENV"
+    if ! python3 -m venv "$VENV"; then
+        # Debian's python3 needs python3-venv for ensurepip.
+        rm -rf "$VENV"
+        pyver="$(python3 -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')"
+        apt_install "python${pyver}-venv" || apt_install python3-venv || die "cannot create a virtualenv"
+        python3 -m venv "$VENV"
+    fi
+fi
+STAMP="$VENV/.requirements.sha256"
+want="$(sha256sum "$REQ" | cut -d' ' -f1)"
+if [ "$(cat "$STAMP" 2>/dev/null || true)" != "$want" ]; then
+    "$VENV/bin/python" -m pip install -q -r "$REQ"
+    echo "$want" >"$STAMP"
+    echo "installed tests/e2e/requirements.txt"
+else
+    echo "requirements unchanged: nothing to install"
+fi
+
+section "cargo build --bin llm-gateway"
+cargo build --bin llm-gateway
+
+FAILED=()
+
+section "cargo test (unit + Rust integration tests)"
+if ! cargo test; then
+    FAILED+=("cargo test")
+fi
+
+section "pytest tests/e2e (end-to-end)"
+if [ -z "${LLM_GATEWAY_BIN:-}" ]; then
+    LLM_GATEWAY_BIN="${CARGO_TARGET_DIR:-$ROOT/target}/debug/llm-gateway"
+fi
+export LLM_GATEWAY_BIN
+echo "binary: $LLM_GATEWAY_BIN"
+# pytest exits non-zero on failures and also (code 5) when no test ran.
+# shellcheck disable=SC2086
+if ! "$VENV/bin/python" -m pytest -q tests/e2e ${PYTEST_ARGS:-}; then
+    FAILED+=("pytest tests/e2e")
+fi
+
+section "result"
+if [ "${#FAILED[@]}" -ne 0 ]; then
+    printf 'FAILED: %s\n' "${FAILED[@]}"
+    exit 1
+fi
+echo "all test steps passed"
