@@ -44,7 +44,11 @@ impl ServeHttp for Admin {
                 reply(200, "text/plain", body.into_bytes())
             }
             "/metrics" => reply(200, "text/plain; version=0.0.4", Vec::new()),
-            _ => reply(404, "application/json", br#"{"error":"not found"}"#.to_vec()),
+            _ => reply(
+                404,
+                "application/json",
+                br#"{"error":"not found"}"#.to_vec(),
+            ),
         }
     }
 }

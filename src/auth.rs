@@ -8,7 +8,11 @@ use rand::Rng;
 
 /// The API key from `Authorization: Bearer <key>` or, failing that, `x-api-key`.
 pub fn presented_key(req: &RequestHeader) -> Option<&str> {
-    if let Some(v) = req.headers.get("authorization").and_then(|v| v.to_str().ok()) {
+    if let Some(v) = req
+        .headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+    {
         let v = v.trim();
         if v.len() > 7 && v[..7].eq_ignore_ascii_case("bearer ") {
             let key = v[7..].trim();
@@ -52,8 +56,14 @@ mod tests {
 
     #[test]
     fn bearer_and_x_api_key() {
-        assert_eq!(presented_key(&req(&[("authorization", "Bearer sk-1")])), Some("sk-1"));
-        assert_eq!(presented_key(&req(&[("authorization", "bearer  sk-2 ")])), Some("sk-2"));
+        assert_eq!(
+            presented_key(&req(&[("authorization", "Bearer sk-1")])),
+            Some("sk-1")
+        );
+        assert_eq!(
+            presented_key(&req(&[("authorization", "bearer  sk-2 ")])),
+            Some("sk-2")
+        );
         assert_eq!(presented_key(&req(&[("x-api-key", "sk-3")])), Some("sk-3"));
         assert_eq!(presented_key(&req(&[("authorization", "Basic abc")])), None);
         assert_eq!(presented_key(&req(&[])), None);

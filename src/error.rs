@@ -56,10 +56,15 @@ impl ErrorKind {
     pub fn fault(self) -> Fault {
         use ErrorKind::*;
         match self {
-            InvalidRequest | ModelNotFound | InvalidApiKey | ModelNotAllowed | RegionNotAllowed
-            | FallbackOverrideNotAllowed | RequestTooLarge | NotFound | MethodNotAllowed => {
-                Fault::Client
-            }
+            InvalidRequest
+            | ModelNotFound
+            | InvalidApiKey
+            | ModelNotAllowed
+            | RegionNotAllowed
+            | FallbackOverrideNotAllowed
+            | RequestTooLarge
+            | NotFound
+            | MethodNotAllowed => Fault::Client,
             BudgetExceeded | RateLimited => Fault::Policy,
             BadUpstreamResponse | UpstreamUnavailable | UpstreamTimeout => Fault::Upstream,
             Internal => Fault::Internal,
@@ -112,9 +117,10 @@ impl ErrorKind {
         use ErrorKind::*;
         match (format, self) {
             (ApiFormat::OpenAi, InvalidApiKey) => "authentication_error",
-            (ApiFormat::OpenAi, ModelNotAllowed | RegionNotAllowed | FallbackOverrideNotAllowed) => {
-                "permission_error"
-            }
+            (
+                ApiFormat::OpenAi,
+                ModelNotAllowed | RegionNotAllowed | FallbackOverrideNotAllowed,
+            ) => "permission_error",
             (ApiFormat::OpenAi, BudgetExceeded) => "insufficient_quota",
             (ApiFormat::OpenAi, RateLimited) => "rate_limit_error",
             (ApiFormat::OpenAi, BadUpstreamResponse | UpstreamUnavailable | UpstreamTimeout) => {
@@ -199,7 +205,13 @@ impl GatewayError {
 
 impl fmt::Display for GatewayError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} ({}): {}", self.kind.code(), self.status(), self.message)
+        write!(
+            f,
+            "{} ({}): {}",
+            self.kind.code(),
+            self.status(),
+            self.message
+        )
     }
 }
 
@@ -223,8 +235,7 @@ mod tests {
     #[test]
     fn anthropic_body_has_contract_shape() {
         let e = GatewayError::new(ErrorKind::RateLimited, "slow down");
-        let v: serde_json::Value =
-            serde_json::from_slice(&e.body(ApiFormat::Anthropic)).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&e.body(ApiFormat::Anthropic)).unwrap();
         assert_eq!(v["type"], "error");
         assert_eq!(v["error"]["type"], "rate_limit_error");
         assert_eq!(v["error"]["message"], "slow down");

@@ -8,7 +8,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "llm-gateway", version, about = "Multi-tenant LLM inference gateway")]
+#[command(
+    name = "llm-gateway",
+    version,
+    about = "Multi-tenant LLM inference gateway"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -100,3 +100,112 @@ pub fn plan(
         requested: requested.unwrap_or("").to_string(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::sha256_hex;
+
+    const YAML: &str = r#"
+node: { region: us }
+listen: { http: 127.0.0.1:18080 }
+providers:
+  us1: { kind: openai_compatible, base_url: "http://127.0.0.1:9", region: us }
+  eu1: { kind: openai_compatible, base_url: "http://127.0.0.1:9", region: eu }
+models:
+  a: { provider: us1, price: { input_per_mtok: 1, output_per_mtok: 2 } }
+  b: { provider: us1, price: { input_per_mtok: 1, output_per_mtok: 2 } }
+  c: { provider: eu1, price: { input_per_mtok: 1, output_per_mtok: 2 } }
+  z: { provider: us1, price: { input_per_mtok: 1, output_per_mtok: 2 } }
+tenants:
+  open:
+    api_keys: [ { id: k1, sha256: "H1" } ]
+    models: [a, b, c]
+    fallback: [c, b, a, z]
+    allow_fallback_override: true
+  pinned:
+    api_keys: [ { id: k2, sha256: "H2" } ]
+    models: [a, b, c]
+    pin_model: b
+    fallback: [a]
+  euonly:
+    api_keys: [ { id: k3, sha256: "H3" } ]
+    models: [a, b, c]
+    fallback: [a, b, c]
+    region: eu
+  usonly:
+    api_keys: [ { id: k4, sha256: "H4" } ]
+    models: [c]
+    region: us
+"#;
+
+    fn cfg() -> Config {
+        let yaml = YAML
+            .replace("H1", &sha256_hex("k1"))
+            .replace("H2", &sha256_hex("k2"))
+            .replace("H3", &sha256_hex("k3"))
+            .replace("H4", &sha256_hex("k4"));
+        Config::from_yaml_str(&yaml).unwrap()
+    }
+
+    fn names(c: &Chain) -> Vec<&str> {
+        c.models.iter().map(|m| m.name.as_str()).collect()
+    }
+
+    #[test]
+    fn client_choice_then_fallback_deduplicated_and_allowed_only() {
+        let cfg = cfg();
+        let t = cfg.tenant("open").unwrap();
+        let c = plan(&cfg, t, Some("b"), None).unwrap();
+        // z is not allowed for the tenant; b appears once.
+        assert_eq!(names(&c), ["b", "c", "a"]);
+        assert_eq!(c.requested, "b");
+        let d = plan(&cfg, t, None, None).unwrap();
+        assert_eq!(names(&d), ["a", "c", "b"]);
+    }
+
+    #[test]
+    fn pin_ignores_the_client_model() {
+        let cfg = cfg();
+        let t = cfg.tenant("pinned").unwrap();
+        let c = plan(&cfg, t, Some("c"), None).unwrap();
+        assert_eq!(names(&c), ["b", "a"]);
+        assert_eq!(c.requested, "c");
+    }
+
+    #[test]
+    fn unknown_and_disallowed_models() {
+        let cfg = cfg();
+        let t = cfg.tenant("open").unwrap();
+        let e = plan(&cfg, t, Some("nope"), None).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::ModelNotFound);
+        let e = plan(&cfg, t, Some("z"), None).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::ModelNotAllowed);
+    }
+
+    #[test]
+    fn region_pin_filters_every_candidate() {
+        let cfg = cfg();
+        let t = cfg.tenant("euonly").unwrap();
+        let c = plan(&cfg, t, Some("a"), None).unwrap();
+        // a and b are on a us provider: never tried, not even as fallbacks.
+        assert_eq!(names(&c), ["c"]);
+        let t = cfg.tenant("usonly").unwrap();
+        let e = plan(&cfg, t, None, None).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::RegionNotAllowed);
+        assert_eq!(e.status(), 403);
+    }
+
+    #[test]
+    fn override_header_replaces_fallback() {
+        let cfg = cfg();
+        let t = cfg.tenant("open").unwrap();
+        let c = plan(&cfg, t, Some("a"), Some("b, a")).unwrap();
+        assert_eq!(names(&c), ["a", "b"]);
+        let e = plan(&cfg, t, Some("a"), Some("b,nope")).unwrap_err();
+        assert_eq!((e.kind, e.status()), (ErrorKind::ModelNotFound, 400));
+        let t = cfg.tenant("pinned").unwrap();
+        let e = plan(&cfg, t, None, Some("a")).unwrap_err();
+        assert_eq!(e.status(), 403);
+    }
+}

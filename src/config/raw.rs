@@ -86,15 +86,39 @@ pub(super) struct RawAdmin {
     pub token_env: Option<String>,
 }
 
+/// The enums go through a string: serde_yaml's own enum errors name its internals
+/// ("expected a Value::Tagged enum") instead of the accepted values.
 #[derive(Debug, Clone, Copy, Deserialize)]
-#[serde(expecting = "openai, anthropic or openai_compatible")]
+#[serde(try_from = "String")]
 pub(super) enum RawKind {
-    #[serde(rename = "openai")]
     OpenAi,
-    #[serde(rename = "anthropic")]
     Anthropic,
-    #[serde(rename = "openai_compatible")]
     OpenAiCompatible,
+}
+
+impl TryFrom<String> for RawKind {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        variant(
+            &s,
+            &[
+                ("openai", RawKind::OpenAi),
+                ("anthropic", RawKind::Anthropic),
+                ("openai_compatible", RawKind::OpenAiCompatible),
+            ],
+        )
+    }
+}
+
+fn variant<T: Copy>(s: &str, options: &[(&str, T)]) -> Result<T, String> {
+    if let Some((_, v)) = options.iter().find(|(name, _)| *name == s) {
+        return Ok(*v);
+    }
+    let names: Vec<String> = options.iter().map(|(n, _)| format!("`{n}`")).collect();
+    Err(format!(
+        "unknown variant `{s}`, expected one of {}",
+        names.join(", ")
+    ))
 }
 
 #[derive(Debug, Deserialize)]
@@ -199,17 +223,40 @@ fn default_ttl_s() -> u64 {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case", expecting = "memory or redis")]
+#[serde(try_from = "String")]
 pub(super) enum RawBackend {
     Memory,
     Redis,
 }
 
+impl TryFrom<String> for RawBackend {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        variant(
+            &s,
+            &[("memory", RawBackend::Memory), ("redis", RawBackend::Redis)],
+        )
+    }
+}
+
 #[derive(Debug, Clone, Copy, Deserialize)]
-#[serde(rename_all = "snake_case", expecting = "fail_open or fail_closed")]
+#[serde(try_from = "String")]
 pub(super) enum RawOnError {
     FailOpen,
     FailClosed,
+}
+
+impl TryFrom<String> for RawOnError {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        variant(
+            &s,
+            &[
+                ("fail_open", RawOnError::FailOpen),
+                ("fail_closed", RawOnError::FailClosed),
+            ],
+        )
+    }
 }
 
 #[derive(Debug, Deserialize)]

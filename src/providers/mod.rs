@@ -5,8 +5,18 @@
 //! for the client and the usage it saw. Keeping this free of I/O is what lets it be
 //! tested on recorded wire fixtures cut at every byte boundary.
 
+pub mod anthropic;
 pub mod openai;
 pub mod sse;
+pub mod translate_error;
+#[cfg(test)]
+mod translate_fixtures;
+pub mod translate_request;
+pub mod translate_response;
+pub mod translate_stream_chat;
+pub mod translate_stream_messages;
+
+pub use translate_error::translate_error_body;
 
 use crate::config::{Model, ProviderKind};
 use crate::error::{ApiFormat, ErrorKind, GatewayError};
@@ -16,11 +26,15 @@ use serde_json::{Map, Value};
 /// Token usage of one call, as the provider reported it or as estimated.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Usage {
-    /// Prompt tokens, cached ones included.
+    /// Prompt tokens, cached ones included: Anthropic's `input_tokens` plus its cache
+    /// reads and cache writes, so that `input` means the same for every provider.
     pub input: u32,
     pub output: u32,
     /// Part of `input` the provider billed at the cached price.
     pub cached_input: u32,
+    /// Part of `input` Anthropic wrote to its prompt cache (`cache_creation_input_tokens`),
+    /// kept apart because Anthropic bills it above the plain input price.
+    pub cache_creation_input: u32,
 }
 
 /// The client's request, parsed once in the parent request and shared by every attempt.
@@ -32,11 +46,23 @@ pub struct ClientRequest {
     pub stream: bool,
     /// The client asked for the usage chunk itself (`stream_options.include_usage`).
     pub include_usage: bool,
+    /// `max_completion_tokens`/`max_tokens` (OpenAI) or `max_tokens` (Anthropic).
     pub max_tokens: Option<u64>,
+    /// The client's `anthropic-version` header, for the proxy to fill: sent upstream to
+    /// Anthropic in place of the gateway's default so clients keep the API version
+    /// they were written for.
+    pub anthropic_version: Option<String>,
+    /// The client's `anthropic-beta` header, for the proxy to fill; sent to Anthropic.
+    pub anthropic_beta: Option<String>,
 }
 
 impl ClientRequest {
     /// Validates the fields every endpoint needs; the error names the bad field.
+    ///
+    /// Both formats need a non-empty `messages` array of objects with a string `role`.
+    /// An Anthropic request without `max_tokens` is accepted although the Anthropic
+    /// API refuses it: the gateway fills it from the model's `max_output_tokens`, which
+    /// is the cap the operator chose anyway. The two header fields start empty.
     pub fn parse(format: ApiFormat, raw: &[u8]) -> Result<Self, GatewayError> {
         let value: Value = serde_json::from_slice(raw).map_err(|e| {
             GatewayError::new(
@@ -69,15 +95,26 @@ impl ClientRequest {
             Some(Value::Bool(b)) => *b,
             Some(_) => return Err(invalid("'stream' must be a boolean")),
         };
-        let include_usage = body
-            .get("stream_options")
-            .and_then(|o| o.get("include_usage"))
-            .and_then(Value::as_bool)
-            .unwrap_or(false);
-        let max_tokens = match body
-            .get("max_completion_tokens")
-            .or_else(|| body.get("max_tokens"))
-        {
+        if format == ApiFormat::Anthropic {
+            match body.get("system") {
+                None | Some(Value::Null | Value::String(_) | Value::Array(_)) => {}
+                Some(_) => return Err(invalid("'system' must be a string or an array")),
+            }
+        }
+        let include_usage = format == ApiFormat::OpenAi
+            && body
+                .get("stream_options")
+                .and_then(|o| o.get("include_usage"))
+                .and_then(Value::as_bool)
+                .unwrap_or(false);
+        let max_tokens_field = match format {
+            ApiFormat::OpenAi => body
+                .get("max_completion_tokens")
+                .filter(|v| !v.is_null())
+                .or_else(|| body.get("max_tokens")),
+            ApiFormat::Anthropic => body.get("max_tokens"),
+        };
+        let max_tokens = match max_tokens_field {
             None | Some(Value::Null) => None,
             Some(v) => Some(
                 v.as_u64()
@@ -92,6 +129,8 @@ impl ClientRequest {
             stream,
             include_usage,
             max_tokens,
+            anthropic_version: None,
+            anthropic_beta: None,
         })
     }
 }
@@ -115,28 +154,85 @@ pub struct UpstreamRequest {
 }
 
 /// Builds the upstream request for `model` from the client's request.
+///
+/// Every pair of endpoint format and provider kind is served: the same format is passed
+/// through with the model rewritten, the other is translated.
 pub fn prepare(req: &ClientRequest, model: &Model) -> Result<UpstreamRequest, GatewayError> {
     match (req.format, model.provider.kind) {
         (ApiFormat::OpenAi, ProviderKind::OpenAi | ProviderKind::OpenAiCompatible) => {
             openai::prepare_chat(req, model)
         }
-        (format, kind) => Err(GatewayError::new(
-            ErrorKind::InvalidRequest,
-            format!(
-                "model '{}' is served by a {} provider, which this endpoint ({:?}) cannot use yet",
-                model.name,
-                kind.as_str(),
-                format
-            ),
-        )),
+        (ApiFormat::OpenAi, ProviderKind::Anthropic) => {
+            let body = translate_request::chat_to_messages(
+                &req.body,
+                &model.upstream_model,
+                req.max_tokens.or(model.max_output_tokens.map(u64::from)),
+            )?;
+            anthropic::upstream_request(req, model, body)
+        }
+        (ApiFormat::Anthropic, ProviderKind::Anthropic) => anthropic::prepare_native(req, model),
+        (ApiFormat::Anthropic, kind @ (ProviderKind::OpenAi | ProviderKind::OpenAiCompatible)) => {
+            let body = translate_request::messages_to_chat(
+                &req.body,
+                &model.upstream_model,
+                req.max_tokens.or(model.max_output_tokens.map(u64::from)),
+                kind == ProviderKind::OpenAi,
+            )?;
+            openai::chat_request(model, body, false)
+        }
+    }
+}
+
+/// The calls every response translator answers, so [`ResponseTranslator`] and the
+/// fixture tests can drive each of them the same way.
+pub trait Translate {
+    /// Feeds upstream bytes; appends what the client should get to `out`.
+    fn feed(&mut self, chunk: &[u8], out: &mut BytesMut);
+    /// The upstream body ended; appends any remainder to `out`.
+    fn finish(&mut self, out: &mut BytesMut) -> Completion;
+    /// What is known so far.
+    fn snapshot(&self) -> Completion;
+}
+
+impl Translate for openai::ChatStream {
+    fn feed(&mut self, chunk: &[u8], out: &mut BytesMut) {
+        openai::ChatStream::feed(self, chunk, out)
+    }
+    fn finish(&mut self, out: &mut BytesMut) -> Completion {
+        openai::ChatStream::finish(self, out)
+    }
+    fn snapshot(&self) -> Completion {
+        openai::ChatStream::snapshot(self)
+    }
+}
+
+impl Translate for openai::ChatBody {
+    fn feed(&mut self, chunk: &[u8], out: &mut BytesMut) {
+        openai::ChatBody::feed(self, chunk, out)
+    }
+    fn finish(&mut self, out: &mut BytesMut) -> Completion {
+        openai::ChatBody::finish(self, out)
+    }
+    fn snapshot(&self) -> Completion {
+        openai::ChatBody::snapshot(self)
     }
 }
 
 /// Translates one upstream response for the client, counting usage on the way.
 #[derive(Debug)]
 pub enum ResponseTranslator {
+    /// OpenAI client, OpenAI-kind provider.
     OpenAiStream(openai::ChatStream),
     OpenAiBody(openai::ChatBody),
+    /// Anthropic client, Anthropic provider: bytes passed through, usage read.
+    AnthropicStream(anthropic::MessagesStream),
+    AnthropicBody(anthropic::MessagesBody),
+    /// OpenAI client, Anthropic provider.
+    MessagesToChatStream(translate_stream_chat::MessagesToChatStream),
+    MessagesToChatBody(translate_response::MessageToChatBody),
+    /// Anthropic client, OpenAI-kind provider.
+    ChatToMessagesStream(translate_stream_messages::ChatToMessagesStream),
+    ChatToMessagesBody(translate_response::ChatToMessageBody),
 }
 
 /// How a response ended, for accounting and the audit row.
@@ -151,42 +247,98 @@ pub struct Completion {
     pub content_bytes: usize,
 }
 
+/// Seconds since the Unix epoch, for the `created` field of translated OpenAI bodies.
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 impl ResponseTranslator {
+    /// Picks the translator for the pair of endpoint format and provider kind that
+    /// [`prepare`] built the upstream request for.
     pub fn new(req: &ClientRequest, up: &UpstreamRequest, model: &Model) -> Self {
-        let _ = model;
-        if req.stream {
-            ResponseTranslator::OpenAiStream(openai::ChatStream::new(up.strip_usage))
-        } else {
-            ResponseTranslator::OpenAiBody(openai::ChatBody::default())
+        use ResponseTranslator as T;
+        let anthropic_provider = model.provider.kind == ProviderKind::Anthropic;
+        let fallback_model = model.upstream_model.as_str();
+        match (req.format, anthropic_provider, req.stream) {
+            (ApiFormat::OpenAi, false, true) => {
+                T::OpenAiStream(openai::ChatStream::new(up.strip_usage))
+            }
+            (ApiFormat::OpenAi, false, false) => T::OpenAiBody(openai::ChatBody::default()),
+            (ApiFormat::Anthropic, true, true) => {
+                T::AnthropicStream(anthropic::MessagesStream::new())
+            }
+            (ApiFormat::Anthropic, true, false) => {
+                T::AnthropicBody(anthropic::MessagesBody::default())
+            }
+            (ApiFormat::OpenAi, true, true) => {
+                T::MessagesToChatStream(translate_stream_chat::MessagesToChatStream::new(
+                    req.include_usage,
+                    unix_now(),
+                    fallback_model,
+                ))
+            }
+            (ApiFormat::OpenAi, true, false) => T::MessagesToChatBody(
+                translate_response::MessageToChatBody::new(unix_now(), fallback_model),
+            ),
+            (ApiFormat::Anthropic, false, true) => T::ChatToMessagesStream(
+                translate_stream_messages::ChatToMessagesStream::new(fallback_model),
+            ),
+            (ApiFormat::Anthropic, false, false) => {
+                T::ChatToMessagesBody(translate_response::ChatToMessageBody::new(fallback_model))
+            }
+        }
+    }
+
+    fn inner(&self) -> &dyn Translate {
+        match self {
+            ResponseTranslator::OpenAiStream(t) => t,
+            ResponseTranslator::OpenAiBody(t) => t,
+            ResponseTranslator::AnthropicStream(t) => t,
+            ResponseTranslator::AnthropicBody(t) => t,
+            ResponseTranslator::MessagesToChatStream(t) => t,
+            ResponseTranslator::MessagesToChatBody(t) => t,
+            ResponseTranslator::ChatToMessagesStream(t) => t,
+            ResponseTranslator::ChatToMessagesBody(t) => t,
+        }
+    }
+
+    fn inner_mut(&mut self) -> &mut dyn Translate {
+        match self {
+            ResponseTranslator::OpenAiStream(t) => t,
+            ResponseTranslator::OpenAiBody(t) => t,
+            ResponseTranslator::AnthropicStream(t) => t,
+            ResponseTranslator::AnthropicBody(t) => t,
+            ResponseTranslator::MessagesToChatStream(t) => t,
+            ResponseTranslator::MessagesToChatBody(t) => t,
+            ResponseTranslator::ChatToMessagesStream(t) => t,
+            ResponseTranslator::ChatToMessagesBody(t) => t,
         }
     }
 
     /// Feeds upstream bytes; appends what the client should get to `out`.
     pub fn feed(&mut self, chunk: &[u8], out: &mut BytesMut) {
-        match self {
-            ResponseTranslator::OpenAiStream(s) => s.feed(chunk, out),
-            ResponseTranslator::OpenAiBody(b) => b.feed(chunk, out),
-        }
+        self.inner_mut().feed(chunk, out)
     }
 
     /// The upstream body ended; appends any remainder to `out`.
     pub fn finish(&mut self, out: &mut BytesMut) -> Completion {
-        match self {
-            ResponseTranslator::OpenAiStream(s) => s.finish(out),
-            ResponseTranslator::OpenAiBody(b) => b.finish(out),
-        }
+        self.inner_mut().finish(out)
     }
 
-    /// Whether the client's body differs from the upstream's (so its length does too).
+    /// Whether the client's body may differ from the upstream's (so its length does
+    /// too): every stream (a cut tail is dropped, not forwarded half) and every
+    /// translated body. Only same-format bodies go out byte for byte.
     pub fn rewrites(&self) -> bool {
-        matches!(self, ResponseTranslator::OpenAiStream(_))
+        !matches!(
+            self,
+            ResponseTranslator::OpenAiBody(_) | ResponseTranslator::AnthropicBody(_)
+        )
     }
 
     /// What is known so far, for a stream that was cut before its end.
     pub fn snapshot(&self) -> Completion {
-        match self {
-            ResponseTranslator::OpenAiStream(s) => s.snapshot(),
-            ResponseTranslator::OpenAiBody(b) => b.snapshot(),
-        }
+        self.inner().snapshot()
     }
 }

@@ -5,7 +5,7 @@ use super::{ClientRequest, Completion, UpstreamRequest, Usage};
 use crate::config::Model;
 use crate::error::GatewayError;
 use bytes::{Bytes, BytesMut};
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 
 pub const CHAT_PATH: &str = "/v1/chat/completions";
 
@@ -24,6 +24,16 @@ pub fn prepare_chat(req: &ClientRequest, model: &Model) -> Result<UpstreamReques
             }
         }
     }
+    chat_request(model, body, strip_usage)
+}
+
+/// The upstream request for a finished chat body: encoding and the provider credential,
+/// shared by the passthrough and by the translation from Anthropic requests.
+pub fn chat_request(
+    model: &Model,
+    body: Map<String, Value>,
+    strip_usage: bool,
+) -> Result<UpstreamRequest, GatewayError> {
     let body = serde_json::to_vec(&body).map_err(|e| {
         GatewayError::new(crate::error::ErrorKind::Internal, format!("encode: {e}"))
     })?;
@@ -51,6 +61,7 @@ pub fn parse_usage(u: &Value) -> Option<Usage> {
         cached_input: n(u
             .get("prompt_tokens_details")
             .and_then(|d| d.get("cached_tokens"))),
+        cache_creation_input: 0,
     })
 }
 
@@ -208,7 +219,8 @@ data: [DONE]\n\n";
             Some(Usage {
                 input: 9,
                 output: 2,
-                cached_input: 4
+                cached_input: 4,
+                cache_creation_input: 0,
             })
         );
         assert!(c.complete);

@@ -101,7 +101,11 @@ fn parse_fields(raw: &Bytes) -> (Bytes, Bytes, bool) {
         if !line.is_empty() && line[0] != b':' {
             let (name, value_start) = match line.iter().position(|&c| c == b':') {
                 Some(p) => {
-                    let vs = if line.get(p + 1) == Some(&b' ') { p + 2 } else { p + 1 };
+                    let vs = if line.get(p + 1) == Some(&b' ') {
+                        p + 2
+                    } else {
+                        p + 1
+                    };
                     (&line[..p], start + vs)
                 }
                 None => (line, end),

@@ -19,7 +19,11 @@ pub struct Resolver {
 impl Resolver {
     /// The addresses of `host:port`; an IP literal costs nothing.
     pub async fn resolve(&self, host: &str, port: u16) -> std::io::Result<Vec<SocketAddr>> {
-        if let Ok(ip) = host.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>() {
+        if let Ok(ip) = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>()
+        {
             return Ok(vec![SocketAddr::new(ip, port)]);
         }
         let key = (host.to_string(), port);

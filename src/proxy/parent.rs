@@ -111,12 +111,16 @@ impl Gateway {
             .ok_or_else(|| internal("subrequests are not enabled"))?;
         let sub_ctx = SubrequestCtx::builder()
             .body_mode(BodyMode::NoBody)
-            .user_ctx(Box::new(SubInput(plan)))
+            .user_ctx(Box::new(SubInput(plan.clone())))
             .build();
         let (prepared, handle) = spawner.create_subrequest(session.as_downstream(), sub_ctx);
         let SubrequestHandle { tx, mut rx, .. } = handle;
         let job = tokio::spawn(prepared.run());
 
+        // A non-streamed answer is held until it is complete, so that a 200 carrying
+        // garbage can still become a clean 502 instead of reaching the client.
+        let hold = !plan.req.stream;
+        let mut held: Vec<HttpTask> = Vec::new();
         let mut client_gone = false;
         let mut watch_client = true;
         loop {
@@ -132,15 +136,21 @@ impl Gateway {
                             Err(_) => break,
                         }
                     }
-                    for t in &tasks {
-                        match t {
-                            HttpTask::Header(h, _) => ctx.status = h.status.as_u16(),
-                            HttpTask::Body(Some(b), _) if !b.is_empty() && ctx.first_byte.is_none() => {
-                                ctx.first_byte = Some(Instant::now());
-                            }
-                            _ => {}
+                    let end = tasks.iter().any(HttpTask::is_end);
+                    if hold {
+                        held.append(&mut tasks);
+                        if !end {
+                            continue;
+                        }
+                        tasks = std::mem::take(&mut held);
+                        if let Some(e) = bad_complete_answer(&tasks, &plan) {
+                            let _ = respond::error(session, &e, plan.req.format, &ctx.request_id).await;
+                            ctx.status = e.status();
+                            plan.outcome().error = Some(e);
+                            break;
                         }
                     }
+                    self.note_tasks(&tasks, ctx);
                     match session.write_response_tasks(tasks).await {
                         Ok(true) => break,
                         Ok(false) => {}
@@ -161,6 +171,10 @@ impl Gateway {
                 }
             }
         }
+        if !held.is_empty() && !client_gone {
+            self.note_tasks(&held, ctx);
+            let _ = session.write_response_tasks(held).await;
+        }
         drop(tx);
         if client_gone {
             job.abort();
@@ -172,6 +186,19 @@ impl Gateway {
             return Err(internal("the upstream attempt ended without a response"));
         }
         Ok(())
+    }
+
+    /// Remembers the status and the time of the first content byte.
+    fn note_tasks(&self, tasks: &[HttpTask], ctx: &mut Ctx) {
+        for t in tasks {
+            match t {
+                HttpTask::Header(h, _) => ctx.status = h.status.as_u16(),
+                HttpTask::Body(Some(b), _) if !b.is_empty() && ctx.first_byte.is_none() => {
+                    ctx.first_byte = Some(Instant::now());
+                }
+                _ => {}
+            }
+        }
     }
 
     /// The request is over: account for it once.
@@ -190,7 +217,14 @@ impl Gateway {
             }
             None => (String::new(), 0, None),
         };
-        log::debug!(
+        // One line per request, at warn only when on-call should look at it.
+        let level = if ctx.status >= 500 || ctx.status == 0 {
+            log::Level::Warn
+        } else {
+            log::Level::Debug
+        };
+        log::log!(
+            level,
             "request {} tenant={} endpoint={} model={} status={} attempts={} usage={:?} gone={} latency_ms={}",
             ctx.request_id,
             ctx.tenant.as_ref().map(|t| t.id.as_str()).unwrap_or(""),
@@ -216,11 +250,27 @@ impl Endpoint {
     }
 }
 
+/// A 200 whose body the adapter could not read as a complete answer.
+fn bad_complete_answer(tasks: &[HttpTask], plan: &Plan) -> Option<GatewayError> {
+    let ok = tasks
+        .iter()
+        .any(|t| matches!(t, HttpTask::Header(h, _) if h.status.as_u16() == 200));
+    let o = plan.outcome();
+    (ok && o.upstream_status == 200 && !o.completion.complete && o.error.is_none()).then(|| {
+        GatewayError::new(
+            ErrorKind::BadUpstreamResponse,
+            "the upstream answered with an unreadable response",
+        )
+    })
+}
+
 fn models_list(tenant: &Tenant) -> Bytes {
     let data: Vec<_> = tenant
         .models
         .iter()
-        .map(|m| json!({"id": m.name, "object": "model", "created": 0, "owned_by": m.provider.name}))
+        .map(
+            |m| json!({"id": m.name, "object": "model", "created": 0, "owned_by": m.provider.name}),
+        )
         .collect();
     Bytes::from(json!({"object": "list", "data": data}).to_string())
 }

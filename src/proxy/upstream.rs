@@ -90,7 +90,11 @@ impl Gateway {
         });
 
         let p = &model.provider;
-        let addrs = match self.resolver.resolve(&p.base_url.host, p.base_url.port).await {
+        let addrs = match self
+            .resolver
+            .resolve(&p.base_url.host, p.base_url.port)
+            .await
+        {
             Ok(a) => a,
             Err(err) => {
                 let mut e = Error::because(
@@ -205,7 +209,8 @@ pub(super) fn on_response_header(resp: &mut ResponseHeader, ctx: &mut Ctx) -> Re
             .and_then(|v| v.parse::<u64>().ok());
         ge.retry_after = Some(retry_after.unwrap_or(1));
         ctx.error = Some(ge);
-        let mut e = Error::explain(ErrorType::HTTPStatus(status), "upstream failure status").into_up();
+        let mut e =
+            Error::explain(ErrorType::HTTPStatus(status), "upstream failure status").into_up();
         e.set_retry(has_next(ctx));
         return Err(e);
     }
@@ -235,7 +240,10 @@ pub(super) fn decorate_response(resp: &mut ResponseHeader, ctx: &mut Ctx) -> Res
     ] {
         resp.remove_header(h);
     }
-    if a.translator.as_ref().is_some_and(ResponseTranslator::rewrites) {
+    if a.translator
+        .as_ref()
+        .is_some_and(ResponseTranslator::rewrites)
+    {
         resp.remove_header("content-length");
         resp.insert_header("transfer-encoding", "chunked")?;
     }
@@ -245,7 +253,10 @@ pub(super) fn decorate_response(resp: &mut ResponseHeader, ctx: &mut Ctx) -> Res
     resp.insert_header("x-gateway-provider", a.model.provider.name.as_str())?;
     resp.insert_header("x-gateway-attempts", attempts.to_string())?;
     let fell_back = a.model.name != plan.chain.first().name;
-    resp.insert_header("x-gateway-fallback", if fell_back { "true" } else { "false" })?;
+    resp.insert_header(
+        "x-gateway-fallback",
+        if fell_back { "true" } else { "false" },
+    )?;
     resp.insert_header("x-gateway-cache", "bypass")?;
     Ok(())
 }
@@ -304,13 +315,15 @@ pub(super) fn decide_retry(
 fn classify(e: &Error) -> GatewayError {
     use ErrorType::*;
     let (kind, msg) = match e.etype() {
-        ConnectTimedout | ReadTimedout | WriteTimedout => {
-            (ErrorKind::UpstreamTimeout, "the upstream did not answer in time")
-        }
+        ConnectTimedout | ReadTimedout | WriteTimedout => (
+            ErrorKind::UpstreamTimeout,
+            "the upstream did not answer in time",
+        ),
         ConnectRefused | ConnectNoRoute | ConnectError | TLSHandshakeFailure
-        | TLSHandshakeTimedout | ConnectionClosed | HTTPStatus(_) => {
-            (ErrorKind::UpstreamUnavailable, "the upstream could not be reached")
-        }
+        | TLSHandshakeTimedout | ConnectionClosed | HTTPStatus(_) => (
+            ErrorKind::UpstreamUnavailable,
+            "the upstream could not be reached",
+        ),
         _ if e.esource() == &ErrorSource::Upstream => (
             ErrorKind::BadUpstreamResponse,
             "the upstream sent an invalid response",
