@@ -161,6 +161,9 @@ struct Attempt {
     model: Arc<Model>,
     upstream: UpstreamRequest,
     translator: Option<ResponseTranslator>,
+    /// A provider's own error answer (4xx other than 429), collected to be re-rendered
+    /// in the client's format: status and body so far.
+    error_body: Option<(u16, Vec<u8>)>,
     body_sent: bool,
 }
 

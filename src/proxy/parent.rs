@@ -75,8 +75,18 @@ impl Gateway {
         }
 
         let body = read_body(session, cfg.max_body_bytes).await?;
-        let req = ClientRequest::parse(endpoint.format(), &body)?;
+        let mut req = ClientRequest::parse(endpoint.format(), &body)?;
         drop(body);
+        let header = |name: &str| {
+            session
+                .req_header()
+                .headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        req.anthropic_version = header("anthropic-version");
+        req.anthropic_beta = header("anthropic-beta");
         let override_header = session
             .req_header()
             .headers

@@ -86,6 +86,7 @@ impl Gateway {
             model: model.clone(),
             upstream,
             translator,
+            error_body: None,
             body_sent: false,
         });
 
@@ -215,9 +216,11 @@ pub(super) fn on_response_header(resp: &mut ResponseHeader, ctx: &mut Ctx) -> Re
         return Err(e);
     }
     if status != 200 {
-        // The client's own mistake, answered by the provider in its format: passed on as is.
+        // The client's own mistake, answered by the provider: passed on, in the
+        // client's format when the provider speaks another one.
         if let Some(a) = ctx.attempt.as_mut() {
             a.translator = None;
+            a.error_body = Some((status, Vec::new()));
         }
     }
     Ok(())
@@ -265,7 +268,21 @@ pub(super) fn translate_body(body: &mut Option<Bytes>, end_of_stream: bool, ctx:
     let Some(plan) = ctx.plan.clone() else {
         return;
     };
-    let Some(t) = ctx.attempt.as_mut().and_then(|a| a.translator.as_mut()) else {
+    let Some(a) = ctx.attempt.as_mut() else {
+        return;
+    };
+    if let Some((status, buf)) = a.error_body.as_mut() {
+        if let Some(b) = body.as_ref() {
+            buf.extend_from_slice(b);
+        }
+        *body = Some(if end_of_stream {
+            providers::translate_error_body(a.model.provider.kind, plan.req.format, *status, buf)
+        } else {
+            Bytes::new()
+        });
+        return;
+    }
+    let Some(t) = a.translator.as_mut() else {
         return;
     };
     let mut out = BytesMut::new();
