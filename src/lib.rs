@@ -2,7 +2,9 @@
 //!
 //! The library is split by concern; `main.rs` only parses the command line.
 
+pub mod accounting;
 pub mod admin;
+pub mod audit;
 pub mod auth;
 pub mod config;
 pub mod demo;

@@ -1,11 +1,13 @@
 //! Process bootstrap: builds the Pingora server from a validated config and runs it.
 
 use crate::admin::Admin;
+use crate::audit::AuditLog;
 use crate::config::Config;
 use crate::proxy::Gateway;
 use pingora_core::apps::http_app::HttpServer;
 use pingora_core::server::configuration::{Opt, ServerConf};
 use pingora_core::server::Server;
+use pingora_core::services::background::background_service;
 use pingora_core::services::listening::Service;
 use std::sync::Arc;
 
@@ -54,7 +56,18 @@ pub fn run(config: Config, opts: RunOptions) -> ! {
     let mut server = Server::new_with_opt_and_conf(opt, server_conf());
     server.bootstrap();
 
-    let gateway = Gateway::new(config.clone());
+    let (audit, shipper) = match AuditLog::new(&config.audit) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!(
+                "cannot open the audit spool {}: {e}",
+                config.audit.spool_dir.display()
+            );
+            std::process::exit(1);
+        }
+    };
+    server.add_service(background_service("audit shipper", shipper));
+    let gateway = Gateway::new(config.clone(), audit);
     let mut proxy = pingora_proxy::http_proxy_service_with_name(
         &server.configuration,
         gateway.clone(),

@@ -118,7 +118,7 @@ impl ChatStream {
             } else if data.starts_with(b"{\"error\"") {
                 self.upstream_error = true;
             }
-            self.content_bytes += data.len();
+            self.content_bytes += generated_len(data);
             if self.strip_usage {
                 if let Some(stripped) = strip_null_usage(data) {
                     out.extend_from_slice(b"data: ");
@@ -143,6 +143,26 @@ impl ChatStream {
             content_bytes: self.content_bytes,
         }
     }
+}
+
+/// Bytes of generated text in a chunk (`content` and tool-call `arguments` strings),
+/// found by a scan rather than a parse: it only feeds the estimate used when the
+/// provider never reports usage, and runs on every chunk.
+fn generated_len(data: &[u8]) -> usize {
+    let mut total = 0;
+    for key in [&b"\"content\":\""[..], &b"\"arguments\":\""[..]] {
+        let mut rest = data;
+        while let Some(p) = rest.windows(key.len()).position(|w| w == key) {
+            rest = &rest[p + key.len()..];
+            let mut i = 0;
+            while i < rest.len() && rest[i] != b'"' {
+                i += if rest[i] == b'\\' { 2 } else { 1 };
+            }
+            total += i.min(rest.len());
+            rest = &rest[i.min(rest.len())..];
+        }
+    }
+    total
 }
 
 /// Removes the `"usage":null` member OpenAI adds to every chunk once usage is requested,
@@ -240,6 +260,15 @@ data: [DONE]\n\n";
         let (out, c) = run(false, &[WITH_USAGE]);
         assert_eq!(out, WITH_USAGE);
         assert_eq!(c.usage.unwrap().output, 2);
+    }
+
+    #[test]
+    fn generated_text_is_measured_not_the_json() {
+        let d = br#"{"choices":[{"delta":{"content":"Hi \"you\""}}]}"#;
+        assert_eq!(generated_len(d), r#"Hi \"you\""#.len());
+        let t = br#"{"delta":{"tool_calls":[{"function":{"arguments":"{\"x\""}}]}}"#;
+        assert_eq!(generated_len(t), r#"{\"x\""#.len());
+        assert_eq!(generated_len(br#"{"choices":[]}"#), 0);
     }
 
     #[test]

@@ -11,9 +11,12 @@ use std::time::{Duration, Instant};
 
 const TTL: Duration = Duration::from_secs(30);
 
+/// Resolved addresses of one `(host, port)` and when they were looked up.
+type Entry = (Vec<SocketAddr>, Instant);
+
 #[derive(Default)]
 pub struct Resolver {
-    cache: RwLock<HashMap<(String, u16), (Vec<SocketAddr>, Instant)>>,
+    cache: RwLock<HashMap<(String, u16), Entry>>,
 }
 
 impl Resolver {

@@ -14,6 +14,7 @@ mod parent;
 mod respond;
 mod upstream;
 
+use crate::audit::AuditLog;
 use crate::config::{Config, Model, Tenant};
 use crate::error::{ApiFormat, GatewayError};
 use crate::providers::{ClientRequest, Completion, ResponseTranslator, UpstreamRequest};
@@ -37,6 +38,7 @@ pub struct Gateway {
 pub struct Shared {
     config: RwLock<Arc<Config>>,
     resolver: dns::Resolver,
+    audit: AuditLog,
 }
 
 impl std::ops::Deref for Gateway {
@@ -47,11 +49,12 @@ impl std::ops::Deref for Gateway {
 }
 
 impl Gateway {
-    pub fn new(config: Arc<Config>) -> Self {
+    pub fn new(config: Arc<Config>, audit: AuditLog) -> Self {
         Gateway {
             inner: Arc::new(Shared {
                 config: RwLock::new(config),
                 resolver: dns::Resolver::default(),
+                audit,
             }),
         }
     }
@@ -106,6 +109,8 @@ pub struct Plan {
     pub req: ClientRequest,
     pub chain: Chain,
     pub started: Instant,
+    /// Size of the client's body, for estimating input tokens when none are reported.
+    pub prompt_bytes: usize,
     /// Written by the subrequest as it goes, read by the parent when the call ends
     /// (also when the client left and the subrequest was cancelled).
     pub outcome: Mutex<Outcome>,
@@ -138,7 +143,10 @@ pub struct Ctx {
     plan: Option<Arc<Plan>>,
     // --- parent ---
     started: Option<Instant>,
+    started_ms: u64,
     client_gone: bool,
+    model_requested: String,
+    stream: bool,
     request_id: String,
     endpoint: Option<Endpoint>,
     tenant: Option<Arc<Tenant>>,

@@ -2,10 +2,11 @@
 
 use super::upstream::SubInput;
 use super::{respond, Ctx, Endpoint, Gateway, Outcome, Plan};
+use crate::audit::AuditRow;
 use crate::config::Tenant;
 use crate::error::{ErrorKind, GatewayError};
 use crate::providers::ClientRequest;
-use crate::{auth, routing};
+use crate::{accounting, auth, routing};
 use bytes::{Bytes, BytesMut};
 use pingora_core::protocols::http::subrequest::server::SubrequestHandle;
 use pingora_core::protocols::http::HttpTask;
@@ -22,6 +23,7 @@ const DRAIN_CAP: usize = 64 << 20;
 impl Gateway {
     pub(super) async fn handle_parent(&self, session: &mut Session, ctx: &mut Ctx) {
         ctx.started = Some(Instant::now());
+        ctx.started_ms = crate::audit::time::now_ms();
         ctx.request_id = auth::request_id(session.req_header());
         let endpoint = Endpoint::of(session.req_header());
         ctx.endpoint = Some(endpoint);
@@ -75,8 +77,11 @@ impl Gateway {
         }
 
         let body = read_body(session, cfg.max_body_bytes).await?;
+        let prompt_bytes = body.len();
         let mut req = ClientRequest::parse(endpoint.format(), &body)?;
         drop(body);
+        ctx.model_requested = req.model.clone().unwrap_or_default();
+        ctx.stream = req.stream;
         let header = |name: &str| {
             session
                 .req_header()
@@ -99,6 +104,7 @@ impl Gateway {
             req,
             chain,
             started: ctx.started.unwrap_or_else(Instant::now),
+            prompt_bytes,
             outcome: Mutex::new(Outcome::default()),
         });
         ctx.plan = Some(plan.clone());
@@ -211,41 +217,94 @@ impl Gateway {
         }
     }
 
-    /// The request is over: account for it once.
+    /// The request is over: bill it and write its audit row, once.
     pub(super) fn finish_parent(&self, _session: &mut Session, ctx: &mut Ctx) {
         let Some(started) = ctx.started else {
             return;
         };
-        let (model, attempts, usage) = match &ctx.plan {
-            Some(plan) => {
-                let o = plan.outcome();
-                (
-                    o.model.as_ref().map(|m| m.name.clone()).unwrap_or_default(),
-                    o.attempts,
-                    o.completion.usage,
-                )
-            }
-            None => (String::new(), 0, None),
+        let cfg = self.config();
+        let ms = |d: std::time::Duration| d.as_millis().min(u32::MAX as u128) as u32;
+        let mut row = AuditRow {
+            request_id: std::mem::take(&mut ctx.request_id),
+            ts: crate::audit::time::datetime(ctx.started_ms),
+            ts_ms: ctx.started_ms,
+            tenant: ctx
+                .tenant
+                .as_ref()
+                .map(|t| t.id.clone())
+                .unwrap_or_default(),
+            api_key_id: std::mem::take(&mut ctx.api_key_id),
+            endpoint: ctx.endpoint.map(Endpoint::as_str).unwrap_or("").to_string(),
+            model_requested: std::mem::take(&mut ctx.model_requested),
+            region: cfg.node.region.clone(),
+            stream: ctx.stream as u8,
+            status: ctx.status,
+            error_code: ctx
+                .error
+                .as_ref()
+                .map(|e| e.kind.code().to_string())
+                .unwrap_or_default(),
+            latency_ms: ms(started.elapsed()),
+            ttft_ms: ctx.first_byte.map_or(0, |t| ms(t.duration_since(started))),
+            node: cfg.node.hostname.clone(),
+            ..AuditRow::default()
         };
+        if let Some(plan) = &ctx.plan {
+            let o = plan.outcome();
+            row.attempts = o.attempts;
+            if let Some(m) = &o.model {
+                row.model = m.name.clone();
+                row.provider = m.provider.name.clone();
+                row.region = m.provider.region.clone();
+                row.fallback_used = (m.name != plan.chain.first().name) as u8;
+                let bill = accounting::bill(
+                    &o.completion,
+                    o.upstream_status,
+                    plan.prompt_bytes,
+                    &m.price,
+                );
+                row.tokens_in = bill.usage.input;
+                row.tokens_out = bill.usage.output;
+                row.cached_tokens_in = bill.usage.cached_input;
+                row.usage_estimated = bill.estimated as u8;
+                row.cost_nanousd = bill.cost_nanousd;
+            }
+            if row.error_code.is_empty() {
+                if let Some(e) = &o.error {
+                    row.error_code = e.kind.code().to_string();
+                }
+            }
+        }
+        if ctx.client_gone {
+            if row.status == 0 {
+                // nginx's convention for "the client closed the request".
+                row.status = 499;
+            }
+            if row.error_code.is_empty() {
+                row.error_code = "client_closed".to_string();
+            }
+        }
         // One line per request, at warn only when on-call should look at it.
-        let level = if ctx.status >= 500 || ctx.status == 0 {
+        let level = if row.status >= 500 {
             log::Level::Warn
         } else {
             log::Level::Debug
         };
         log::log!(
             level,
-            "request {} tenant={} endpoint={} model={} status={} attempts={} usage={:?} gone={} latency_ms={}",
-            ctx.request_id,
-            ctx.tenant.as_ref().map(|t| t.id.as_str()).unwrap_or(""),
-            ctx.endpoint.map(Endpoint::as_str).unwrap_or(""),
-            model,
-            ctx.status,
-            attempts,
-            usage,
-            ctx.client_gone,
-            started.elapsed().as_millis()
+            "request {} tenant={} endpoint={} model={} status={} code={} attempts={} tokens={}/{} latency_ms={}",
+            row.request_id,
+            row.tenant,
+            row.endpoint,
+            row.model,
+            row.status,
+            row.error_code,
+            row.attempts,
+            row.tokens_in,
+            row.tokens_out,
+            row.latency_ms
         );
+        self.audit.emit(row);
     }
 }
 
