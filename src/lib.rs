@@ -6,6 +6,7 @@ pub mod accounting;
 pub mod admin;
 pub mod audit;
 pub mod auth;
+pub mod breaker;
 pub mod config;
 pub mod demo;
 pub mod error;

@@ -5,8 +5,8 @@ use crate::audit::AuditLog;
 use crate::config::Config;
 use crate::proxy::Gateway;
 use pingora_core::apps::http_app::HttpServer;
-use pingora_core::server::configuration::{Opt, ServerConf};
 use pingora_core::listeners::tls::TlsSettings;
+use pingora_core::server::configuration::{Opt, ServerConf};
 use pingora_core::server::Server;
 use pingora_core::services::background::background_service;
 use pingora_core::services::listening::Service;
@@ -78,15 +78,13 @@ pub fn run(config: Config, opts: RunOptions) -> ! {
         proxy.add_tcp(&addr.to_string());
     }
     if let Some(https) = &config.listen.https {
-        let tls = TlsSettings::intermediate(
-            &https.cert.to_string_lossy(),
-            &https.key.to_string_lossy(),
-        )
-        .map(|mut t| {
-            // HTTP/2 and HTTP/1.1 by ALPN.
-            t.enable_h2();
-            t
-        });
+        let tls =
+            TlsSettings::intermediate(&https.cert.to_string_lossy(), &https.key.to_string_lossy())
+                .map(|mut t| {
+                    // HTTP/2 and HTTP/1.1 by ALPN.
+                    t.enable_h2();
+                    t
+                });
         match tls {
             Ok(t) => proxy.add_tls_with_settings(&https.addr.to_string(), None, t),
             Err(e) => {

@@ -9,12 +9,14 @@
 //! attempt (see `upstream.rs`). The subrequest API is alpha upstream, so everything
 //! that touches it lives in this module.
 
+mod attempts;
 pub mod dns;
 mod parent;
 mod respond;
 mod upstream;
 
 use crate::audit::AuditLog;
+use crate::breaker::{Breakers, RetryBudget};
 use crate::config::{Config, Model, Tenant};
 use crate::error::{ApiFormat, GatewayError};
 use crate::providers::{ClientRequest, Completion, ResponseTranslator, UpstreamRequest};
@@ -39,6 +41,8 @@ pub struct Shared {
     config: RwLock<Arc<Config>>,
     resolver: dns::Resolver,
     audit: AuditLog,
+    pub breakers: Breakers,
+    retry_budget: RetryBudget,
 }
 
 impl std::ops::Deref for Gateway {
@@ -55,6 +59,8 @@ impl Gateway {
                 config: RwLock::new(config),
                 resolver: dns::Resolver::default(),
                 audit,
+                breakers: Breakers::default(),
+                retry_budget: RetryBudget::default(),
             }),
         }
     }
@@ -125,6 +131,8 @@ pub struct Outcome {
     pub upstream_status: u16,
     pub completion: Completion,
     pub error: Option<GatewayError>,
+    /// An error event already went into the stream (no second one, no failover).
+    pub error_event_sent: bool,
 }
 
 impl Plan {
@@ -155,8 +163,8 @@ pub struct Ctx {
     error: Option<GatewayError>,
     first_byte: Option<Instant>,
     // --- subrequest ---
-    /// Index in the chain of the next model to try.
-    next: usize,
+    /// Index in the chain of the model this subrequest tries.
+    idx: usize,
     /// The current attempt: its model, request and translator.
     attempt: Option<Attempt>,
     /// Retry the same model once on a stale pooled connection, without moving on.
@@ -194,8 +202,9 @@ impl ProxyHttp for Gateway {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
-        if let Some(plan) = upstream::take_plan(session) {
+        if let Some((plan, idx)) = upstream::take_plan(session) {
             ctx.plan = Some(plan);
+            ctx.idx = idx;
             return Ok(false);
         }
         self.handle_parent(session, ctx).await;
@@ -265,8 +274,9 @@ impl ProxyHttp for Gateway {
         ctx: &mut Ctx,
         mut e: Box<Error>,
     ) -> Box<Error> {
-        // Nothing reached the provider: trying the next candidate is always safe.
-        e.set_retry(upstream::has_next(ctx));
+        // The parent moves on to the next candidate; a subrequest tries one model.
+        let _ = ctx;
+        e.set_retry(false);
         e
     }
 

@@ -1,6 +1,5 @@
 //! The parent side: everything decided before the first upstream byte, then the pipe.
 
-use super::upstream::SubInput;
 use super::{respond, Ctx, Endpoint, Gateway, Outcome, Plan};
 use crate::audit::AuditRow;
 use crate::config::Tenant;
@@ -8,9 +7,6 @@ use crate::error::{ErrorKind, GatewayError};
 use crate::providers::ClientRequest;
 use crate::{accounting, auth, routing};
 use bytes::{Bytes, BytesMut};
-use pingora_core::protocols::http::subrequest::server::SubrequestHandle;
-use pingora_core::protocols::http::HttpTask;
-use pingora_proxy::subrequest::{BodyMode, Ctx as SubrequestCtx};
 use pingora_proxy::Session;
 use serde_json::json;
 use std::sync::{Arc, Mutex};
@@ -108,113 +104,8 @@ impl Gateway {
             outcome: Mutex::new(Outcome::default()),
         });
         ctx.plan = Some(plan.clone());
-        self.pipe(session, ctx, plan).await
-    }
-
-    /// Runs the subrequest and copies its response to the client as it arrives,
-    /// cancelling it as soon as the client goes away.
-    async fn pipe(
-        &self,
-        session: &mut Session,
-        ctx: &mut Ctx,
-        plan: Arc<Plan>,
-    ) -> Result<(), GatewayError> {
         normalize_for_subrequest(session);
-        let internal = |m: &str| GatewayError::new(ErrorKind::Internal, m.to_string());
-        let spawner = session
-            .subrequest_spawner
-            .as_ref()
-            .ok_or_else(|| internal("subrequests are not enabled"))?;
-        let sub_ctx = SubrequestCtx::builder()
-            .body_mode(BodyMode::NoBody)
-            .user_ctx(Box::new(SubInput(plan.clone())))
-            .build();
-        let (prepared, handle) = spawner.create_subrequest(session.as_downstream(), sub_ctx);
-        let SubrequestHandle { tx, mut rx, .. } = handle;
-        let job = tokio::spawn(prepared.run());
-
-        // A non-streamed answer is held until it is complete, so that a 200 carrying
-        // garbage can still become a clean 502 instead of reaching the client.
-        let hold = !plan.req.stream;
-        let mut held: Vec<HttpTask> = Vec::new();
-        let mut client_gone = false;
-        let mut watch_client = true;
-        loop {
-            tokio::select! {
-                biased;
-                task = rx.recv() => {
-                    let Some(first) = task else { break };
-                    let mut tasks = Vec::with_capacity(4);
-                    tasks.push(first);
-                    while tasks.len() < 16 {
-                        match rx.try_recv() {
-                            Ok(t) => tasks.push(t),
-                            Err(_) => break,
-                        }
-                    }
-                    let end = tasks.iter().any(HttpTask::is_end);
-                    if hold {
-                        held.append(&mut tasks);
-                        if !end {
-                            continue;
-                        }
-                        tasks = std::mem::take(&mut held);
-                        if let Some(e) = bad_complete_answer(&tasks, &plan) {
-                            let _ = respond::error(session, &e, plan.req.format, &ctx.request_id).await;
-                            ctx.status = e.status();
-                            plan.outcome().error = Some(e);
-                            break;
-                        }
-                    }
-                    self.note_tasks(&tasks, ctx);
-                    match session.write_response_tasks(tasks).await {
-                        Ok(true) => break,
-                        Ok(false) => {}
-                        Err(_) => {
-                            client_gone = true;
-                            break;
-                        }
-                    }
-                }
-                gone = session.downstream_session.read_body_or_idle(true), if watch_client => {
-                    match gone {
-                        Err(_) => {
-                            client_gone = true;
-                            break;
-                        }
-                        Ok(_) => watch_client = false,
-                    }
-                }
-            }
-        }
-        if !held.is_empty() && !client_gone {
-            self.note_tasks(&held, ctx);
-            let _ = session.write_response_tasks(held).await;
-        }
-        drop(tx);
-        if client_gone {
-            job.abort();
-            ctx.client_gone = true;
-            return Ok(());
-        }
-        let _ = job.await;
-        if ctx.status == 0 {
-            return Err(internal("the upstream attempt ended without a response"));
-        }
-        Ok(())
-    }
-
-    /// Remembers the status and the time of the first content byte.
-    fn note_tasks(&self, tasks: &[HttpTask], ctx: &mut Ctx) {
-        for t in tasks {
-            match t {
-                HttpTask::Header(h, _) => ctx.status = h.status.as_u16(),
-                HttpTask::Body(Some(b), _) if !b.is_empty() && ctx.first_byte.is_none() => {
-                    ctx.first_byte = Some(Instant::now());
-                }
-                _ => {}
-            }
-        }
+        self.run_chain(session, ctx, plan).await
     }
 
     /// The request is over: bill it and write its audit row, once.
@@ -317,20 +208,6 @@ impl Endpoint {
             _ => Endpoint::Other,
         }
     }
-}
-
-/// A 200 whose body the adapter could not read as a complete answer.
-fn bad_complete_answer(tasks: &[HttpTask], plan: &Plan) -> Option<GatewayError> {
-    let ok = tasks
-        .iter()
-        .any(|t| matches!(t, HttpTask::Header(h, _) if h.status.as_u16() == 200));
-    let o = plan.outcome();
-    (ok && o.upstream_status == 200 && !o.completion.complete && o.error.is_none()).then(|| {
-        GatewayError::new(
-            ErrorKind::BadUpstreamResponse,
-            "the upstream answered with an unreadable response",
-        )
-    })
 }
 
 fn models_list(tenant: &Tenant) -> Bytes {

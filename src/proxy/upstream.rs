@@ -17,29 +17,26 @@ use pingora_proxy::{FailToProxy, Session};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// What the parent hands to its subrequest.
-pub(super) struct SubInput(pub Arc<Plan>);
+/// What the parent hands to its subrequest: the plan and which candidate to try.
+pub(super) struct SubInput {
+    pub plan: Arc<Plan>,
+    pub idx: usize,
+}
 
-/// The plan, when this session is one of our subrequests.
-pub(super) fn take_plan(session: &mut Session) -> Option<Arc<Plan>> {
+/// The plan and candidate index, when this session is one of our subrequests.
+pub(super) fn take_plan(session: &mut Session) -> Option<(Arc<Plan>, usize)> {
     session
         .subrequest_ctx
         .as_mut()?
         .user_ctx_mut()?
         .downcast_mut::<SubInput>()
-        .map(|s| s.0.clone())
+        .map(|s| (s.plan.clone(), s.idx))
 }
 
 fn plan_of(ctx: &Ctx) -> Result<Arc<Plan>> {
     ctx.plan
         .clone()
         .ok_or_else(|| Error::explain(ErrorType::InternalError, "subrequest without a plan"))
-}
-
-pub(super) fn has_next(ctx: &Ctx) -> bool {
-    ctx.plan
-        .as_ref()
-        .is_some_and(|p| ctx.next < p.chain.models.len())
 }
 
 fn ms(v: u64) -> Option<Duration> {
@@ -53,25 +50,14 @@ impl Gateway {
         ctx: &mut Ctx,
     ) -> Result<Box<HttpPeer>> {
         let plan = plan_of(ctx)?;
-        let idx = if ctx.retry_same && ctx.next > 0 {
-            ctx.retry_same = false;
-            ctx.next - 1
-        } else {
-            ctx.next += 1;
-            ctx.next - 1
-        };
+        ctx.retry_same = false;
         let model = plan
             .chain
             .models
-            .get(idx)
+            .get(ctx.idx)
             .cloned()
-            .ok_or_else(|| Error::explain(ErrorType::InternalError, "no candidate left"))?;
+            .ok_or_else(|| Error::explain(ErrorType::InternalError, "no such candidate"))?;
         ctx.error = None;
-        {
-            let mut o = plan.outcome();
-            o.attempts = o.attempts.saturating_add(1);
-            o.model = Some(model.clone());
-        }
         let upstream = match providers::prepare(&plan.req, &model) {
             Ok(u) => u,
             Err(ge) => {
@@ -104,7 +90,7 @@ impl Gateway {
                     err,
                 )
                 .into_up();
-                e.set_retry(has_next(ctx));
+                e.set_retry(false);
                 return Err(e);
             }
         };
@@ -112,7 +98,14 @@ impl Gateway {
         let t = &p.timeouts;
         peer.options.connection_timeout = ms(t.connect_ms);
         peer.options.total_connection_timeout = ms(t.connect_ms);
-        peer.options.read_timeout = ms(t.first_token_ms);
+        // Each read is bounded by the idle gap for streams (the parent enforces the
+        // first-token deadline itself, to fail over); a non-stream answer comes in
+        // one piece, so only the total bounds it.
+        peer.options.read_timeout = ms(if plan.req.stream {
+            t.idle_ms
+        } else {
+            t.total_ms
+        });
         peer.options.write_timeout = ms(t.idle_ms);
         peer.options.idle_timeout = Some(Duration::from_secs(60));
         // HTTP/1.1 only: a body injected through `request_body_filter` cannot go to an
@@ -212,7 +205,8 @@ pub(super) fn on_response_header(resp: &mut ResponseHeader, ctx: &mut Ctx) -> Re
         ctx.error = Some(ge);
         let mut e =
             Error::explain(ErrorType::HTTPStatus(status), "upstream failure status").into_up();
-        e.set_retry(has_next(ctx));
+        // The parent moves on to the next candidate; this subrequest is done.
+        e.set_retry(false);
         return Err(e);
     }
     if status != 200 {
@@ -298,7 +292,9 @@ pub(super) fn translate_body(body: &mut Option<Bytes>, end_of_stream: bool, ctx:
                 "the upstream stream ended before completion",
             );
             out.extend_from_slice(&ge.sse_event(plan.req.format));
-            plan.outcome().error = Some(ge);
+            let mut o = plan.outcome();
+            o.error = Some(ge);
+            o.error_event_sent = true;
         }
         c
     } else {
@@ -308,7 +304,8 @@ pub(super) fn translate_body(body: &mut Option<Bytes>, end_of_stream: bool, ctx:
     plan.outcome().completion = completion;
 }
 
-/// Retry on another candidate only while the client has seen nothing.
+/// Only a stale pooled connection is retried here, on the same model; moving on to
+/// another candidate is the parent's decision.
 pub(super) fn decide_retry(
     peer: &HttpPeer,
     e: Box<Error>,
@@ -316,14 +313,11 @@ pub(super) fn decide_retry(
     client_reused: bool,
 ) -> Box<Error> {
     let mut e = e.more_context(format!("peer {peer}"));
-    if ctx.header_sent {
-        e.set_retry(false);
-    } else if matches!(e.retry, RetryType::ReusedOnly) && client_reused {
-        // A pooled connection the provider had already closed: same model again.
+    if !ctx.header_sent && matches!(e.retry, RetryType::ReusedOnly) && client_reused {
         ctx.retry_same = true;
         e.set_retry(true);
-    } else if !matches!(e.etype(), ErrorType::HTTPStatus(_)) {
-        e.set_retry(has_next(ctx));
+    } else {
+        e.set_retry(false);
     }
     e
 }
@@ -370,23 +364,23 @@ pub(super) async fn fail(session: &mut Session, e: &Error, ctx: &mut Ctx) -> Fai
             can_reuse_downstream: false,
         };
     };
-    let mut ge = ctx.error.take().unwrap_or_else(|| classify(e));
-    let attempts = plan.outcome().attempts;
-    if ge.kind.fault() == crate::error::Fault::Upstream && attempts > 1 {
-        ge.message = format!("{} (after {attempts} attempts)", ge.message);
-    }
-    let format = plan.req.format;
-    if ctx.header_sent {
-        if plan.req.stream {
-            let _ = session
-                .write_response_body(Some(ge.sse_event(format)), true)
-                .await;
-        }
-    } else {
-        let _ = respond::error(session, &ge, format, &plan.request_id).await;
-    }
+    let ge = ctx.error.take().unwrap_or_else(|| classify(e));
     let code = ge.status();
-    plan.outcome().error = Some(ge);
+    // Before the header, the parent answers (or fails over); after it, the stream
+    // must end with an error event, never a silent clean end.
+    let event = {
+        let mut o = plan.outcome();
+        let event = (ctx.header_sent && plan.req.stream && !o.error_event_sent)
+            .then(|| ge.sse_event(plan.req.format));
+        o.error_event_sent |= event.is_some();
+        if o.error.is_none() {
+            o.error = Some(ge);
+        }
+        event
+    };
+    if let Some(ev) = event {
+        let _ = session.write_response_body(Some(ev), true).await;
+    }
     FailToProxy {
         error_code: code,
         can_reuse_downstream: false,

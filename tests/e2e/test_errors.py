@@ -21,7 +21,7 @@ def gw(gateway, closed_port):
     return gateway({
         "max_body_bytes": 1048576,
         "providers": {
-            "openai": {"timeouts": {"connect_ms": 1000, "first_token_ms": 500, "idle_ms": 1000, "total_ms": 5000}},
+            "openai": {"timeouts": {"connect_ms": 1000, "first_token_ms": 500, "idle_ms": 1000, "total_ms": 1500}},
             "dead": {
                 "kind": "openai_compatible",
                 "base_url": f"http://127.0.0.1:{closed_port}",
@@ -125,28 +125,20 @@ def test_upstream_connection_refused(gw, mock, stream):
 
 
 def test_upstream_timeout(gw, mock):
+    """A non-streamed answer arrives in one piece, so total_ms (1.5 s here) bounds it."""
     r, elapsed = timed(post_chat, gw, chat_body("Take your time. [[mock: fault=stall]]"))
     assert_openai_error(r, 504, "upstream_timeout")
-    assert 0.4 <= elapsed < MAX_ERROR_LATENCY_S, f"first_token_ms is 500 but the answer took {elapsed:.2f}s"
+    assert 1.4 <= elapsed < MAX_ERROR_LATENCY_S, f"total_ms is 1500 but the answer took {elapsed:.2f}s"
     assert len(mock.requests()) == 1
 
 
 def test_upstream_timeout_streaming(gw, mock):
-    """The mock sends the stream's headers, then nothing. Either the gateway answers 504
-    before anything reached the client, or the stream it started ends with an error
-    event (code upstream_timeout), never a clean end."""
+    """The mock sends the stream's headers, then nothing. The gateway holds the response
+    until the first token, so the client gets a clean 504 after first_token_ms (0.5 s),
+    not a started stream."""
     r, elapsed = timed(post_chat, gw, chat_body("Take your time. [[mock: fault=stall]]", stream=True))
-    assert 0.4 <= elapsed < MAX_ERROR_LATENCY_S, f"first_token_ms is 500 but the answer took {elapsed:.2f}s"
-    if r.status_code != 200:
-        assert_openai_error(r, 504, "upstream_timeout")
-        return
-    assert r.headers["content-type"].startswith("text/event-stream")
-    data = [ln[5:].strip() for ln in r.text.splitlines() if ln.startswith("data:")]
-    assert data and "[DONE]" not in data, f"a timed-out stream must not end cleanly: {r.text[:500]}"
-    last = json.loads(data[-1])
-    assert set(last) == {"error"}, last
-    assert set(last["error"]) == {"message", "type", "code", "param"}, last
-    assert last["error"]["code"] == "upstream_timeout", last
+    assert 0.4 <= elapsed < 1.4, f"first_token_ms is 500 but the answer took {elapsed:.2f}s"
+    assert_openai_error(r, 504, "upstream_timeout")
 
 
 @pytest.mark.parametrize("fault", ["cut", "midstream_error"])
