@@ -1,21 +1,31 @@
-//! The admin listener: health, readiness and metrics for operators.
+//! The admin listener: health, readiness, metrics and the operator API.
 //!
 //! Kept off the client listener so that it can be bound to loopback or a management
-//! network only. `/admin/*` endpoints arrive with the operations issue.
+//! network only. `/healthz`, `/readyz` and `/metrics` are open (load balancers and
+//! Prometheus scrape them); every `/admin/*` path needs the admin bearer token.
 
+use crate::config::Config;
 use crate::proxy::Gateway;
 use async_trait::async_trait;
 use http::Response;
 use pingora_core::apps::http_app::ServeHttp;
 use pingora_core::protocols::http::ServerSession;
+use serde_json::json;
+use std::path::PathBuf;
+use subtle::ConstantTimeEq;
 
 pub struct Admin {
     gateway: Gateway,
+    /// The file `POST /admin/v1/reload` (and SIGHUP) reads; none for the embedded config.
+    config_path: Option<PathBuf>,
 }
 
 impl Admin {
-    pub fn new(gateway: Gateway) -> Self {
-        Admin { gateway }
+    pub fn new(gateway: Gateway, config_path: Option<PathBuf>) -> Self {
+        Admin {
+            gateway,
+            config_path,
+        }
     }
 }
 
@@ -31,24 +41,106 @@ fn reply(status: u16, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
     r
 }
 
+fn json_reply(status: u16, v: serde_json::Value) -> Response<Vec<u8>> {
+    reply(status, "application/json", v.to_string().into_bytes())
+}
+
+fn error(status: u16, message: &str) -> Response<Vec<u8>> {
+    json_reply(
+        status,
+        json!({"error": {"message": message, "status": status}}),
+    )
+}
+
+/// Reloads the config file; an invalid file is refused and the running config stays.
+pub fn reload(gateway: &Gateway, path: Option<&PathBuf>) -> Result<usize, String> {
+    let Some(path) = path else {
+        return Err("the gateway runs on the embedded config: nothing to reload".into());
+    };
+    match Config::load(path) {
+        Ok(cfg) => {
+            for w in &cfg.warnings {
+                log::warn!("config: {w}");
+            }
+            let tenants = cfg.tenants.len();
+            gateway.set_config(std::sync::Arc::new(cfg));
+            log::info!("config reloaded from {}", path.display());
+            Ok(tenants)
+        }
+        Err(e) => {
+            log::error!("config reload refused, keeping the running config:\n{e}");
+            Err(e.to_string())
+        }
+    }
+}
+
+impl Admin {
+    fn authorized(&self, session: &ServerSession) -> bool {
+        let cfg = self.gateway.config();
+        let Some(token) = cfg.admin.token.as_deref() else {
+            return false;
+        };
+        let presented = crate::auth::presented_key(session.req_header()).unwrap_or("");
+        presented.len() == token.len() && bool::from(presented.as_bytes().ct_eq(token.as_bytes()))
+    }
+
+    fn providers(&self) -> Response<Vec<u8>> {
+        let cfg = self.gateway.config();
+        let views: std::collections::HashMap<_, _> =
+            self.gateway.breakers.views().into_iter().collect();
+        let list: Vec<_> = cfg
+            .providers
+            .iter()
+            .map(|p| {
+                let v = views.get(&p.name);
+                json!({
+                    "name": p.name,
+                    "kind": p.kind.as_str(),
+                    "region": p.region,
+                    "base_url": p.base_url.original,
+                    "circuit": v.map_or("closed", |v| v.state),
+                    "error_rate": v.map_or(0.0, |v| v.error_rate),
+                    "calls_in_window": v.map_or(0, |v| v.calls_in_window),
+                    "consecutive_failures": v.map_or(0, |v| v.consecutive_failures),
+                    "retry_after_s": v.map_or(0, |v| v.retry_after_s),
+                })
+            })
+            .collect();
+        json_reply(200, json!({ "providers": list }))
+    }
+}
+
 #[async_trait]
 impl ServeHttp for Admin {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         let path = session.req_header().uri.path().to_string();
+        let method = session.req_header().method.clone();
         match path.as_str() {
-            "/healthz" => reply(200, "text/plain", b"ok\n".to_vec()),
+            "/healthz" => return reply(200, "text/plain", b"ok\n".to_vec()),
             "/readyz" => {
                 // Serving means a valid config is loaded; it always is once we run.
                 let cfg = self.gateway.config();
                 let body = format!("ready tenants={}\n", cfg.tenants.len());
-                reply(200, "text/plain", body.into_bytes())
+                return reply(200, "text/plain", body.into_bytes());
             }
-            "/metrics" => reply(200, "text/plain; version=0.0.4", Vec::new()),
-            _ => reply(
-                404,
-                "application/json",
-                br#"{"error":"not found"}"#.to_vec(),
-            ),
+            "/metrics" => return reply(200, "text/plain; version=0.0.4", Vec::new()),
+            _ => {}
+        }
+        if !path.starts_with("/admin/") {
+            return error(404, "not found");
+        }
+        if !self.authorized(session) {
+            return error(401, "admin token required");
+        }
+        match (method.as_str(), path.as_str()) {
+            ("GET", "/admin/v1/providers") => self.providers(),
+            ("POST", "/admin/v1/reload") => {
+                match reload(&self.gateway, self.config_path.as_ref()) {
+                    Ok(tenants) => json_reply(200, json!({"reloaded": true, "tenants": tenants})),
+                    Err(e) => json_reply(400, json!({"reloaded": false, "error": e})),
+                }
+            }
+            _ => error(404, "not found"),
         }
     }
 }

@@ -10,6 +10,8 @@ use std::process::ExitCode;
 /// The address the embedded config expects the mock provider on.
 const DEMO_MOCK_ADDR: &str = "127.0.0.1:18001";
 pub const DEMO_KEY: &str = "sk-demo-key";
+/// Admin token of the demo, unless `GATEWAY_ADMIN_TOKEN` is set.
+pub const DEMO_ADMIN_TOKEN: &str = "demo-admin-token";
 
 fn set_default_env(name: &str, value: &str) {
     if std::env::var_os(name).is_none() {
@@ -22,6 +24,7 @@ fn set_default_env(name: &str, value: &str) {
 pub fn demo_yaml_for_serve() -> String {
     set_default_env("MOCK_OPENAI_KEY", "sk-mock-openai");
     set_default_env("MOCK_ANTHROPIC_KEY", "sk-mock-anthropic");
+    set_default_env("GATEWAY_ADMIN_TOKEN", DEMO_ADMIN_TOKEN);
     DEMO_YAML.to_string()
 }
 
@@ -92,7 +95,7 @@ fn print_instructions(listen: SocketAddr, admin: SocketAddr, mock: SocketAddr) {
         r#"
 llm-gateway demo
   gateway  {gw}   (tenant "demo", API key {DEMO_KEY})
-  admin    http://{admin}   (/healthz, /readyz, /metrics)
+  admin    http://{admin}   (/healthz, /readyz, /metrics; /admin/* with 'Authorization: Bearer $GATEWAY_ADMIN_TOKEN', default {DEMO_ADMIN_TOKEN})
   mock     http://{mock}   (stands in for OpenAI, Anthropic and an in-house server)
 
 Try:
@@ -106,6 +109,8 @@ Try:
   curl -sN {gw}/v1/chat/completions -H 'Authorization: Bearer {DEMO_KEY}' \
     -H 'content-type: application/json' \
     -d '{{"model":"llama-70b","stream":true,"messages":[{{"role":"user","content":"Stream to me"}}]}}'
+
+  curl -s http://{admin}/admin/v1/providers -H 'Authorization: Bearer {DEMO_ADMIN_TOKEN}'
 
   python3 -c 'from openai import OpenAI
 c = OpenAI(base_url="{gw}/v1", api_key="{DEMO_KEY}")

@@ -77,7 +77,14 @@ fn main() -> ExitCode {
                 None => Config::from_yaml_str(&demo::demo_yaml_for_serve()),
             };
             match loaded {
-                Ok(cfg) => server::run(cfg, server::RunOptions { daemon, upgrade }),
+                Ok(cfg) => server::run(
+                    cfg,
+                    server::RunOptions {
+                        daemon,
+                        upgrade,
+                        config_path: config.clone(),
+                    },
+                ),
                 Err(errors) => {
                     eprintln!("invalid configuration:\n{errors}");
                     ExitCode::from(2)

@@ -17,6 +17,8 @@ use std::sync::Arc;
 pub struct RunOptions {
     pub daemon: bool,
     pub upgrade: bool,
+    /// The file the config came from, re-read on reload; none for the embedded one.
+    pub config_path: Option<std::path::PathBuf>,
 }
 
 /// Seconds between SIGTERM and the end of in-flight streams; systemd's
@@ -43,6 +45,7 @@ fn server_conf() -> ServerConf {
 
 /// Runs the gateway until it is told to stop; never returns.
 pub fn run(config: Config, opts: RunOptions) -> ! {
+    let config_path = opts.config_path.clone();
     let config = Arc::new(config);
     for w in &config.warnings {
         log::warn!("config: {w}");
@@ -97,10 +100,17 @@ pub fn run(config: Config, opts: RunOptions) -> ! {
 
     let mut admin = Service::new(
         "llm-gateway admin".to_string(),
-        HttpServer::new_app(Admin::new(gateway)),
+        HttpServer::new_app(Admin::new(gateway.clone(), config_path.clone())),
     );
     admin.add_tcp(&config.admin.listen.to_string());
     server.add_service(admin);
+    server.add_service(background_service(
+        "config reload on SIGHUP",
+        ReloadOnHup {
+            gateway,
+            config_path,
+        },
+    ));
 
     log::info!(
         "llm-gateway serving on {:?}, admin on {}",
@@ -108,4 +118,29 @@ pub fn run(config: Config, opts: RunOptions) -> ! {
         config.admin.listen
     );
     server.run_forever()
+}
+
+/// Reloads the config file on SIGHUP (`systemctl reload`), like `POST /admin/v1/reload`.
+struct ReloadOnHup {
+    gateway: Gateway,
+    config_path: Option<std::path::PathBuf>,
+}
+
+#[async_trait::async_trait]
+impl pingora_core::services::background::BackgroundService for ReloadOnHup {
+    async fn start(&self, mut shutdown: pingora_core::server::ShutdownWatch) {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            log::error!("cannot listen for SIGHUP: reload only through the admin API");
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = hup.recv() => {
+                    let _ = crate::admin::reload(&self.gateway, self.config_path.as_ref());
+                }
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
 }

@@ -24,7 +24,15 @@ impl Gateway {
         let endpoint = Endpoint::of(session.req_header());
         ctx.endpoint = Some(endpoint);
         if let Err(ge) = self.serve(session, ctx, endpoint).await {
-            let _ = respond::error(session, &ge, endpoint.format(), &ctx.request_id).await;
+            let attempts = ctx.plan.as_ref().map(|p| p.outcome().attempts);
+            let _ = respond::error_with_attempts(
+                session,
+                &ge,
+                endpoint.format(),
+                &ctx.request_id,
+                attempts,
+            )
+            .await;
             ctx.status = ge.status();
             ctx.error = Some(ge);
         }

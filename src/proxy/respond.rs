@@ -41,9 +41,23 @@ pub(super) async fn error(
     format: ApiFormat,
     request_id: &str,
 ) -> Result<()> {
-    let mut extra = Vec::with_capacity(1);
+    error_with_attempts(session, e, format, request_id, None).await
+}
+
+/// As [`error`], also saying how many upstream attempts were made.
+pub(super) async fn error_with_attempts(
+    session: &mut Session,
+    e: &GatewayError,
+    format: ApiFormat,
+    request_id: &str,
+    attempts: Option<u8>,
+) -> Result<()> {
+    let mut extra = Vec::with_capacity(2);
     if let Some(secs) = e.retry_after {
         extra.push(("retry-after", secs.to_string()));
+    }
+    if let Some(n) = attempts {
+        extra.push(("x-gateway-attempts", n.to_string()));
     }
     json(session, e.status(), e.body(format), request_id, &extra).await
 }
