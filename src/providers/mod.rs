@@ -153,6 +153,15 @@ pub struct UpstreamRequest {
     pub strip_usage: bool,
 }
 
+/// The most output tokens `model` can produce for `req`: the client's `max_tokens`,
+/// else the model's `max_output_tokens` (which the adapters then send upstream), else
+/// the Anthropic default the adapters also use.
+pub fn output_bound(req: &ClientRequest, model: &Model) -> u64 {
+    req.max_tokens
+        .or(model.max_output_tokens.map(u64::from))
+        .unwrap_or(anthropic::DEFAULT_MAX_TOKENS)
+}
+
 /// Builds the upstream request for `model` from the client's request.
 ///
 /// Every pair of endpoint format and provider kind is served: the same format is passed

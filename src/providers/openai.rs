@@ -13,6 +13,17 @@ pub const CHAT_PATH: &str = "/v1/chat/completions";
 pub fn prepare_chat(req: &ClientRequest, model: &Model) -> Result<UpstreamRequest, GatewayError> {
     let mut body = req.body.clone();
     body.insert("model".into(), Value::String(model.upstream_model.clone()));
+    if req.max_tokens.is_none() {
+        // The budget reservation assumes this bound: make the provider keep to it.
+        if let Some(cap) = model.max_output_tokens {
+            let key = if model.provider.kind == crate::config::ProviderKind::OpenAi {
+                "max_completion_tokens"
+            } else {
+                "max_tokens"
+            };
+            body.insert(key.into(), Value::from(cap));
+        }
+    }
     let strip_usage = req.stream && !req.include_usage;
     if strip_usage {
         match body.get_mut("stream_options") {
