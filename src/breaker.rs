@@ -156,7 +156,13 @@ impl Breaker {
         let now = Instant::now();
         let (state, retry_after_s) = match s.mode {
             Mode::Closed => ("closed", 0),
-            Mode::Open { until } if until > now => ("open", (until - now).as_secs().max(1)),
+            Mode::Open { until } if until > now => {
+                let d = until - now;
+                (
+                    "open",
+                    (d.as_secs() + u64::from(d.subsec_nanos() > 0)).max(1),
+                )
+            }
             Mode::Open { .. } => ("open", 0),
             Mode::HalfOpen => ("half_open", 1),
         };

@@ -10,6 +10,7 @@ pub mod breaker;
 pub mod config;
 pub mod demo;
 pub mod error;
+pub mod limits;
 pub mod mock;
 pub mod providers;
 pub mod proxy;

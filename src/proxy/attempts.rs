@@ -45,7 +45,7 @@ impl Gateway {
                 if let Err(wait) = b.try_acquire() {
                     failures.push(format!("{}: circuit open", model.name));
                     let e = GatewayError::new(ErrorKind::UpstreamUnavailable, "circuit open")
-                        .with_retry_after(wait.as_secs().max(1));
+                        .with_retry_after(ceil_secs(wait));
                     last = Some(merge_retry_after(last, e));
                     continue;
                 }
@@ -58,6 +58,7 @@ impl Gateway {
                 o.completion = Default::default();
                 o.error = None;
                 o.error_event_sent = false;
+                o.client_error_code = None;
             }
             let end = self.attempt(session, ctx, &plan, idx).await;
             if let Some(b) = &breaker {
@@ -306,4 +307,9 @@ fn unusable(held: &[HttpTask], plan: &Plan) -> Option<GatewayError> {
         }
         _ => None,
     }
+}
+
+/// Whole seconds, rounded up: a client that waits `retry-after` must find the probe due.
+pub(crate) fn ceil_secs(d: Duration) -> u64 {
+    (d.as_secs() + u64::from(d.subsec_nanos() > 0)).max(1)
 }

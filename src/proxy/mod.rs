@@ -133,6 +133,8 @@ pub struct Outcome {
     pub error: Option<GatewayError>,
     /// An error event already went into the stream (no second one, no failover).
     pub error_event_sent: bool,
+    /// The `code` of a provider's own error answer as the client got it.
+    pub client_error_code: Option<String>,
 }
 
 impl Plan {

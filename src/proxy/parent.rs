@@ -171,6 +171,8 @@ impl Gateway {
             if row.error_code.is_empty() {
                 if let Some(e) = &o.error {
                     row.error_code = e.kind.code().to_string();
+                } else if let Some(code) = &o.client_error_code {
+                    row.error_code = code.clone();
                 }
             }
         }

@@ -237,9 +237,12 @@ pub(super) fn decorate_response(resp: &mut ResponseHeader, ctx: &mut Ctx) -> Res
     ] {
         resp.remove_header(h);
     }
-    if a.translator
-        .as_ref()
-        .is_some_and(ResponseTranslator::rewrites)
+    // A translated body (or a provider error re-rendered for the client) has another
+    // length than the upstream's.
+    if a.error_body.is_some()
+        || a.translator
+            .as_ref()
+            .is_some_and(ResponseTranslator::rewrites)
     {
         resp.remove_header("content-length");
         resp.insert_header("transfer-encoding", "chunked")?;
@@ -270,7 +273,14 @@ pub(super) fn translate_body(body: &mut Option<Bytes>, end_of_stream: bool, ctx:
             buf.extend_from_slice(b);
         }
         *body = Some(if end_of_stream {
-            providers::translate_error_body(a.model.provider.kind, plan.req.format, *status, buf)
+            let out = providers::translate_error_body(
+                a.model.provider.kind,
+                plan.req.format,
+                *status,
+                buf,
+            );
+            plan.outcome().client_error_code = Some(client_error_code(*status));
+            out
         } else {
             Bytes::new()
         });
@@ -301,7 +311,30 @@ pub(super) fn translate_body(body: &mut Option<Bytes>, end_of_stream: bool, ctx:
         t.snapshot()
     };
     *body = Some(out.freeze());
-    plan.outcome().completion = completion;
+    let mut o = plan.outcome();
+    if completion.upstream_error && o.error.is_none() {
+        // The provider's own error event went to the client, translated: record it.
+        o.error = Some(GatewayError::new(
+            ErrorKind::UpstreamUnavailable,
+            "the provider reported an error in the middle of the stream",
+        ));
+        o.error_event_sent = true;
+    }
+    o.completion = completion;
+}
+
+/// The audit `error_code` of a provider's own error answer: the contract's code for
+/// its status, the same whichever format the client's body is in (Anthropic bodies
+/// carry no code, and provider codes are not the contract's).
+fn client_error_code(status: u16) -> String {
+    let kind = match status {
+        401 => ErrorKind::InvalidApiKey,
+        403 => ErrorKind::ModelNotAllowed,
+        404 => ErrorKind::ModelNotFound,
+        413 => ErrorKind::RequestTooLarge,
+        _ => ErrorKind::InvalidRequest,
+    };
+    kind.code().to_string()
 }
 
 /// Only a stale pooled connection is retried here, on the same model; moving on to

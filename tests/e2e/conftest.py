@@ -442,3 +442,27 @@ def pytest_runtest_makereport(item, call):
                 quiet.append(f"{name}: no output during this test (full log: {path})")
         if quiet:
             rep.sections.append(("other process logs", "\n".join(quiet)))
+
+
+# --------------------------------------------------------------------------- extra mock providers
+
+
+@pytest.fixture(scope="session")
+def extra_mock(gateway_bin: Path, session_tmp: Path):
+    """Factory `extra_mock(name, *args) -> MockProvider`: another `mock-provider` process
+    with its own command-line defaults (e.g. `"--ttft-ms", "5000"` for a provider whose
+    first token is late), for faults that must hit one provider and not the others. One
+    process per `name`, shared by the session, stopped at its end."""
+    started: dict[str, MockProvider] = {}
+
+    def make(name: str, *args: str) -> MockProvider:
+        m = started.get(name)
+        if m is None:
+            m = start_mock(gateway_bin, session_tmp / f"mock-{name}.log", *args)
+            started[name] = m
+        elif m.proc.poll() is not None:
+            pytest.fail(f"mock-{name} exited ({m.proc.returncode}):\n{_tail(m.log_path)}", pytrace=False)
+        return m
+
+    yield make
+    _stop([m.proc for m in started.values()])

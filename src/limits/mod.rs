@@ -1,0 +1,1 @@
+//! Per-tenant rate limits and budgets (in progress).
