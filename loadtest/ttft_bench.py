@@ -47,7 +47,7 @@ def main():
     ap.add_argument("-n", type=int, default=300)
     a = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="ttft-bench-")
-    mock = subprocess.Popen([a.bin, "mock-provider", "--listen", "127.0.0.1:0", "--ttft-ms", "20", "--gap-ms", "1", "--tokens", "16"],
+    mock = subprocess.Popen([a.bin, "mock-provider", "--listen", "127.0.0.1:0", "--ttft-ms", os.environ.get("BENCH_TTFT_MS", "20"), "--gap-ms", "1", "--tokens", "16"],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     mport = int(mock.stdout.readline().strip().rsplit(":", 1)[1])
     gport, aport = free_port(), free_port()
