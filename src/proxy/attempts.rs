@@ -299,8 +299,14 @@ fn unusable(held: &[HttpTask], plan: &Plan) -> Option<GatewayError> {
             ErrorKind::BadUpstreamResponse,
             "the upstream answered with an unreadable response",
         )),
-        Some(200) if plan.req.stream && (o.error_event_sent || o.completion.upstream_error) => {
+        Some(200)
+            if plan.req.stream
+                && (o.error_event_sent || o.completion.upstream_error)
+                && o.completion.content_bytes == 0 =>
+        {
             // The stream failed before its first token: nothing useful was said yet.
+            // (Once tokens were generated they go to the client, with the error event:
+            // they were produced and are billed.)
             Some(o.error.clone().unwrap_or_else(|| {
                 GatewayError::new(ErrorKind::BadUpstreamResponse, "the upstream stream failed")
             }))

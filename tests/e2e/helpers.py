@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
+from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import httpx
@@ -122,3 +124,156 @@ def header_pairs(record: dict) -> list[tuple[str, str]]:
 def header_of(record: dict, name: str) -> str | None:
     vals = [v for k, v in header_pairs(record) if k == name.lower()]
     return vals[0] if vals else None
+
+
+# --------------------------------------------------------------------------- Anthropic Messages
+
+
+def new_request_id(prefix: str = "e2e") -> str:
+    """A unique `x-request-id` (the gateway processes are shared by the whole session)."""
+    return f"{prefix}-{uuid.uuid4().hex[:16]}"
+
+
+def messages_body(prompt: str = "Say hello.", model: str | None = "claude-haiku", stream: bool = False,
+                  max_tokens: int | None = 100, **extra: Any) -> dict:
+    body: dict[str, Any] = {"messages": [{"role": "user", "content": prompt}], "stream": stream}
+    if model is not None:
+        body["model"] = model
+    if max_tokens is not None:
+        body["max_tokens"] = max_tokens
+    body.update(extra)
+    return body
+
+
+def post_messages(gw, body: Any, key: str | None = ACME, headers: dict | None = None,
+                  timeout: httpx.Timeout = REQUEST_TIMEOUT) -> httpx.Response:
+    """POST /v1/messages (Anthropic format); `body` as for `post_chat`."""
+    h = {"content-type": "application/json", "anthropic-version": "2023-06-01", **auth(key), **(headers or {})}
+    content = json.dumps(body).encode() if isinstance(body, dict) else body
+    with httpx.Client(timeout=timeout) as c:
+        return c.post(f"{gw.base_url}/v1/messages", headers=h, content=content)
+
+
+def anthropic_sse(lines: Iterable[str]) -> list[tuple[str, Any]]:
+    """(event name, parsed data) of each event of an Anthropic SSE stream; data that is not
+    JSON is kept as the raw string."""
+    out: list[tuple[str, Any]] = []
+    name: str | None = None
+    data: list[str] = []
+    for line in list(lines) + [""]:
+        if line.startswith("event:"):
+            name = line[6:].strip()
+        elif line.startswith("data:"):
+            data.append(line[5:].strip())
+        elif line == "" and (name is not None or data):
+            raw = "\n".join(data)
+            try:
+                parsed: Any = json.loads(raw)
+            except ValueError:
+                parsed = raw
+            out.append((name or "", parsed))
+            name, data = None, []
+    return out
+
+
+def stream_messages(gw, body: dict, key: str | None = ACME, headers: dict | None = None,
+                    timeout: httpx.Timeout = REQUEST_TIMEOUT) -> tuple[httpx.Response, list[tuple[str, Any]]]:
+    """Streams POST /v1/messages with raw SSE; returns (response, [(event, data)])."""
+    h = {"content-type": "application/json", "anthropic-version": "2023-06-01", **auth(key), **(headers or {})}
+    with httpx.Client(timeout=timeout) as c:
+        with c.stream("POST", f"{gw.base_url}/v1/messages", headers=h, content=json.dumps(body).encode()) as r:
+            if r.status_code != 200:
+                r.read()
+                return r, []
+            events = anthropic_sse(r.iter_lines())
+    return r, events
+
+
+def text_of_anthropic_events(events: list[tuple[str, Any]]) -> str:
+    return "".join(d["delta"].get("text") or "" for n, d in events
+                   if n == "content_block_delta" and isinstance(d, dict) and d.get("delta", {}).get("type") == "text_delta")
+
+
+def assert_anthropic_error(r: httpx.Response, status: int, error_type: str | set[str] | None = None) -> dict:
+    """The response is `status` with an Anthropic error body of the contract's shape:
+    `{"type":"error","error":{"type":..., "message":...}}`."""
+    assert r.status_code == status, f"expected {status}, got {r.status_code}: {r.text[:500]}"
+    assert r.headers.get("content-type", "").startswith("application/json"), r.headers
+    body = r.json()
+    assert isinstance(body, dict) and set(body) == {"type", "error"} and body["type"] == "error", body
+    err = body["error"]
+    assert isinstance(err, dict) and set(err) == {"type", "message"}, err
+    assert isinstance(err["message"], str) and err["message"], err
+    assert isinstance(err["type"], str) and err["type"], err
+    if error_type is not None:
+        types = {error_type} if isinstance(error_type, str) else error_type
+        assert err["type"] in types, err
+    assert r.headers.get("x-request-id"), "error responses carry x-request-id too"
+    return err
+
+
+# --------------------------------------------------------------------------- audit spool
+
+
+def spool_dir(gw) -> Path:
+    """The gateway's `audit.spool_dir` (relative paths are relative to its config's dir)."""
+    d = Path(gw.config["audit"]["spool_dir"])
+    return d if d.is_absolute() else Path(gw.config_path).parent / d
+
+
+def read_audit(gw) -> list[dict]:
+    """Every audit row currently in the gateway's spool files (`audit-YYYYMMDDHH.jsonl`),
+    oldest file first; a partly written last line is skipped."""
+    rows: list[dict] = []
+    for f in sorted(spool_dir(gw).glob("audit-*.jsonl")):
+        try:
+            text = f.read_text()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                pass
+    return rows
+
+
+def audit_rows(gw, request_id: str | None = None, timeout: float = 5.0) -> list[dict]:
+    """Audit rows of the gateway's spool. With `request_id`, polls the spool until at least
+    one row with that id is there (fails after `timeout` s) and returns those rows; without,
+    returns every row present now."""
+    if request_id is None:
+        return read_audit(gw)
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = [r for r in read_audit(gw) if r.get("request_id") == request_id]
+        if rows:
+            return rows
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"no audit row with request_id {request_id!r} in {spool_dir(gw)} "
+                                 f"within {timeout}s")
+        time.sleep(0.02)
+
+
+def cost_nanousd(price: dict, tokens_in: int, tokens_out: int, cached_in: int = 0) -> int:
+    """The contract's cost formula on a model's `price` from the config (USD per million
+    tokens): integer nano-USD, rounded up. Cached input defaults to the input price."""
+    def nano_per_mtok(usd: float) -> int:
+        return round(usd * 1_000_000_000)
+
+    p_in = nano_per_mtok(price["input_per_mtok"])
+    p_out = nano_per_mtok(price["output_per_mtok"])
+    p_cached = nano_per_mtok(price.get("cached_input_per_mtok", price["input_per_mtok"]))
+    cached = min(cached_in, tokens_in)
+    total = (tokens_in - cached) * p_in + cached * p_cached + tokens_out * p_out
+    return -(-total // 1_000_000)
+
+
+def keep_circuit_closed(gw, model: str, n: int = 2) -> None:
+    """Sends `n` successful one-token requests to `model`, so the failures a test is about to
+    inject cannot add up, with earlier tests' failures, to the gateway's circuit-breaker
+    thresholds (5 consecutive failures, or >= 50% of >= 20 calls in 10 s, per provider).
+    Call it before a test that makes a provider fail, then reset the mock's request log."""
+    for _ in range(n):
+        r = post_chat(gw, chat_body("warm-up [[mock: tokens=1]]", model=model))
+        assert r.status_code == 200, f"warm-up request to {model} failed: {r.status_code} {r.text[:300]}"
