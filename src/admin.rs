@@ -134,6 +134,16 @@ impl ServeHttp for Admin {
         }
         match (method.as_str(), path.as_str()) {
             ("GET", "/admin/v1/providers") => self.providers(),
+            ("GET", p) if p.starts_with("/admin/v1/tenants/") && p.ends_with("/usage") => {
+                let id = &p["/admin/v1/tenants/".len()..p.len() - "/usage".len()];
+                match self.gateway.config().tenant(id) {
+                    Some(t) => {
+                        let view = self.gateway.limits.usage(t).await;
+                        json_reply(200, serde_json::to_value(view).unwrap_or_default())
+                    }
+                    None => error(404, "no such tenant"),
+                }
+            }
             ("POST", "/admin/v1/reload") => {
                 match reload(&self.gateway, self.config_path.as_ref()) {
                     Ok(tenants) => json_reply(200, json!({"reloaded": true, "tenants": tenants})),

@@ -19,6 +19,7 @@ use crate::audit::AuditLog;
 use crate::breaker::{Breakers, RetryBudget};
 use crate::config::{Config, Model, Tenant};
 use crate::error::{ApiFormat, GatewayError};
+use crate::limits::{Limits, RateHeaders, Ticket};
 use crate::providers::{ClientRequest, Completion, ResponseTranslator, UpstreamRequest};
 use crate::routing::Chain;
 use async_trait::async_trait;
@@ -43,6 +44,7 @@ pub struct Shared {
     audit: AuditLog,
     pub breakers: Breakers,
     retry_budget: RetryBudget,
+    pub limits: Limits,
 }
 
 impl std::ops::Deref for Gateway {
@@ -56,6 +58,7 @@ impl Gateway {
     pub fn new(config: Arc<Config>, audit: AuditLog) -> Self {
         Gateway {
             inner: Arc::new(Shared {
+                limits: Limits::new(&config.counters),
                 config: RwLock::new(config),
                 resolver: dns::Resolver::default(),
                 audit,
@@ -117,6 +120,8 @@ pub struct Plan {
     pub started: Instant,
     /// Size of the client's body, for estimating input tokens when none are reported.
     pub prompt_bytes: usize,
+    /// The tenant's limits as of admission, for the `x-ratelimit-*` headers.
+    pub rate_headers: RateHeaders,
     /// Written by the subrequest as it goes, read by the parent when the call ends
     /// (also when the client left and the subrequest was cancelled).
     pub outcome: Mutex<Outcome>,
@@ -157,6 +162,9 @@ pub struct Ctx {
     client_gone: bool,
     model_requested: String,
     stream: bool,
+    /// The admitted request's hold on its tenant's counters, settled at the end.
+    ticket: Option<Ticket>,
+    rate_headers: Option<RateHeaders>,
     request_id: String,
     endpoint: Option<Endpoint>,
     tenant: Option<Arc<Tenant>>,
@@ -317,6 +325,6 @@ impl ProxyHttp for Gateway {
             upstream::record_end(ctx);
             return;
         }
-        self.finish_parent(session, ctx);
+        self.finish_parent(session, ctx).await;
     }
 }

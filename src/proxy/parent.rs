@@ -4,7 +4,8 @@ use super::{respond, Ctx, Endpoint, Gateway, Outcome, Plan};
 use crate::audit::AuditRow;
 use crate::config::Tenant;
 use crate::error::{ErrorKind, GatewayError};
-use crate::providers::ClientRequest;
+use crate::limits::{Actual, Demand, Refusal};
+use crate::providers::{self, ClientRequest, Usage};
 use crate::{accounting, auth, routing};
 use bytes::{Bytes, BytesMut};
 use pingora_proxy::Session;
@@ -24,15 +25,15 @@ impl Gateway {
         let endpoint = Endpoint::of(session.req_header());
         ctx.endpoint = Some(endpoint);
         if let Err(ge) = self.serve(session, ctx, endpoint).await {
-            let attempts = ctx.plan.as_ref().map(|p| p.outcome().attempts);
-            let _ = respond::error_with_attempts(
-                session,
-                &ge,
-                endpoint.format(),
-                &ctx.request_id,
-                attempts,
-            )
-            .await;
+            let mut extra = Vec::with_capacity(4);
+            if let Some(plan) = &ctx.plan {
+                extra.push(("x-gateway-attempts", plan.outcome().attempts.to_string()));
+            }
+            if let Some(h) = &ctx.rate_headers {
+                respond::rate_headers(h, &mut extra);
+            }
+            let _ =
+                respond::error_with(session, &ge, endpoint.format(), &ctx.request_id, &extra).await;
             ctx.status = ge.status();
             ctx.error = Some(ge);
         }
@@ -102,6 +103,14 @@ impl Gateway {
             .get("x-gateway-fallback")
             .map(|v| v.to_str().unwrap_or("\u{0}"));
         let chain = routing::plan(&cfg, &tenant, req.model.as_deref(), override_header)?;
+        let ticket = self
+            .limits
+            .admit(&tenant, demand(&req, &chain, prompt_bytes))
+            .await
+            .map_err(|r| refusal_error(r, ctx))?;
+        ctx.rate_headers = Some(ticket.headers.clone());
+        let rate_headers = ticket.headers.clone();
+        ctx.ticket = Some(ticket);
         let plan = Arc::new(Plan {
             request_id: ctx.request_id.clone(),
             tenant,
@@ -109,6 +118,7 @@ impl Gateway {
             chain,
             started: ctx.started.unwrap_or_else(Instant::now),
             prompt_bytes,
+            rate_headers,
             outcome: Mutex::new(Outcome::default()),
         });
         ctx.plan = Some(plan.clone());
@@ -117,7 +127,7 @@ impl Gateway {
     }
 
     /// The request is over: bill it and write its audit row, once.
-    pub(super) fn finish_parent(&self, _session: &mut Session, ctx: &mut Ctx) {
+    pub(super) async fn finish_parent(&self, _session: &mut Session, ctx: &mut Ctx) {
         let Some(started) = ctx.started else {
             return;
         };
@@ -168,6 +178,17 @@ impl Gateway {
                 row.usage_estimated = bill.estimated as u8;
                 row.cost_nanousd = bill.cost_nanousd;
             }
+        }
+        if let Some(ticket) = ctx.ticket.take() {
+            let actual = Actual {
+                tokens_in: row.tokens_in.into(),
+                tokens_out: row.tokens_out.into(),
+                cost_nanousd: row.cost_nanousd,
+            };
+            self.limits.settle(ticket, actual).await;
+        }
+        if let Some(plan) = &ctx.plan {
+            let o = plan.outcome();
             if row.error_code.is_empty() {
                 if let Some(e) = &o.error {
                     row.error_code = e.kind.code().to_string();
@@ -229,6 +250,60 @@ fn models_list(tenant: &Tenant) -> Bytes {
         )
         .collect();
     Bytes::from(json!({"object": "list", "data": data}).to_string())
+}
+
+/// The most `req` can consume on any model of `chain`, reserved before forwarding.
+///
+/// Prompt tokens are bounded by half the body's bytes (a token is rarely under 2
+/// bytes, and the JSON around the text adds slack); output by the bound the adapters
+/// send upstream. The costliest candidate is reserved, so a fallback never overdraws.
+fn demand(req: &ClientRequest, chain: &routing::Chain, prompt_bytes: usize) -> Demand {
+    let prompt = prompt_bytes.div_ceil(2).min(u32::MAX as usize) as u32;
+    let mut d = Demand::default();
+    for m in &chain.models {
+        let output = providers::output_bound(req, m).min(u32::MAX as u64) as u32;
+        let usage = Usage {
+            input: prompt,
+            output,
+            ..Usage::default()
+        };
+        d.tokens = d.tokens.max(u64::from(prompt) + u64::from(output));
+        d.cost_nanousd = d
+            .cost_nanousd
+            .max(accounting::cost_nanousd(&usage, &m.price));
+    }
+    d
+}
+
+/// A refusal by the limits, as the client sees it.
+fn refusal_error(r: Refusal, ctx: &mut Ctx) -> GatewayError {
+    match r {
+        Refusal::Rate {
+            which,
+            retry_after_s,
+            headers,
+        } => {
+            ctx.rate_headers = Some(headers);
+            let what = match which {
+                "rps" => "requests per second",
+                "tpm" => "tokens per minute",
+                _ => "concurrent requests",
+            };
+            GatewayError::new(
+                ErrorKind::RateLimited,
+                format!("rate limit exceeded: {what}"),
+            )
+            .with_retry_after(retry_after_s)
+        }
+        Refusal::Budget {
+            which,
+            retry_after_s,
+        } => GatewayError::new(
+            ErrorKind::BudgetExceeded,
+            format!("{which} budget exhausted: this request could cost more than what is left"),
+        )
+        .with_retry_after(retry_after_s),
+    }
 }
 
 fn too_large(max: usize) -> GatewayError {

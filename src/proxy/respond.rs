@@ -1,6 +1,7 @@
 //! Responses the gateway writes itself: errors and small JSON documents.
 
 use crate::error::{ApiFormat, GatewayError};
+use crate::limits::RateHeaders;
 use bytes::Bytes;
 use pingora::prelude::*;
 use pingora_http::ResponseHeader;
@@ -41,23 +42,33 @@ pub(super) async fn error(
     format: ApiFormat,
     request_id: &str,
 ) -> Result<()> {
-    error_with_attempts(session, e, format, request_id, None).await
+    error_with(session, e, format, request_id, &[]).await
 }
 
-/// As [`error`], also saying how many upstream attempts were made.
-pub(super) async fn error_with_attempts(
+/// As [`error`], with extra headers.
+pub(super) async fn error_with(
     session: &mut Session,
     e: &GatewayError,
     format: ApiFormat,
     request_id: &str,
-    attempts: Option<u8>,
+    extra: &[(&'static str, String)],
 ) -> Result<()> {
-    let mut extra = Vec::with_capacity(2);
+    let mut all = extra.to_vec();
     if let Some(secs) = e.retry_after {
-        extra.push(("retry-after", secs.to_string()));
+        all.push(("retry-after", secs.to_string()));
     }
-    if let Some(n) = attempts {
-        extra.push(("x-gateway-attempts", n.to_string()));
+    json(session, e.status(), e.body(format), request_id, &all).await
+}
+
+/// The `x-ratelimit-*` headers the tenant's limits call for.
+pub(super) fn rate_headers(h: &RateHeaders, out: &mut Vec<(&'static str, String)>) {
+    if let Some(v) = h.limit_requests {
+        out.push(("x-ratelimit-limit-requests", v.to_string()));
     }
-    json(session, e.status(), e.body(format), request_id, &extra).await
+    if let Some(v) = h.remaining_requests {
+        out.push(("x-ratelimit-remaining-requests", v.to_string()));
+    }
+    if let Some(v) = h.remaining_tokens {
+        out.push(("x-ratelimit-remaining-tokens", v.to_string()));
+    }
 }

@@ -258,6 +258,11 @@ pub(super) fn decorate_response(resp: &mut ResponseHeader, ctx: &mut Ctx) -> Res
         if fell_back { "true" } else { "false" },
     )?;
     resp.insert_header("x-gateway-cache", "bypass")?;
+    let mut rate = Vec::with_capacity(3);
+    respond::rate_headers(&plan.rate_headers, &mut rate);
+    for (k, v) in rate {
+        resp.insert_header(k, v)?;
+    }
     Ok(())
 }
 
