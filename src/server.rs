@@ -21,13 +21,19 @@ pub struct RunOptions {
     pub config_path: Option<std::path::PathBuf>,
 }
 
-/// Seconds between SIGTERM and the end of in-flight streams; systemd's
-/// `TimeoutStopSec` must be longer (see `systemd/llm-gateway.service`).
+/// Seconds between SIGTERM and the end of in-flight streams (`LLM_GATEWAY_GRACE_PERIOD_S`
+/// overrides it); systemd's `TimeoutStopSec` must be longer (see
+/// `systemd/llm-gateway.service`).
 pub const GRACE_PERIOD_S: u64 = 30;
 
 fn server_conf() -> ServerConf {
     let mut conf = ServerConf {
-        grace_period_seconds: Some(GRACE_PERIOD_S),
+        grace_period_seconds: Some(
+            std::env::var("LLM_GATEWAY_GRACE_PERIOD_S")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(GRACE_PERIOD_S),
+        ),
         graceful_shutdown_timeout_seconds: Some(5),
         threads: std::thread::available_parallelism()
             .map(|n| n.get())
