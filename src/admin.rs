@@ -84,6 +84,42 @@ impl Admin {
         presented.len() == token.len() && bool::from(presented.as_bytes().ct_eq(token.as_bytes()))
     }
 
+    /// `?since=RFC3339&limit=N` over the tenant's audit rows, newest hour files last.
+    fn audit(&self, tenant: &str, query: &str) -> Response<Vec<u8>> {
+        let cfg = self.gateway.config();
+        if cfg.tenant(tenant).is_none() {
+            return error(404, "no such tenant");
+        }
+        let mut since_ms = crate::audit::time::now_ms().saturating_sub(3_600_000);
+        let mut limit = 100usize;
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            let v = v
+                .replace("%3A", ":")
+                .replace("%3a", ":")
+                .replace("%2B", "+")
+                .replace("%2b", "+");
+            match k {
+                "since" => match crate::audit::time::parse_rfc3339(&v) {
+                    Some(ms) => since_ms = ms,
+                    None => return error(400, "since must be an RFC 3339 timestamp"),
+                },
+                "limit" => match v.parse::<usize>() {
+                    Ok(n) if (1..=10_000).contains(&n) => limit = n,
+                    _ => return error(400, "limit must be between 1 and 10000"),
+                },
+                _ => {}
+            }
+        }
+        match crate::audit::spool::query(&cfg.audit.spool_dir, tenant, since_ms, limit) {
+            Ok(rows) => json_reply(
+                200,
+                json!({"tenant": tenant, "source": "spool", "rows": rows}),
+            ),
+            Err(e) => error(500, &format!("reading the audit spool: {e}")),
+        }
+    }
+
     fn providers(&self) -> Response<Vec<u8>> {
         let cfg = self.gateway.config();
         let views: std::collections::HashMap<_, _> =
@@ -134,6 +170,10 @@ impl ServeHttp for Admin {
         }
         match (method.as_str(), path.as_str()) {
             ("GET", "/admin/v1/providers") => self.providers(),
+            ("GET", p) if p.starts_with("/admin/v1/tenants/") && p.ends_with("/audit") => {
+                let id = &p["/admin/v1/tenants/".len()..p.len() - "/audit".len()];
+                self.audit(id, session.req_header().uri.query().unwrap_or(""))
+            }
             ("GET", p) if p.starts_with("/admin/v1/tenants/") && p.ends_with("/usage") => {
                 let id = &p["/admin/v1/tenants/".len()..p.len() - "/usage".len()];
                 match self.gateway.config().tenant(id) {

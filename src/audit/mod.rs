@@ -5,7 +5,7 @@
 //! them out in batches. When the queue is full the row is appended to the spool
 //! directly: slower for that one request, but nothing is dropped.
 
-mod spool;
+pub mod spool;
 pub mod time;
 
 use crate::config::AuditConf;

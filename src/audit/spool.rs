@@ -49,3 +49,40 @@ impl Spool {
         Ok(())
     }
 }
+
+/// Rows of `tenant` since `since_ms`, oldest first, at most `limit`: the audit query
+/// when the spool is the audit log (no ClickHouse). Reads only the hourly files that
+/// can hold such rows.
+pub fn query(
+    dir: &Path,
+    tenant: &str,
+    since_ms: u64,
+    limit: usize,
+) -> std::io::Result<Vec<serde_json::Value>> {
+    let first_file = format!("audit-{}.jsonl", hour_stamp(since_ms));
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                n.starts_with("audit-") && n.ends_with(".jsonl") && *n >= *first_file.as_str()
+            })
+        })
+        .collect();
+    files.sort();
+    let mut out = Vec::new();
+    for f in files {
+        let text = std::fs::read_to_string(&f)?;
+        for line in text.lines() {
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+                continue;
+            };
+            if v["tenant"] == tenant && v["ts_ms"].as_u64().is_some_and(|t| t >= since_ms) {
+                out.push(v);
+                if out.len() >= limit {
+                    return Ok(out);
+                }
+            }
+        }
+    }
+    Ok(out)
+}
