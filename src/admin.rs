@@ -120,6 +120,45 @@ impl Admin {
         }
     }
 
+    /// Gauges read at scrape time: circuits, budgets, spend velocity, audit queue.
+    async fn refresh_gauges(&self) {
+        let m = &self.gateway.metrics;
+        let cfg = self.gateway.config();
+        let views: std::collections::HashMap<_, _> =
+            self.gateway.breakers.views().into_iter().collect();
+        for p in &cfg.providers {
+            let state = match views.get(&p.name).map(|v| v.state) {
+                Some("open") => 2,
+                Some("half_open") => 1,
+                _ => 0,
+            };
+            m.circuit_state.with_label_values(&[&p.name]).set(state);
+        }
+        for t in &cfg.tenants {
+            let u = self.gateway.limits.usage(t).await;
+            if let Some(b) = u.budget_nanousd.filter(|b| *b > 0) {
+                let used = (u.spent_nanousd + u.reserved_nanousd) as u128 * 1_000_000 / b as u128;
+                m.budget_used_ppm
+                    .with_label_values(&[&t.id])
+                    .set(used.min(i64::MAX as u128) as i64);
+            }
+            m.spend_this_hour
+                .with_label_values(&[&t.id])
+                .set(u.spend_this_hour_nanousd.min(i64::MAX as u64) as i64);
+            let velocity = if u.spend_hourly_avg_nanousd == 0 {
+                0
+            } else {
+                (u.spend_this_hour_nanousd as u128 * 100 / u.spend_hourly_avg_nanousd as u128)
+                    .min(i64::MAX as u128) as i64
+            };
+            m.spend_velocity_pct
+                .with_label_values(&[&t.id])
+                .set(velocity);
+        }
+        m.audit_queue_depth
+            .set(self.gateway.audit_queue_depth() as i64);
+    }
+
     fn providers(&self) -> Response<Vec<u8>> {
         let cfg = self.gateway.config();
         let views: std::collections::HashMap<_, _> =
@@ -159,7 +198,14 @@ impl ServeHttp for Admin {
                 let body = format!("ready tenants={}\n", cfg.tenants.len());
                 return reply(200, "text/plain", body.into_bytes());
             }
-            "/metrics" => return reply(200, "text/plain; version=0.0.4", Vec::new()),
+            "/metrics" => {
+                self.refresh_gauges().await;
+                return reply(
+                    200,
+                    "text/plain; version=0.0.4",
+                    self.gateway.metrics.render(),
+                );
+            }
             _ => {}
         }
         if !path.starts_with("/admin/") {

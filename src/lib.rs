@@ -11,6 +11,7 @@ pub mod config;
 pub mod demo;
 pub mod error;
 pub mod limits;
+pub mod metrics;
 pub mod mock;
 pub mod providers;
 pub mod proxy;

@@ -77,7 +77,14 @@ pub fn run(config: Config, opts: RunOptions) -> ! {
         }
     };
     server.add_service(background_service("audit shipper", shipper));
-    let gateway = Gateway::new(config.clone(), audit);
+    let metrics = match crate::metrics::Metrics::new() {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("cannot set up metrics: {e}");
+            std::process::exit(1);
+        }
+    };
+    let gateway = Gateway::new(config.clone(), audit, metrics);
     let mut proxy = pingora_proxy::http_proxy_service_with_name(
         &server.configuration,
         gateway.clone(),

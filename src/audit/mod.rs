@@ -85,6 +85,11 @@ impl AuditLog {
         ))
     }
 
+    /// Rows waiting in memory for the writer.
+    pub fn queue_depth(&self) -> usize {
+        self.tx.max_capacity() - self.tx.capacity()
+    }
+
     /// Hands a row over without waiting; never drops it.
     pub fn emit(&self, row: AuditRow) {
         if let Err(e) = self.tx.try_send(row) {

@@ -20,6 +20,7 @@ use crate::breaker::{Breakers, RetryBudget};
 use crate::config::{Config, Model, Tenant};
 use crate::error::{ApiFormat, GatewayError};
 use crate::limits::{Limits, RateHeaders, Ticket};
+use crate::metrics::Metrics;
 use crate::providers::{ClientRequest, Completion, ResponseTranslator, UpstreamRequest};
 use crate::routing::Chain;
 use async_trait::async_trait;
@@ -45,6 +46,7 @@ pub struct Shared {
     pub breakers: Breakers,
     retry_budget: RetryBudget,
     pub limits: Limits,
+    pub metrics: Metrics,
 }
 
 impl std::ops::Deref for Gateway {
@@ -55,7 +57,7 @@ impl std::ops::Deref for Gateway {
 }
 
 impl Gateway {
-    pub fn new(config: Arc<Config>, audit: AuditLog) -> Self {
+    pub fn new(config: Arc<Config>, audit: AuditLog, metrics: Metrics) -> Self {
         Gateway {
             inner: Arc::new(Shared {
                 limits: Limits::new(&config.counters),
@@ -64,6 +66,7 @@ impl Gateway {
                 audit,
                 breakers: Breakers::default(),
                 retry_budget: RetryBudget::default(),
+                metrics,
             }),
         }
     }
@@ -74,6 +77,10 @@ impl Gateway {
             Ok(c) => c.clone(),
             Err(poisoned) => poisoned.into_inner().clone(),
         }
+    }
+
+    pub fn audit_queue_depth(&self) -> usize {
+        self.audit.queue_depth()
     }
 
     pub fn set_config(&self, cfg: Arc<Config>) {

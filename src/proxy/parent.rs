@@ -226,6 +226,7 @@ impl Gateway {
             row.tokens_out,
             row.latency_ms
         );
+        self.metrics.observe(&row);
         self.audit.emit(row);
     }
 }

@@ -1,0 +1,202 @@
+//! Prometheus metrics, served on the admin listener's `/metrics`.
+//!
+//! Label values come only from the config (tenant ids, model and provider names) or
+//! from small closed sets (status codes, reasons): never from request data, so the
+//! number of series stays bounded whatever clients send.
+
+use crate::audit::AuditRow;
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+pub struct Metrics {
+    registry: Registry,
+    requests: IntCounterVec,
+    latency: HistogramVec,
+    ttft: HistogramVec,
+    tokens: IntCounterVec,
+    cost: IntCounterVec,
+    rejections: IntCounterVec,
+    upstream_failures: IntCounterVec,
+    fallbacks: IntCounterVec,
+    pub circuit_state: IntGaugeVec,
+    pub budget_used_ppm: IntGaugeVec,
+    pub spend_velocity_pct: IntGaugeVec,
+    pub spend_this_hour: IntGaugeVec,
+    pub audit_queue_depth: IntGauge,
+}
+
+fn counter(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> prometheus::Result<IntCounterVec> {
+    let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+    r.register(Box::new(c.clone()))?;
+    Ok(c)
+}
+
+fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> prometheus::Result<IntGaugeVec> {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels)?;
+    r.register(Box::new(g.clone()))?;
+    Ok(g)
+}
+
+fn histogram(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+    buckets: Vec<f64>,
+) -> prometheus::Result<HistogramVec> {
+    let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)?;
+    r.register(Box::new(h.clone()))?;
+    Ok(h)
+}
+
+impl Metrics {
+    pub fn new() -> prometheus::Result<Metrics> {
+        let r = Registry::new_custom(Some("llmgw".into()), None)?;
+        let secs = vec![
+            0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+        ];
+        let audit_queue_depth = IntGauge::new("audit_queue_depth", "Audit rows queued in memory")?;
+        r.register(Box::new(audit_queue_depth.clone()))?;
+        Ok(Metrics {
+            requests: counter(
+                &r,
+                "requests_total",
+                "Requests by tenant, endpoint, model, provider and status",
+                &["tenant", "endpoint", "model", "provider", "status"],
+            )?,
+            latency: histogram(
+                &r,
+                "request_duration_seconds",
+                "Time to the last byte",
+                &["tenant", "endpoint"],
+                secs.clone(),
+            )?,
+            ttft: histogram(
+                &r,
+                "ttft_seconds",
+                "Time to the first content byte",
+                &["tenant", "model"],
+                secs,
+            )?,
+            tokens: counter(
+                &r,
+                "tokens_total",
+                "Tokens billed, by direction",
+                &["tenant", "model", "direction"],
+            )?,
+            cost: counter(
+                &r,
+                "cost_nanousd_total",
+                "Cost billed in nano-USD",
+                &["tenant", "model"],
+            )?,
+            rejections: counter(
+                &r,
+                "rejections_total",
+                "Requests refused by rate limits and budgets",
+                &["tenant", "reason"],
+            )?,
+            upstream_failures: counter(
+                &r,
+                "upstream_failures_total",
+                "Calls that ended in an upstream failure",
+                &["provider", "code"],
+            )?,
+            fallbacks: counter(
+                &r,
+                "fallbacks_total",
+                "Requests served by other than their first choice",
+                &["tenant", "model"],
+            )?,
+            circuit_state: gauge(
+                &r,
+                "circuit_state",
+                "Provider circuit: 0 closed, 1 half-open, 2 open",
+                &["provider"],
+            )?,
+            budget_used_ppm: gauge(
+                &r,
+                "budget_used_ppm",
+                "Monthly budget used (settled + reserved), parts per million",
+                &["tenant"],
+            )?,
+            spend_velocity_pct: gauge(
+                &r,
+                "spend_velocity_percent",
+                "This hour's spend as a percentage of the average hour of the previous 24",
+                &["tenant"],
+            )?,
+            spend_this_hour: gauge(
+                &r,
+                "spend_this_hour_nanousd",
+                "Spend in the current UTC hour",
+                &["tenant"],
+            )?,
+            audit_queue_depth,
+            registry: r,
+        })
+    }
+
+    /// Accounts for one finished request, from its audit row.
+    pub fn observe(&self, row: &AuditRow) {
+        let status = row.status.to_string();
+        self.requests
+            .with_label_values(&[
+                &row.tenant,
+                &row.endpoint,
+                &row.model,
+                &row.provider,
+                &status,
+            ])
+            .inc();
+        self.latency
+            .with_label_values(&[&row.tenant, &row.endpoint])
+            .observe(f64::from(row.latency_ms) / 1000.0);
+        if row.ttft_ms > 0 {
+            self.ttft
+                .with_label_values(&[&row.tenant, &row.model])
+                .observe(f64::from(row.ttft_ms) / 1000.0);
+        }
+        if !row.model.is_empty() {
+            self.tokens
+                .with_label_values(&[&row.tenant, &row.model, "in"])
+                .inc_by(row.tokens_in.into());
+            self.tokens
+                .with_label_values(&[&row.tenant, &row.model, "out"])
+                .inc_by(row.tokens_out.into());
+            self.cost
+                .with_label_values(&[&row.tenant, &row.model])
+                .inc_by(row.cost_nanousd);
+        }
+        match row.error_code.as_str() {
+            "rate_limited" | "budget_exceeded" => self
+                .rejections
+                .with_label_values(&[&row.tenant, &row.error_code])
+                .inc(),
+            "upstream_unavailable" | "upstream_timeout" | "bad_upstream_response" => self
+                .upstream_failures
+                .with_label_values(&[&row.provider, &row.error_code])
+                .inc(),
+            _ => {}
+        }
+        if row.fallback_used == 1 {
+            self.fallbacks
+                .with_label_values(&[&row.tenant, &row.model])
+                .inc();
+        }
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(16 << 10);
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        out
+    }
+}
