@@ -3,18 +3,14 @@
 measured in the same run: the mock provider called directly.
 
 Usage: python3 loadtest/ttft_bench.py [--bin target/release/llm-gateway] [-n 300]
+(BENCH_TTFT_MS sets the mock's time to first token, default 20.)
 Starts its own mock provider and gateway on free loopback ports and stops them.
 Reports medians and p95 and the gateway's added latency; absolute figures on a shared
 machine are noise, the difference and ratio are the result.
 """
-import argparse, hashlib, json, os, socket, statistics, subprocess, sys, tempfile, time
-import http.client
+import argparse, http.client, json, os, statistics, time
 
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from benchlib import Stack, pct, sha256
 
 
 def stream_once(port, path, headers, body):
@@ -36,9 +32,19 @@ def stream_once(port, path, headers, body):
     return (first or end) - t0, end - t0
 
 
-def pct(xs, p):
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(len(xs) * p))]
+KEY = "sk-bench"
+
+
+def config(mock_port):
+    return f"""providers:
+  p1: {{ kind: openai_compatible, base_url: "http://127.0.0.1:{mock_port}", region: r1 }}
+models:
+  m1: {{ provider: p1, price: {{ input_per_mtok: 1, output_per_mtok: 2 }}, max_output_tokens: 64 }}
+tenants:
+  t1:
+    api_keys: [ {{ id: k1, sha256: "{sha256(KEY)}" }} ]
+    models: [m1]
+"""
 
 
 def main():
@@ -46,41 +52,9 @@ def main():
     ap.add_argument("--bin", default="target/release/llm-gateway")
     ap.add_argument("-n", type=int, default=300)
     a = ap.parse_args()
-    tmp = tempfile.mkdtemp(prefix="ttft-bench-")
-    mock = subprocess.Popen([a.bin, "mock-provider", "--listen", "127.0.0.1:0", "--ttft-ms", os.environ.get("BENCH_TTFT_MS", "20"), "--gap-ms", "1", "--tokens", "16"],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    mport = int(mock.stdout.readline().strip().rsplit(":", 1)[1])
-    gport, aport = free_port(), free_port()
-    key = "sk-bench"
-    cfg = f"""
-node: {{ region: r1 }}
-listen: {{ http: 127.0.0.1:{gport} }}
-admin: {{ listen: 127.0.0.1:{aport} }}
-audit: {{ spool_dir: {tmp}/spool }}
-providers:
-  p1: {{ kind: openai_compatible, base_url: "http://127.0.0.1:{mport}", region: r1 }}
-models:
-  m1: {{ provider: p1, price: {{ input_per_mtok: 1, output_per_mtok: 2 }}, max_output_tokens: 64 }}
-tenants:
-  t1:
-    api_keys: [ {{ id: k1, sha256: "{hashlib.sha256(key.encode()).hexdigest()}" }} ]
-    models: [m1]
-"""
-    open(f"{tmp}/gw.yaml", "w").write(cfg)
-    env = dict(os.environ, RUST_LOG="error", LLM_GATEWAY_PID_FILE=f"{tmp}/pid", LLM_GATEWAY_UPGRADE_SOCK=f"{tmp}/sock")
-    gw = subprocess.Popen([a.bin, "serve", "--config", f"{tmp}/gw.yaml"], env=env, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 30
-        while True:
-            try:
-                c = http.client.HTTPConnection("127.0.0.1", aport, timeout=1); c.request("GET", "/readyz")
-                if c.getresponse().status == 200:
-                    break
-            except OSError:
-                pass
-            if time.time() > deadline:
-                sys.exit("gateway did not become ready")
-            time.sleep(0.05)
+    mock_args = ["--ttft-ms", os.environ.get("BENCH_TTFT_MS", "20"), "--gap-ms", "1", "--tokens", "16"]
+    with Stack(a.bin, mock_args, config) as st:
+        mport, gport, key = st.mock_port, st.port, KEY
         body = json.dumps({"model": "m1", "stream": True, "max_tokens": 16,
                            "messages": [{"role": "user", "content": "benchmark prompt"}]})
         targets = {
@@ -102,12 +76,6 @@ tenants:
             print(f"  {name:12s} ttft median {out[name][0]:7.3f} ms p95 {out[name][1]:7.3f} ms | total median {out[name][2]:7.3f} ms p95 {out[name][3]:7.3f} ms")
         d, g = out["mock direct"], out["via gateway"]
         print(f"  gateway adds: ttft median {g[0]-d[0]:+.3f} ms (ratio {g[0]/d[0]:.3f}), total median {g[2]-d[2]:+.3f} ms (ratio {g[2]/d[2]:.3f})")
-    finally:
-        gw.terminate(); mock.terminate()
-        try:
-            gw.wait(5)
-        except subprocess.TimeoutExpired:
-            gw.kill()
 
 
 if __name__ == "__main__":

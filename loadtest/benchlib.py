@@ -1,0 +1,63 @@
+"""Shared plumbing of the bench scripts: a private mock provider and gateway on free
+loopback ports, started and stopped by the script itself."""
+import hashlib, http.client, os, socket, subprocess, sys, tempfile, time
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pct(xs, p):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(len(xs) * p))]
+
+
+def sha256(key):
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class Stack:
+    """`with Stack(bin, mock_args, config_body) as s:` — `config_body(mock_port)` returns
+    the providers/models/tenants part of the YAML; listen/admin/audit are added here."""
+
+    def __init__(self, binary, mock_args, config_body):
+        self.binary, self.mock_args, self.config_body = binary, mock_args, config_body
+
+    def __enter__(self):
+        tmp = tempfile.mkdtemp(prefix="llmgw-bench-")
+        self.mock = subprocess.Popen([self.binary, "mock-provider", "--listen", "127.0.0.1:0", *self.mock_args],
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        self.mock_port = int(self.mock.stdout.readline().strip().rsplit(":", 1)[1])
+        self.port, self.admin_port = free_port(), free_port()
+        cfg = (f"node: {{ region: r1 }}\nlisten: {{ http: 127.0.0.1:{self.port} }}\n"
+               f"admin: {{ listen: 127.0.0.1:{self.admin_port} }}\naudit: {{ spool_dir: {tmp}/spool }}\n"
+               + self.config_body(self.mock_port))
+        with open(f"{tmp}/gw.yaml", "w") as f:
+            f.write(cfg)
+        env = dict(os.environ, RUST_LOG="error", LLM_GATEWAY_GRACE_PERIOD_S="1",
+                   LLM_GATEWAY_PID_FILE=f"{tmp}/pid", LLM_GATEWAY_UPGRADE_SOCK=f"{tmp}/sock")
+        self.gw = subprocess.Popen([self.binary, "serve", "--config", f"{tmp}/gw.yaml"], env=env,
+                                   stderr=subprocess.DEVNULL)
+        deadline = time.time() + 30
+        while True:  # readiness: the admin listener's /readyz
+            try:
+                c = http.client.HTTPConnection("127.0.0.1", self.admin_port, timeout=1)
+                c.request("GET", "/readyz")
+                if c.getresponse().status == 200:
+                    return self
+            except OSError:
+                pass
+            if time.time() > deadline or self.gw.poll() is not None:
+                self.__exit__(None, None, None)
+                sys.exit("gateway did not become ready")
+            time.sleep(0.05)
+
+    def __exit__(self, *exc):
+        self.gw.terminate()
+        self.mock.terminate()
+        try:
+            self.gw.wait(5)
+        except subprocess.TimeoutExpired:
+            self.gw.kill()
