@@ -135,26 +135,31 @@ impl Admin {
             m.circuit_state.with_label_values(&[&p.name]).set(state);
         }
         for t in &cfg.tenants {
-            let u = self.gateway.limits.usage(t).await;
-            if let Some(b) = u.budget_nanousd.filter(|b| *b > 0) {
-                let used = (u.spent_nanousd + u.reserved_nanousd) as u128 * 1_000_000 / b as u128;
-                m.budget_used_ppm
-                    .with_label_values(&[&t.id])
-                    .set(used.min(i64::MAX as u128) as i64);
+            let limits = &self.gateway.limits;
+            if let Ok(u) = limits.usage(t).await {
+                if let Some(b) = u.budget_nanousd.filter(|b| *b > 0) {
+                    let used =
+                        (u.spent_nanousd + u.reserved_nanousd) as u128 * 1_000_000 / b as u128;
+                    m.budget_used_ppm
+                        .with_label_values(&[&t.id])
+                        .set(used.min(i64::MAX as u128) as i64);
+                }
             }
+            let (this_hour, avg) = limits.velocity(t).await.unwrap_or_default();
             m.spend_this_hour
                 .with_label_values(&[&t.id])
-                .set(u.spend_this_hour_nanousd.min(i64::MAX as u64) as i64);
-            let velocity = if u.spend_hourly_avg_nanousd == 0 {
+                .set(this_hour.min(i64::MAX as u64) as i64);
+            let velocity = if avg == 0 {
                 0
             } else {
-                (u.spend_this_hour_nanousd as u128 * 100 / u.spend_hourly_avg_nanousd as u128)
-                    .min(i64::MAX as u128) as i64
+                (this_hour as u128 * 100 / avg as u128).min(i64::MAX as u128) as i64
             };
             m.spend_velocity_pct
                 .with_label_values(&[&t.id])
                 .set(velocity);
         }
+        m.limits_store_errors
+            .set(self.gateway.limits.redis_errors().min(i64::MAX as u64) as i64);
         m.audit_queue_depth
             .set(self.gateway.audit_queue_depth() as i64);
     }
@@ -223,10 +228,10 @@ impl ServeHttp for Admin {
             ("GET", p) if p.starts_with("/admin/v1/tenants/") && p.ends_with("/usage") => {
                 let id = &p["/admin/v1/tenants/".len()..p.len() - "/usage".len()];
                 match self.gateway.config().tenant(id) {
-                    Some(t) => {
-                        let view = self.gateway.limits.usage(t).await;
-                        json_reply(200, serde_json::to_value(view).unwrap_or_default())
-                    }
+                    Some(t) => match self.gateway.limits.usage(t).await {
+                        Ok(view) => json_reply(200, serde_json::to_value(view).unwrap_or_default()),
+                        Err(e) => error(503, &format!("counter store unavailable: {e}")),
+                    },
                     None => error(404, "no such tenant"),
                 }
             }

@@ -25,6 +25,8 @@ pub struct Metrics {
     pub spend_velocity_pct: IntGaugeVec,
     pub spend_this_hour: IntGaugeVec,
     pub audit_queue_depth: IntGauge,
+    /// Failed calls to the shared counter store (Redis) since start.
+    pub limits_store_errors: IntGauge,
 }
 
 fn counter(
@@ -64,6 +66,11 @@ impl Metrics {
         ];
         let audit_queue_depth = IntGauge::new("audit_queue_depth", "Audit rows queued in memory")?;
         r.register(Box::new(audit_queue_depth.clone()))?;
+        let limits_store_errors = IntGauge::new(
+            "limits_store_errors",
+            "Failed calls to the shared counter store since start",
+        )?;
+        r.register(Box::new(limits_store_errors.clone()))?;
         Ok(Metrics {
             requests: counter(
                 &r,
@@ -140,6 +147,7 @@ impl Metrics {
                 &["tenant"],
             )?,
             audit_queue_depth,
+            limits_store_errors,
             registry: r,
         })
     }

@@ -51,6 +51,7 @@ need_pkg() {
 section "prerequisites"
 command -v cargo >/dev/null 2>&1 || die "cargo not found: the Rust toolchain is required"
 need_pkg cmake cmake      # pingora-core builds zlib-ng
+need_pkg redis-server redis-server  # the shared counter store, started privately by tests/it/limits_redis.rs
 need_pkg cc gcc
 need_pkg python3 python3
 echo "cargo: $(cargo --version)"

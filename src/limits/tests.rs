@@ -1,5 +1,5 @@
 use super::*;
-use crate::config::{sha256_hex, Config};
+use crate::config::{sha256_hex, Config, Counters};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 const YAML: &str = r#"
@@ -19,6 +19,17 @@ tenants:
     api_keys: [ { id: k2, sha256: "H2" } ]
     models: [m1]
     budget: { monthly_usd: 0.000037 }
+  free:
+    api_keys: [ { id: k3, sha256: "H3" } ]
+    models: [m1]
+  huge:
+    api_keys: [ { id: k4, sha256: "H4" } ]
+    models: [m1]
+    rate: { rps: 2, concurrency: 1 }
+  rich:
+    api_keys: [ { id: k5, sha256: "H5" } ]
+    models: [m1]
+    budget: { monthly_usd: 20000000, hourly_usd: 10000000 }
 "#;
 
 /// 2026-11-22 19:00:00 UTC
@@ -28,12 +39,18 @@ fn setup() -> (Config, Arc<AtomicU64>, Limits) {
     let cfg = Config::from_yaml_str(
         &YAML
             .replace("\"H\"", &format!("\"{}\"", sha256_hex("a")))
-            .replace("\"H2\"", &format!("\"{}\"", sha256_hex("b"))),
+            .replace("\"H2\"", &format!("\"{}\"", sha256_hex("b")))
+            .replace("\"H3\"", &format!("\"{}\"", sha256_hex("c")))
+            .replace("\"H4\"", &format!("\"{}\"", sha256_hex("d")))
+            .replace("\"H5\"", &format!("\"{}\"", sha256_hex("e"))),
     )
     .unwrap();
     let now = Arc::new(AtomicU64::new(T0));
     let n = now.clone();
-    let limits = Limits::with_clock(Arc::new(move || n.load(Ordering::SeqCst)));
+    let limits = Limits::with_clock(
+        &Counters::Memory,
+        Arc::new(move || n.load(Ordering::SeqCst)),
+    );
     (cfg, now, limits)
 }
 
@@ -148,7 +165,7 @@ async fn concurrent_reservations_never_exceed_the_monthly_budget() {
         )
         .await;
     }
-    let u = l.usage(t).await;
+    let u = l.usage(t).await.unwrap();
     assert_eq!(u.spent_nanousd, 18_500);
     assert_eq!(u.reserved_nanousd, 0);
     assert_eq!(u.remaining_nanousd, Some(18_500));
@@ -206,9 +223,10 @@ async fn hourly_budget_stops_until_the_hour_rolls() {
         },
     )
     .await;
-    let u = l.usage(t).await;
-    assert_eq!(u.spend_this_hour_nanousd, 200);
+    let u = l.usage(t).await.unwrap();
     assert_eq!(u.spent_nanousd, 600);
+    // This hour 200; the 24 before it hold 400 in all.
+    assert_eq!(l.velocity(t).await, Some((200, 400 / 24)));
 }
 
 #[tokio::test]
@@ -227,7 +245,242 @@ async fn a_new_month_starts_from_zero() {
     .await;
     assert!(l.admit(t, d(1, 30_000)).await.is_err());
     now.store(T0 + (8 * 86_400 + 5 * 3600) * 1000, Ordering::SeqCst);
-    let u = l.usage(t).await;
+    let u = l.usage(t).await.unwrap();
     assert_eq!((u.month.as_str(), u.spent_nanousd), ("2026-12", 0));
     assert!(l.admit(t, d(1, 30_000)).await.is_ok());
+}
+
+fn a(tokens_in: u64, tokens_out: u64, cost: u64) -> Actual {
+    Actual {
+        tokens_in,
+        tokens_out,
+        cost_nanousd: cost,
+    }
+}
+
+#[tokio::test]
+async fn a_dropped_ticket_gives_back_its_slot_and_its_reservation() {
+    let (cfg, _now, l) = setup();
+    let t = cfg.tenant("big").unwrap();
+    let k = l.admit(t, d(10, 37_000)).await.unwrap();
+    assert!(matches!(
+        l.admit(t, d(1, 1)).await,
+        Err(Refusal::Budget {
+            which: "monthly",
+            ..
+        })
+    ));
+    assert_eq!(l.usage(t).await.unwrap().reserved_nanousd, 37_000);
+    drop(k);
+    let u = l.usage(t).await.unwrap();
+    assert_eq!((u.reserved_nanousd, u.spent_nanousd), (0, 0));
+    assert!(l.admit(t, d(10, 37_000)).await.is_ok());
+}
+
+#[tokio::test]
+async fn an_actual_cost_above_the_reservation_is_recorded_as_it_is() {
+    let (cfg, _now, l) = setup();
+    let t = cfg.tenant("big").unwrap();
+    let k = l.admit(t, d(10, 1_000)).await.unwrap();
+    l.settle(k, a(7, 9, 1_500)).await;
+    let u = l.usage(t).await.unwrap();
+    assert_eq!(
+        (
+            u.spent_nanousd,
+            u.reserved_nanousd,
+            u.tokens_in,
+            u.tokens_out
+        ),
+        (1_500, 0, 7, 9)
+    );
+    assert_eq!(u.remaining_nanousd, Some(35_500));
+    assert_eq!(u.remaining_usd.as_deref(), Some("0.000035500"));
+    assert_eq!(u.budget_usd.as_deref(), Some("0.000037000"));
+}
+
+#[tokio::test]
+async fn cache_hits_count_against_rps_only() {
+    let (cfg, now, l) = setup();
+    let t = cfg.tenant("huge").unwrap();
+    // concurrency 1 is held, yet a cache hit still passes: it holds nothing.
+    let k = l.admit(t, d(1, 1)).await.unwrap();
+    let h = l.admit_request_only(t).await.unwrap();
+    assert_eq!((h.limit_requests, h.remaining_requests), (Some(2), Some(0)));
+    assert!(matches!(
+        l.admit_request_only(t).await,
+        Err(Refusal::Rate {
+            which: "rps",
+            retry_after_s: 1,
+            ..
+        })
+    ));
+    now.fetch_add(1000, Ordering::SeqCst);
+    assert!(matches!(
+        l.admit(t, d(1, 1)).await,
+        Err(Refusal::Rate {
+            which: "concurrency",
+            ..
+        })
+    ));
+    l.settle(k, Actual::default()).await;
+    // The admission and the cache hit; refusals are not requests served.
+    assert_eq!(l.usage(t).await.unwrap().requests, 2);
+}
+
+#[tokio::test]
+async fn tpm_retry_after_runs_until_the_oldest_tokens_leave_the_window() {
+    let (cfg, now, l) = setup();
+    let t = cfg.tenant("t").unwrap();
+    let k = l.admit(t, d(600, 0)).await.unwrap();
+    l.settle(k, a(300, 300, 0)).await;
+    now.fetch_add(20_000, Ordering::SeqCst);
+    let k = l.admit(t, d(300, 0)).await.unwrap();
+    assert_eq!(k.headers.remaining_tokens, Some(100));
+    match l.admit(t, d(200, 0)).await {
+        Err(Refusal::Rate {
+            which: "tpm",
+            retry_after_s,
+            headers,
+        }) => {
+            assert_eq!(retry_after_s, 40);
+            assert_eq!(headers.remaining_tokens, Some(100));
+        }
+        other => panic!("{other:?}"),
+    }
+    now.fetch_add(40_000, Ordering::SeqCst);
+    assert!(l.admit(t, d(200, 0)).await.is_ok());
+}
+
+#[tokio::test]
+async fn a_request_straddling_the_month_end_is_billed_to_the_month_it_started_in() {
+    let (cfg, now, l) = setup();
+    let t = cfg.tenant("big").unwrap();
+    // 2026-11-30 23:59:59 UTC
+    let last_second = T0 + (8 * 86_400 + 5 * 3600 - 1) * 1000;
+    now.store(last_second, Ordering::SeqCst);
+    let k = l.admit(t, d(1, 30_000)).await.unwrap();
+    assert!(l.admit(t, d(1, 30_000)).await.is_err());
+    now.store(last_second + 2_000, Ordering::SeqCst);
+    // December starts from zero while November's request is still in flight...
+    let dec = l.usage(t).await.unwrap();
+    assert_eq!(
+        (dec.month.as_str(), dec.reserved_nanousd, dec.requests),
+        ("2026-12", 0, 0)
+    );
+    let k2 = l.admit(t, d(1, 30_000)).await.unwrap();
+    // ...and November's spend stays in November.
+    l.settle(k, a(1, 1, 25_000)).await;
+    let dec = l.usage(t).await.unwrap();
+    assert_eq!((dec.spent_nanousd, dec.reserved_nanousd), (0, 30_000));
+    l.settle(k2, a(1, 1, 1_000)).await;
+    assert_eq!(l.usage(t).await.unwrap().spent_nanousd, 1_000);
+    // Back in November (a clock that stepped back), the late settle is there.
+    now.store(last_second, Ordering::SeqCst);
+    let nov = l.usage(t).await.unwrap();
+    assert_eq!(
+        (nov.month.as_str(), nov.spent_nanousd, nov.requests),
+        ("2026-11", 25_000, 1)
+    );
+}
+
+#[tokio::test]
+async fn budgets_above_what_a_double_holds_stay_exact() {
+    let (cfg, _now, l) = setup();
+    // 10_000_000_000_000_001 nano-USD: above 2^53, and finer than the file's f64 reads.
+    let mut t = Tenant::clone(cfg.tenant("rich").unwrap());
+    t.budget.hourly_nanousd = Some(10_000_000_000_000_001);
+    let t = &t;
+    let k = l.admit(t, d(1, 10_000_000_000_000_000)).await.unwrap();
+    l.settle(k, a(0, 0, 10_000_000_000_000_000)).await;
+    let k = l.admit(t, d(1, 1)).await.unwrap();
+    l.settle(k, a(0, 0, 1)).await;
+    assert!(matches!(
+        l.admit(t, d(1, 1)).await,
+        Err(Refusal::Budget {
+            which: "hourly",
+            ..
+        })
+    ));
+    assert_eq!(l.usage(t).await.unwrap().spent_usd, "10000000.000000001");
+}
+
+#[tokio::test]
+async fn velocity_compares_this_hour_with_the_last_24() {
+    let (cfg, now, l) = setup();
+    let t = cfg.tenant("free").unwrap();
+    for _ in 0..24 {
+        let k = l.admit(t, d(1, 1_000)).await.unwrap();
+        l.settle(k, a(1, 1, 100)).await;
+        now.fetch_add(3_600_000, Ordering::SeqCst);
+    }
+    let k = l.admit(t, d(1, 1_000)).await.unwrap();
+    l.settle(k, a(1, 1, 5_000)).await;
+    assert_eq!(l.velocity(t).await, Some((5_000, 100)));
+    assert_eq!(l.redis_errors(), 0);
+}
+
+#[test]
+fn usd_is_exact() {
+    assert_eq!(usd(0), "0.000000000");
+    assert_eq!(usd(1), "0.000000001");
+    assert_eq!(usd(12_000_000_500), "12.000000500");
+    assert_eq!(usd(u64::MAX), "18446744073.709551615");
+}
+
+/// Nothing listens on port 1: every call to the store fails at once.
+fn unreachable(on_error: OnError) -> Limits {
+    let conf = Counters::Redis {
+        url: "redis://127.0.0.1:1/".to_string(),
+        on_error,
+    };
+    Limits::with_clock(&conf, Arc::new(move || T0))
+}
+
+#[tokio::test]
+async fn unreachable_redis_fail_closed_refuses_without_panicking() {
+    let (cfg, _now, _) = setup();
+    let l = unreachable(OnError::FailClosed);
+    let t = cfg.tenant("t").unwrap();
+    for _ in 0..5 {
+        assert!(matches!(
+            l.admit(t, d(1, 1)).await,
+            Err(Refusal::Unavailable(_))
+        ));
+        assert!(matches!(
+            l.admit_request_only(t).await,
+            Err(Refusal::Unavailable(_))
+        ));
+    }
+    assert!(l.usage(t).await.is_err());
+    assert_eq!(l.velocity(t).await, None);
+    assert!(l.redis_errors() >= 10);
+    // A tenant with nothing to enforce needs no round trip to be admitted.
+    let k = l.admit(cfg.tenant("free").unwrap(), d(1, 1)).await.unwrap();
+    l.settle(k, a(1, 1, 1)).await;
+}
+
+#[tokio::test]
+async fn unreachable_redis_fail_open_enforces_rps_and_concurrency_per_node() {
+    let (cfg, _now, _) = setup();
+    let l = unreachable(OnError::FailOpen);
+    let t = cfg.tenant("t").unwrap();
+    // Budgets cannot be checked (this one fits 1 request), rps 3 and concurrency 2 can.
+    let k1 = l.admit(t, d(1, 1_000)).await.unwrap();
+    let k2 = l.admit(t, d(1, 1_000)).await.unwrap();
+    assert!(matches!(
+        l.admit(t, d(1, 1_000)).await,
+        Err(Refusal::Rate {
+            which: "concurrency",
+            ..
+        })
+    ));
+    drop(k1);
+    l.settle(k2, a(1, 1, 1)).await;
+    let k3 = l.admit(t, d(1, 1_000)).await.unwrap();
+    assert!(matches!(
+        l.admit(t, d(1, 1_000)).await,
+        Err(Refusal::Rate { which: "rps", .. })
+    ));
+    drop(k3);
+    assert!(l.redis_errors() >= 3);
 }

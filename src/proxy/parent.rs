@@ -296,6 +296,11 @@ fn refusal_error(r: Refusal, ctx: &mut Ctx) -> GatewayError {
             )
             .with_retry_after(retry_after_s)
         }
+        Refusal::Unavailable(e) => GatewayError::new(
+            ErrorKind::UpstreamUnavailable,
+            format!("the shared rate-limit store is unreachable (on_error: fail_closed): {e}"),
+        )
+        .with_retry_after(1),
         Refusal::Budget {
             which,
             retry_after_s,

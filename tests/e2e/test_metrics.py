@@ -32,8 +32,12 @@ def test_counters_follow_requests_and_match_the_audit_cost(gateway):
     for rid in rids:
         r = post_chat(gw, chat_body("count me [[mock: tokens=5]]"), headers={"x-request-id": rid})
         assert r.status_code == 200, r.text
-    r = post_chat(gw, chat_body(model="no-such-model"))
+    bad = new_request_id("metrics-bad")
+    r = post_chat(gw, chat_body(model="no-such-model"), headers={"x-request-id": bad})
     assert r.status_code == 400
+    # A request is counted when it ends, just before its audit row is queued: once
+    # every row is there, every request is in the counters.
+    assert audit_rows(gw, bad)
     cost = sum(audit_rows(gw, rid)[0]["cost_nanousd"] for rid in rids)
     text = scrape(gw)
     assert value(text, "llmgw_requests_total", tenant="acme", status="200") == 3

@@ -1,0 +1,448 @@
+//! The shared counter store: every edge node's admissions go through one Redis.
+//!
+//! Each admission is one Lua script (`admit.lua`) that checks every limit and, only if
+//! all fit, reserves; Redis runs scripts one at a time, so admissions from any number
+//! of nodes can never together exceed a limit. Settling is one more script.
+//!
+//! Keys, all under `llmgw:{TENANT}:` (the braces are a cluster hash tag: one tenant's
+//! keys share a slot, which a multi-key script needs), each with a TTL:
+//!
+//! | key | type | holds | expires |
+//! |---|---|---|---|
+//! | `rps:SECOND` | string | requests admitted in that second | 2 s |
+//! | `tpm` | hash second -> tokens | the tokens window | 120 s after the last write |
+//! | `m:YYYY-MM` | hash | settled `spent`, `tokens_in`, `tokens_out`, `requests` | 7 days after the month |
+//! | `h:HOUR` | hash | settled `spent` in that UTC hour | 26 h after the hour |
+//! | `lease` | zset ticket -> deadline ms | requests in flight | 2 leases after the last write |
+//! | `tix` | hash | each ticket's `COST MONTH HOUR`, sums `rm:MONTH`, `rh:HOUR` | with `lease` |
+//!
+//! Reservations live with the tickets that hold them, not in the month hash: a
+//! crashed node's tickets stop being renewed, their lease runs out after [`LEASE`],
+//! and the next admission of that tenant on any node gives their reservation and
+//! slot back; if nothing touches the tenant, both keys simply expire together.
+
+use super::calendar::{month_label, month_start_ms, Now};
+use super::conn::Conn;
+use super::{Actual, Clock, Demand, RateHeaders, Refusal, UsageView};
+use crate::config::Tenant;
+use redis::Script;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, Mutex, MutexGuard, Weak};
+use std::time::Duration;
+
+static ADMIT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(concat!(
+        include_str!("common.lua"),
+        include_str!("admit.lua")
+    ))
+});
+static SETTLE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(concat!(
+        include_str!("common.lua"),
+        include_str!("settle.lua")
+    ))
+});
+static RENEW: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("renew.lua")));
+
+/// How long an in-flight ticket holds its reservation without being renewed. Live
+/// tickets are renewed every [`RENEW_EVERY`], so only a dead node's tickets lapse.
+pub(super) const LEASE: Duration = Duration::from_secs(60);
+const RENEW_EVERY: Duration = Duration::from_secs(15);
+/// Settles that could not reach Redis are kept and replayed, up to this many.
+const PENDING_MAX: usize = 100_000;
+const MONTH_KEEP_MS: u64 = 7 * 86_400_000;
+const HOUR_KEEP_MS: u64 = 26 * 3_600_000;
+
+/// What a ticket needs for its settle script.
+#[derive(Debug, Clone)]
+pub(super) struct RemoteHold {
+    tenant: String,
+    id: String,
+    /// Holds a lease in Redis (not for fail-open or unlimited admissions).
+    registered: bool,
+    /// The request was not counted at admission; count it when settling.
+    count_request: bool,
+    second: u64,
+    month: i64,
+    hour: u64,
+    tokens: u64,
+}
+
+/// The outcome of an admission that could not be decided by Redis.
+pub(super) enum Failure {
+    Refused(Refusal),
+    Down(String),
+}
+
+pub(super) struct Shared {
+    conn: Conn,
+    pub(super) fail_open: bool,
+    /// Prefix of this node's ticket ids: random per process.
+    node: String,
+    next_id: AtomicU64,
+    /// Tickets in flight on this node, by tenant, for lease renewal.
+    live: Mutex<HashMap<String, HashSet<String>>>,
+    pending: Mutex<VecDeque<(RemoteHold, Actual)>>,
+    worker: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    clock: Clock,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+fn key(tenant: &str, rest: &str) -> String {
+    format!("llmgw:{{{tenant}}}:{rest}")
+}
+
+/// -1 stands for "no limit" in the scripts.
+fn limit<T: ToString>(v: Option<T>) -> String {
+    v.map_or_else(|| "-1".to_string(), |v| v.to_string())
+}
+
+fn month_ttl_ms(month: i64, now: Now) -> u64 {
+    (month_start_ms(month + 1) + MONTH_KEEP_MS)
+        .saturating_sub(now.ms)
+        .max(1000)
+}
+
+fn hour_ttl_ms(hour: u64, now: Now) -> u64 {
+    ((hour + 1) * 3_600_000 + HOUR_KEEP_MS)
+        .saturating_sub(now.ms)
+        .max(1000)
+}
+
+fn header(v: i64) -> Option<i64> {
+    (v >= 0).then_some(v)
+}
+
+fn number(v: Option<String>) -> u64 {
+    v.and_then(|s| s.parse().ok()).unwrap_or(0)
+}
+
+impl Shared {
+    pub(super) fn new(url: &str, fail_open: bool, clock: Clock) -> Shared {
+        let policy = if fail_open {
+            "fail_open"
+        } else {
+            "fail_closed"
+        };
+        Shared {
+            conn: Conn::new(url, policy),
+            fail_open,
+            node: format!("{:016x}", rand::random::<u64>()),
+            next_id: AtomicU64::new(0),
+            live: Mutex::new(HashMap::new()),
+            pending: Mutex::new(VecDeque::new()),
+            worker: Mutex::new(None),
+            clock,
+        }
+    }
+
+    pub(super) fn errors(&self) -> u64 {
+        self.conn.errors()
+    }
+
+    /// A hold for a request Redis does not know about (fail-open, or a tenant with
+    /// nothing to enforce): its settle records the spend and counts the request.
+    pub(super) fn unregistered(&self, tenant: &Tenant, now: Now) -> RemoteHold {
+        RemoteHold {
+            tenant: tenant.id.clone(),
+            id: String::new(),
+            registered: false,
+            count_request: true,
+            second: now.second,
+            month: now.month,
+            hour: now.hour,
+            tokens: 0,
+        }
+    }
+
+    /// One admission script; `demand: None` counts a request against rps only.
+    pub(super) async fn admit(
+        self: &Arc<Self>,
+        tenant: &Tenant,
+        demand: Option<Demand>,
+        now: Now,
+    ) -> Result<(Option<RemoteHold>, RateHeaders), Failure> {
+        self.ensure_worker();
+        let t = &tenant.id;
+        let id = format!(
+            "{}-{}",
+            self.node,
+            self.next_id.fetch_add(1, Ordering::Relaxed)
+        );
+        let (rate, budget) = (&tenant.rate, &tenant.budget);
+        let d = demand.unwrap_or_default();
+        let month = month_label(now.month);
+        let mut inv = ADMIT.prepare_invoke();
+        inv.key(key(t, &format!("rps:{}", now.second)))
+            .key(key(t, "tpm"))
+            .key(key(t, &format!("m:{month}")))
+            .key(key(t, &format!("h:{}", now.hour)))
+            .key(key(t, "lease"))
+            .key(key(t, "tix"))
+            .arg(now.ms)
+            .arg(now.second)
+            .arg(&id)
+            .arg(limit(rate.rps))
+            .arg(limit(rate.concurrency))
+            .arg(limit(rate.tpm))
+            .arg(limit(budget.monthly_nanousd))
+            .arg(limit(budget.hourly_nanousd))
+            .arg(d.tokens)
+            .arg(d.cost_nanousd)
+            .arg(&month)
+            .arg(now.hour)
+            .arg(now.ms + LEASE.as_millis() as u64)
+            .arg(2 * LEASE.as_millis() as u64)
+            .arg(month_ttl_ms(now.month, now))
+            .arg(if demand.is_some() {
+                "reserve"
+            } else {
+                "request"
+            });
+        let (verdict, retry, requests, tokens): (String, u64, i64, i64) =
+            self.conn.invoke(&inv).await.map_err(Failure::Down)?;
+        let headers = RateHeaders {
+            limit_requests: rate.rps,
+            remaining_requests: header(requests).map(|v| v.min(i64::from(u32::MAX)) as u32),
+            remaining_tokens: header(tokens).map(|v| v as u64),
+        };
+        let which = match verdict.as_str() {
+            "ok" => {
+                let hold = demand.map(|d| {
+                    lock(&self.live)
+                        .entry(t.clone())
+                        .or_default()
+                        .insert(id.clone());
+                    RemoteHold {
+                        tenant: t.clone(),
+                        id,
+                        registered: true,
+                        count_request: false,
+                        second: now.second,
+                        month: now.month,
+                        hour: now.hour,
+                        tokens: d.tokens,
+                    }
+                });
+                return Ok((hold, headers));
+            }
+            "monthly" => {
+                return Err(Failure::Refused(Refusal::Budget {
+                    which: "monthly",
+                    retry_after_s: now.secs_to_next_month(),
+                }))
+            }
+            "hourly" => {
+                return Err(Failure::Refused(Refusal::Budget {
+                    which: "hourly",
+                    retry_after_s: now.secs_to_next_hour(),
+                }))
+            }
+            "rps" => "rps",
+            "tpm" => "tpm",
+            "concurrency" => "concurrency",
+            other => {
+                return Err(Failure::Down(
+                    self.conn.failed(format!("admit script answered {other:?}")),
+                ))
+            }
+        };
+        Err(Failure::Refused(Refusal::Rate {
+            which,
+            retry_after_s: retry.max(1),
+            headers,
+        }))
+    }
+
+    /// Settles now; if Redis cannot be reached the settle is queued and replayed.
+    pub(super) async fn settle(&self, hold: RemoteHold, actual: Actual, now: Now) {
+        self.forget(&hold);
+        if self.run_settle(&hold, actual, now).await.is_err() {
+            self.defer(hold, actual);
+        }
+    }
+
+    /// For a ticket dropped unsettled: release from a task, or later if there is no
+    /// runtime to run one on.
+    pub(super) fn release_in_background(self: &Arc<Self>, hold: RemoteHold) {
+        self.forget(&hold);
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                let me = self.clone();
+                rt.spawn(async move {
+                    let now = Now::at((me.clock)());
+                    if me.run_settle(&hold, Actual::default(), now).await.is_err() {
+                        me.defer(hold, Actual::default());
+                    }
+                });
+            }
+            Err(_) => self.defer(hold, Actual::default()),
+        }
+    }
+
+    fn forget(&self, hold: &RemoteHold) {
+        if hold.registered {
+            let mut live = lock(&self.live);
+            if let Some(ids) = live.get_mut(&hold.tenant) {
+                ids.remove(&hold.id);
+                if ids.is_empty() {
+                    live.remove(&hold.tenant);
+                }
+            }
+        }
+    }
+
+    fn defer(&self, hold: RemoteHold, actual: Actual) {
+        let mut q = lock(&self.pending);
+        if q.len() >= PENDING_MAX {
+            // Oldest first: its lease has long lapsed, only its spend is lost.
+            q.pop_front();
+        }
+        q.push_back((hold, actual));
+    }
+
+    async fn run_settle(&self, hold: &RemoteHold, actual: Actual, now: Now) -> Result<(), String> {
+        let t = &hold.tenant;
+        let mut inv = SETTLE.prepare_invoke();
+        inv.key(key(t, "tpm"))
+            .key(key(t, &format!("m:{}", month_label(hold.month))))
+            .key(key(t, &format!("h:{}", hold.hour)))
+            .key(key(t, "lease"))
+            .key(key(t, "tix"))
+            .arg(now.second)
+            .arg(if hold.registered {
+                hold.id.as_str()
+            } else {
+                "-"
+            })
+            .arg(hold.second)
+            .arg(hold.tokens)
+            .arg(actual.tokens_in)
+            .arg(actual.tokens_out)
+            .arg(actual.cost_nanousd)
+            .arg(month_ttl_ms(hold.month, now))
+            .arg(hour_ttl_ms(hold.hour, now))
+            .arg(u8::from(hold.count_request));
+        self.conn.invoke::<i64>(&inv).await.map(|_| ())
+    }
+
+    pub(super) async fn usage(&self, tenant: &Tenant, now: Now) -> Result<UsageView, String> {
+        let t = &tenant.id;
+        let month = month_label(now.month);
+        let mut pipe = redis::pipe();
+        pipe.cmd("HMGET")
+            .arg(key(t, &format!("m:{month}")))
+            .arg(&["spent", "tokens_in", "tokens_out", "requests"])
+            .cmd("HGET")
+            .arg(key(t, "tix"))
+            .arg(format!("rm:{month}"));
+        let (m, reserved): (Vec<Option<String>>, Option<String>) = self.conn.query(&pipe).await?;
+        let mut m = m.into_iter().map(number);
+        let mut next = || m.next().unwrap_or(0);
+        let (spent, tokens_in, tokens_out, requests) = (next(), next(), next(), next());
+        Ok(super::memory::view(
+            tenant,
+            now.month,
+            spent,
+            number(reserved),
+            tokens_in,
+            tokens_out,
+            requests,
+        ))
+    }
+
+    pub(super) async fn velocity(&self, tenant: &Tenant, now: Now) -> Result<(u64, u64), String> {
+        let mut pipe = redis::pipe();
+        for k in 0..=24u64 {
+            pipe.cmd("HGET")
+                .arg(key(
+                    &tenant.id,
+                    &format!("h:{}", now.hour.saturating_sub(k)),
+                ))
+                .arg("spent");
+        }
+        let spent: Vec<Option<String>> = self.conn.query(&pipe).await?;
+        let mut spent = spent.into_iter().map(number);
+        let this_hour = spent.next().unwrap_or(0);
+        Ok((this_hour, spent.sum::<u64>() / 24))
+    }
+
+    /// Starts (or restarts, if its runtime went away) the task that renews leases and
+    /// replays deferred settles. It holds only a weak reference: it ends with the
+    /// store.
+    fn ensure_worker(self: &Arc<Self>) {
+        let Ok(mut w) = self.worker.try_lock() else {
+            return;
+        };
+        if w.as_ref().is_some_and(|h| !h.is_finished()) {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let me = Arc::downgrade(self);
+        *w = Some(rt.spawn(worker(me)));
+    }
+
+    async fn renew(&self) {
+        let snapshot: Vec<(String, Vec<String>)> = lock(&self.live)
+            .iter()
+            .map(|(t, ids)| (t.clone(), ids.iter().cloned().collect()))
+            .collect();
+        let now = (self.clock)();
+        for (tenant, ids) in snapshot {
+            for chunk in ids.chunks(500) {
+                let mut inv = RENEW.prepare_invoke();
+                inv.key(key(&tenant, "lease"))
+                    .key(key(&tenant, "tix"))
+                    .arg(now + LEASE.as_millis() as u64)
+                    .arg(2 * LEASE.as_millis() as u64);
+                for id in chunk {
+                    inv.arg(id);
+                }
+                if self.conn.invoke::<i64>(&inv).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn replay(&self) {
+        for _ in 0..1000 {
+            let Some((hold, actual)) = lock(&self.pending).pop_front() else {
+                return;
+            };
+            if self
+                .run_settle(&hold, actual, Now::at((self.clock)()))
+                .await
+                .is_err()
+            {
+                lock(&self.pending).push_front((hold, actual));
+                return;
+            }
+        }
+    }
+}
+
+async fn worker(me: Weak<Shared>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let every = RENEW_EVERY.as_secs().max(1);
+    let mut n: u64 = 0;
+    loop {
+        tick.tick().await;
+        n += 1;
+        let Some(s) = me.upgrade() else { return };
+        if n.is_multiple_of(every) {
+            s.renew().await;
+        }
+        s.replay().await;
+    }
+}

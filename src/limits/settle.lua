@@ -1,0 +1,49 @@
+-- Settles (or, with zero actuals, releases) one ticket: gives back its reservation
+-- and concurrency slot if it still holds them, trades its reserved tokens in the
+-- tokens window for the actual ones, and records the actual spend, tokens and
+-- (for requests not counted at admission) the request, in the month and hour the
+-- ticket was admitted in. Safe to run for a ticket Redis never saw or already
+-- reclaimed: then only the spend is recorded.
+--
+-- KEYS: 1 tpm hash, 2 month hash, 3 hour hash, 4 lease zset, 5 tickets hash.
+-- ARGV: 1 now second, 2 ticket id, 3 admission second, 4 reserved tokens,
+--       5 tokens in, 6 tokens out, 7 cost, 8 month key ttl ms, 9 hour key ttl ms,
+--       10 count the request (1 | 0).
+
+local K_TPM, K_MONTH, K_HOUR, K_LEASE, K_TIX = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local now_s, admitted = tonumber(ARGV[1]), tonumber(ARGV[3])
+local reserved = tonumber(ARGV[4])
+local actual = tonumber(ARGV[5]) + tonumber(ARGV[6])
+local cost = ARGV[7]
+
+local held = release(K_TIX, K_LEASE, ARGV[2])
+
+if now_s - admitted < 60 and (reserved > 0 or actual > 0) then
+  local cur = tonumber(redis.call('HGET', K_TPM, ARGV[3]) or '0')
+  local v = math.max(0, cur - reserved + actual)
+  if v > 0 then
+    redis.call('HSET', K_TPM, ARGV[3], string.format('%d', v))
+    redis.call('PEXPIRE', K_TPM, 120000)
+  else
+    redis.call('HDEL', K_TPM, ARGV[3])
+  end
+end
+
+if cost ~= '0' then
+  redis.call('HINCRBY', K_MONTH, 'spent', cost)
+  redis.call('HINCRBY', K_HOUR, 'spent', cost)
+  redis.call('PEXPIRE', K_HOUR, ARGV[9])
+end
+if ARGV[5] ~= '0' then
+  redis.call('HINCRBY', K_MONTH, 'tokens_in', ARGV[5])
+end
+if ARGV[6] ~= '0' then
+  redis.call('HINCRBY', K_MONTH, 'tokens_out', ARGV[6])
+end
+if ARGV[10] == '1' then
+  redis.call('HINCRBY', K_MONTH, 'requests', 1)
+end
+if redis.call('EXISTS', K_MONTH) == 1 then
+  redis.call('PEXPIRE', K_MONTH, ARGV[8])
+end
+return held and 1 or 0

@@ -1,0 +1,516 @@
+//! The shared (Redis) counter store against a real `redis-server`: two `Limits` on one
+//! Redis stand for two edge nodes.
+//!
+//! Each test starts its own private `redis-server` on a free loopback port, with no
+//! persistence, in a temporary directory. `redis-server` must be on PATH (Debian:
+//! `apt-get install -y redis-server`; CI installs it): without it these tests fail,
+//! they do not skip.
+
+use crate::Proc;
+use llm_gateway::config::{sha256_hex, Config, Counters, OnError, Tenant};
+use llm_gateway::limits::{Actual, Demand, Limits, Refusal, Ticket};
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// A private redis-server, killed and its directory removed at the end.
+struct Redis {
+    proc: Option<Proc>,
+    port: u16,
+    dir: PathBuf,
+}
+
+impl Redis {
+    fn start() -> Redis {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let dir = std::env::temp_dir().join(format!("llmgw-redis-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("redis temp dir");
+        let mut r = Redis {
+            proc: None,
+            port,
+            dir,
+        };
+        r.spawn();
+        r
+    }
+
+    /// Starts (or restarts, on the same port) the server and waits for PING.
+    fn spawn(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start redis-server ({e}): these tests need it on PATH \
+                     (Debian: apt-get install -y redis-server; CI installs it)"
+                )
+            });
+        self.proc = Some(Proc(child));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.pings() {
+            assert!(
+                Instant::now() < deadline,
+                "redis-server on port {} did not answer PING within 10 s",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn pings(&self) -> bool {
+        let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) else {
+            return false;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+        let mut buf = [0u8; 7];
+        s.write_all(b"PING\r\n").is_ok() && s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
+    }
+
+    fn kill(&mut self) {
+        self.proc = None;
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    fn counters(&self, on_error: OnError) -> Counters {
+        Counters::Redis {
+            url: self.url(),
+            on_error,
+        }
+    }
+
+    async fn conn(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url())
+            .expect("redis url")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect to test redis")
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+const TENANTS: &str = r#"
+node: { region: r1 }
+listen: { http: 127.0.0.1:18080 }
+providers:
+  p1: { kind: openai_compatible, base_url: "http://127.0.0.1:9", region: r1 }
+models:
+  m1: { provider: p1, price: { input_per_mtok: 1, output_per_mtok: 2 } }
+tenants:
+  budget37:
+    api_keys: [ { id: k1, sha256: "H1" } ]
+    models: [m1]
+    budget: { monthly_usd: 0.000037 }
+  rps50:
+    api_keys: [ { id: k2, sha256: "H2" } ]
+    models: [m1]
+    rate: { rps: 50 }
+  conc10:
+    api_keys: [ { id: k3, sha256: "H3" } ]
+    models: [m1]
+    rate: { rps: 100000, tpm: 1000000, concurrency: 10 }
+    budget: { monthly_usd: 1000, hourly_usd: 100 }
+"#;
+
+fn tenants() -> Config {
+    let mut yaml = TENANTS.to_string();
+    for (i, key) in ["a", "b", "c"].iter().enumerate() {
+        yaml = yaml.replace(
+            &format!("\"H{}\"", i + 1),
+            &format!("\"{}\"", sha256_hex(key)),
+        );
+    }
+    Config::from_yaml_str(&yaml).expect("test config")
+}
+
+fn tenant(cfg: &Config, id: &str) -> Arc<Tenant> {
+    cfg.tenant(id).expect("tenant").clone()
+}
+
+/// A clock shared by both nodes, starting now; tests move it by hand.
+fn clock() -> (Arc<AtomicU64>, llm_gateway::limits::Clock) {
+    let now = Arc::new(AtomicU64::new(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock after 1970")
+            .as_millis() as u64,
+    ));
+    let n = now.clone();
+    (now, Arc::new(move || n.load(Ordering::SeqCst)))
+}
+
+fn two_nodes(redis: &Redis, on_error: OnError) -> (Arc<AtomicU64>, Limits, Limits) {
+    let (now, clock) = clock();
+    let conf = redis.counters(on_error);
+    (
+        now,
+        Limits::with_clock(&conf, clock.clone()),
+        Limits::with_clock(&conf, clock),
+    )
+}
+
+fn demand(tokens: u64, cost: u64) -> Demand {
+    Demand {
+        tokens,
+        cost_nanousd: cost,
+    }
+}
+
+/// `n` concurrent admissions spread over both nodes; the admitted tickets.
+async fn race(a: &Limits, b: &Limits, t: &Arc<Tenant>, n: usize, d: Demand) -> Vec<Ticket> {
+    let tasks: Vec<_> = (0..n)
+        .map(|i| {
+            let node = if i % 2 == 0 { a.clone() } else { b.clone() };
+            let t = t.clone();
+            tokio::spawn(async move { node.admit(&t, d).await })
+        })
+        .collect();
+    let mut admitted = Vec::new();
+    for task in tasks {
+        match task.await.expect("admit task") {
+            Ok(k) => admitted.push(k),
+            Err(Refusal::Unavailable(e)) => panic!("redis unavailable: {e}"),
+            Err(_) => {}
+        }
+    }
+    admitted
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_nodes_never_together_exceed_one_monthly_budget() {
+    let redis = Redis::start();
+    let (_now, a, b) = two_nodes(&redis, OnError::FailClosed);
+    let cfg = tenants();
+    let t = tenant(&cfg, "budget37");
+    // Budget 37_000 nano-USD, each request may cost up to 1_000: exactly 37 fit.
+    let held = race(&a, &b, &t, 200, demand(10, 1_000)).await;
+    assert_eq!(held.len(), 37);
+    match a.admit(&t, demand(1, 1)).await {
+        Err(Refusal::Budget {
+            which: "monthly",
+            retry_after_s,
+        }) => assert!(retry_after_s > 0 && retry_after_s <= 31 * 86_400),
+        other => panic!("{other:?}"),
+    }
+    let u = b.usage(&t).await.expect("usage");
+    assert_eq!(
+        (u.reserved_nanousd, u.spent_nanousd, u.requests),
+        (37_000, 0, 37)
+    );
+    // Settling at half the reservation frees room for 18 more, on either node.
+    for k in held {
+        a.settle(
+            k,
+            Actual {
+                tokens_in: 5,
+                tokens_out: 5,
+                cost_nanousd: 500,
+            },
+        )
+        .await;
+    }
+    let u = a.usage(&t).await.expect("usage");
+    assert_eq!(
+        (
+            u.spent_nanousd,
+            u.reserved_nanousd,
+            u.tokens_in,
+            u.tokens_out
+        ),
+        (18_500, 0, 185, 185)
+    );
+    assert_eq!(u.spent_usd, "0.000018500");
+    assert_eq!(u.remaining_nanousd, Some(18_500));
+    let more = race(&a, &b, &t, 100, demand(1, 1_000)).await;
+    assert_eq!(more.len(), 18);
+    assert_eq!(a.redis_errors() + b.redis_errors(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_nodes_enforce_one_rps_and_one_concurrency_limit() {
+    let redis = Redis::start();
+    let (now, a, b) = two_nodes(&redis, OnError::FailClosed);
+    let cfg = tenants();
+    // The clock stands still: all 200 fall in one second.
+    let t = tenant(&cfg, "rps50");
+    let admitted = race(&a, &b, &t, 200, demand(1, 0)).await;
+    assert_eq!(admitted.len(), 50);
+    assert_eq!(admitted[0].headers.limit_requests, Some(50));
+    match a.admit_request_only(&t).await {
+        Err(Refusal::Rate {
+            which: "rps",
+            retry_after_s: 1,
+            headers,
+        }) => {
+            assert_eq!(headers.remaining_requests, Some(0))
+        }
+        other => panic!("{other:?}"),
+    }
+    drop(admitted);
+    now.fetch_add(1000, Ordering::SeqCst);
+    let h = b.admit_request_only(&t).await.expect("a new second");
+    assert_eq!(h.remaining_requests, Some(49));
+
+    let t = tenant(&cfg, "conc10");
+    let mut held = race(&a, &b, &t, 200, demand(100, 1_000)).await;
+    assert_eq!(held.len(), 10);
+    assert_eq!(
+        held[0]
+            .headers
+            .remaining_tokens
+            .map(|r| r <= 1_000_000 - 100),
+        Some(true)
+    );
+    assert!(matches!(
+        a.admit(&t, demand(1, 1)).await,
+        Err(Refusal::Rate {
+            which: "concurrency",
+            ..
+        })
+    ));
+    // Ending a request on one node frees its slot for the other.
+    let k = held.pop().expect("a ticket");
+    a.settle(
+        k,
+        Actual {
+            tokens_in: 1,
+            tokens_out: 1,
+            cost_nanousd: 1,
+        },
+    )
+    .await;
+    let k = b.admit(&t, demand(1, 1)).await.expect("the freed slot");
+    held.push(k);
+    assert!(b.admit(&t, demand(1, 1)).await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn money_beyond_double_precision_is_exact() {
+    let redis = Redis::start();
+    let (_now, a, b) = two_nodes(&redis, OnError::FailClosed);
+    let cfg = tenants();
+    // 10^16 + 1 nano-USD: a double cannot tell it from 10^16.
+    let mut t = Tenant::clone(&tenant(&cfg, "budget37"));
+    t.budget.monthly_nanousd = Some(10_000_000_000_000_001);
+    let t = Arc::new(t);
+    let k = a
+        .admit(&t, demand(1, 10_000_000_000_000_000))
+        .await
+        .expect("fits");
+    a.settle(
+        k,
+        Actual {
+            tokens_in: 1,
+            tokens_out: 1,
+            cost_nanousd: 10_000_000_000_000_000,
+        },
+    )
+    .await;
+    let k = b
+        .admit(&t, demand(1, 1))
+        .await
+        .expect("the last nano-dollar fits");
+    assert!(matches!(
+        a.admit(&t, demand(1, 1)).await,
+        Err(Refusal::Budget {
+            which: "monthly",
+            ..
+        })
+    ));
+    b.settle(
+        k,
+        Actual {
+            tokens_in: 1,
+            tokens_out: 1,
+            cost_nanousd: 1,
+        },
+    )
+    .await;
+    let u = a.usage(&t).await.expect("usage");
+    assert_eq!(u.spent_nanousd, 10_000_000_000_000_001);
+    assert_eq!(u.spent_usd, "10000000.000000001");
+    assert_eq!(u.remaining_nanousd, Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_key_expires_and_dropped_or_lost_tickets_are_given_back() {
+    let redis = Redis::start();
+    let (now, a, b) = two_nodes(&redis, OnError::FailClosed);
+    let cfg = tenants();
+    let t = tenant(&cfg, "conc10");
+    let k = a.admit(&t, demand(100, 1_000)).await.expect("admit");
+    a.settle(
+        k,
+        Actual {
+            tokens_in: 10,
+            tokens_out: 20,
+            cost_nanousd: 700,
+        },
+    )
+    .await;
+    assert_eq!(a.velocity(&t).await, Some((700, 0)));
+    // A dropped ticket (a cancelled request) is released from a background task.
+    let k = a.admit(&t, demand(100, 5_000)).await.expect("admit");
+    let crashed = b.admit(&t, demand(100, 3_000)).await.expect("admit");
+    assert_eq!(a.usage(&t).await.expect("usage").reserved_nanousd, 8_000);
+    drop(k);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while a.usage(&t).await.expect("usage").reserved_nanousd != 3_000 {
+        assert!(
+            Instant::now() < deadline,
+            "the dropped ticket was not released"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let mut c = redis.conn().await;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("llmgw:*")
+        .query_async(&mut c)
+        .await
+        .expect("KEYS");
+    assert!(keys.len() >= 5, "{keys:?}");
+    for key in &keys {
+        assert!(
+            key.starts_with("llmgw:{conc10}:"),
+            "{key} is not in the tenant's slot"
+        );
+        let ttl: i64 = redis::cmd("PTTL")
+            .arg(key)
+            .query_async(&mut c)
+            .await
+            .expect("PTTL");
+        // -2: gone already (a one-second rps key); -1 would be a key that never expires.
+        assert!(ttl > 0 || ttl == -2, "{key} has no TTL ({ttl})");
+        // Month keys live longest: the month plus a week.
+        assert!(ttl <= 38 * 86_400_000, "{key}: {ttl} ms");
+    }
+
+    // Node b "crashes": its ticket is never settled nor renewed. Once the lease has
+    // run out, the next admission on any node gives its reservation and slot back.
+    std::mem::forget(crashed);
+    now.fetch_add(61_000, Ordering::SeqCst);
+    let k = a.admit(&t, demand(1, 1)).await.expect("admit");
+    let u = a.usage(&t).await.expect("usage");
+    assert_eq!((u.reserved_nanousd, u.spent_nanousd), (1, 700));
+    a.settle(k, Actual::default()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_down_follows_on_error_and_recovers_without_a_restart() {
+    let mut redis = Redis::start();
+    let (_now, clock) = clock();
+    let open = Limits::with_clock(&redis.counters(OnError::FailOpen), clock.clone());
+    let closed = Limits::with_clock(&redis.counters(OnError::FailClosed), clock);
+    let cfg = tenants();
+    let t = tenant(&cfg, "conc10");
+    let held = open.admit(&t, demand(10, 100)).await.expect("admit");
+    let k = closed.admit(&t, demand(10, 100)).await.expect("admit");
+    closed.settle(k, Actual::default()).await;
+
+    redis.kill();
+    for _ in 0..20 {
+        let started = Instant::now();
+        match closed.admit(&t, demand(10, 100)).await {
+            Err(Refusal::Unavailable(_)) => {}
+            other => panic!("fail_closed with redis down: {other:?}"),
+        }
+        let k = open
+            .admit(&t, demand(10, 100))
+            .await
+            .expect("fail_open admits");
+        open.settle(
+            k,
+            Actual {
+                tokens_in: 1,
+                tokens_out: 1,
+                cost_nanousd: 50,
+            },
+        )
+        .await;
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "a dead redis stalled a request"
+        );
+    }
+    // The request admitted before the outage ends during it.
+    open.settle(
+        held,
+        Actual {
+            tokens_in: 1,
+            tokens_out: 1,
+            cost_nanousd: 70,
+        },
+    )
+    .await;
+    assert!(closed.usage(&t).await.is_err());
+    assert_eq!(closed.velocity(&t).await, None);
+    // fail_open still holds each node to the tenant's concurrency on its own.
+    let ten: Vec<Ticket> = {
+        let mut v = Vec::new();
+        while let Ok(k) = open.admit(&t, demand(1, 1)).await {
+            v.push(k);
+        }
+        v
+    };
+    assert_eq!(ten.len(), 10);
+    drop(ten);
+    assert!(open.redis_errors() > 0 && closed.redis_errors() > 0);
+
+    // Back on the same port (empty: no persistence): both recover on their own.
+    redis.spawn();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let k = loop {
+        match closed.admit(&t, demand(10, 100)).await {
+            Ok(k) => break k,
+            Err(Refusal::Unavailable(_)) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            other => panic!("no recovery after redis came back: {other:?}"),
+        }
+    };
+    closed
+        .settle(
+            k,
+            Actual {
+                tokens_in: 1,
+                tokens_out: 1,
+                cost_nanousd: 5,
+            },
+        )
+        .await;
+    // The spend settled during the outage was kept and is replayed once Redis is back:
+    // 20 x 50 + 70 from the fail_open node, 5 from the other.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let spent = closed.usage(&t).await.map(|u| u.spent_nanousd);
+        if spent == Ok(1_075) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "outage spend not replayed: {spent:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
