@@ -27,7 +27,9 @@ def value(text: str, name: str, **labels) -> float:
 
 
 def test_counters_follow_requests_and_match_the_audit_cost(gateway):
-    gw = gateway()
+    # A gateway of its own (distinct overrides), so that only this test's traffic counts.
+    gw = gateway({"node": {"region": "us-east-1"}, "tenants": {"metrics-only": {
+        "api_keys": [{"id": "m", "sha256": "0" * 64}], "models": ["gpt-4o-mini"]}}})
     rids = [new_request_id("metrics") for _ in range(3)]
     for rid in rids:
         r = post_chat(gw, chat_body("count me [[mock: tokens=5]]"), headers={"x-request-id": rid})
