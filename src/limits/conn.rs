@@ -11,6 +11,12 @@
 //!   second, without a restart. Scripts are re-sent by `EVALSHA`'s `NOSCRIPT` fallback.
 //! - Failures are counted for the metrics and logged at most once per
 //!   [`LOG_EVERY`], never per request; the first success after a failure is logged.
+//!
+//! Why not `redis::aio::ConnectionManager` (the `connection-manager` feature): while
+//! it reconnects, every call awaits its shared reconnect future and its retries, so
+//! with Redis down each request would spend its whole timeout waiting; here calls
+//! during the back-off fail at once and `on_error` decides without delay. The
+//! wrapper is a plain `MultiplexedConnection` plus the state above.
 
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, ErrorKind, FromRedisValue, RedisError};
@@ -23,6 +29,14 @@ pub(super) const OP_TIMEOUT: Duration = Duration::from_millis(200);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
 const LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// A failed call: why, and whether Redis may have run it all the same (the command
+/// was sent, then the reply was lost or late), so that its effects may need undoing.
+#[derive(Debug)]
+pub(super) struct CallError {
+    pub msg: String,
+    pub maybe_applied: bool,
+}
 
 #[derive(Default)]
 struct State {
@@ -143,8 +157,11 @@ impl Conn {
     pub(super) async fn invoke<T: FromRedisValue>(
         &self,
         inv: &redis::ScriptInvocation<'_>,
-    ) -> Result<T, String> {
-        let (generation, mut c) = self.get().await.map_err(|e| self.failed(e))?;
+    ) -> Result<T, CallError> {
+        let (generation, mut c) = self.get().await.map_err(|e| CallError {
+            msg: self.failed(e),
+            maybe_applied: false,
+        })?;
         let r = tokio::time::timeout(OP_TIMEOUT, inv.invoke_async(&mut c)).await;
         self.outcome(generation, r)
     }
@@ -156,14 +173,14 @@ impl Conn {
     ) -> Result<T, String> {
         let (generation, mut c) = self.get().await.map_err(|e| self.failed(e))?;
         let r = tokio::time::timeout(OP_TIMEOUT, pipe.query_async(&mut c)).await;
-        self.outcome(generation, r)
+        self.outcome(generation, r).map_err(|e| e.msg)
     }
 
     fn outcome<T>(
         &self,
         generation: u64,
         r: Result<Result<T, RedisError>, tokio::time::error::Elapsed>,
-    ) -> Result<T, String> {
+    ) -> Result<T, CallError> {
         match r {
             Ok(Ok(v)) => {
                 if self.down.swap(false, Ordering::Relaxed) {
@@ -176,18 +193,26 @@ impl Conn {
             }
             Ok(Err(e)) => {
                 // A reply from the server (a script error) says the connection works;
-                // anything else may have left it broken.
-                if !matches!(
-                    e.kind(),
-                    ErrorKind::Server(_) | ErrorKind::UnexpectedReturnType
-                ) {
+                // anything else may have left it broken, possibly after Redis ran the
+                // command. The scripts check everything before their first write, so
+                // an error reply means nothing was applied.
+                let kind = e.kind();
+                let replied =
+                    matches!(kind, ErrorKind::Server(_) | ErrorKind::UnexpectedReturnType);
+                if !replied {
                     self.drop_conn(generation);
                 }
-                Err(self.failed(e.to_string()))
+                Err(CallError {
+                    msg: self.failed(e.to_string()),
+                    maybe_applied: !matches!(kind, ErrorKind::Server(_)),
+                })
             }
             Err(_) => {
                 self.drop_conn(generation);
-                Err(self.failed(format!("no reply within {} ms", OP_TIMEOUT.as_millis())))
+                Err(CallError {
+                    msg: self.failed(format!("no reply within {} ms", OP_TIMEOUT.as_millis())),
+                    maybe_applied: true,
+                })
             }
         }
     }

@@ -330,14 +330,19 @@ impl Store {
 
     pub(super) fn usage(&self, tenant: &Tenant, now: Now) -> UsageView {
         let m = self.with(&tenant.id, |s| s.month(now.month));
+        let (this_hour, hourly_avg) = self.velocity(&tenant.id, now);
         view(
             tenant,
-            now.month,
-            m.spent,
-            m.reserved,
-            m.tokens_in,
-            m.tokens_out,
-            m.requests,
+            Figures {
+                month: now.month,
+                spent: m.spent,
+                reserved: m.reserved,
+                tokens_in: m.tokens_in,
+                tokens_out: m.tokens_out,
+                requests: m.requests,
+                this_hour,
+                hourly_avg,
+            },
         )
     }
 
@@ -352,30 +357,37 @@ impl Store {
     }
 }
 
-/// The usage view from one month's raw figures (shared with the Redis store).
-pub(super) fn view(
-    tenant: &Tenant,
-    month: i64,
-    spent: u64,
-    reserved: u64,
-    tokens_in: u64,
-    tokens_out: u64,
-    requests: u64,
-) -> UsageView {
+/// One month's raw figures and the spend velocity, as either store keeps them.
+#[derive(Debug, Default, Clone, Copy)]
+pub(super) struct Figures {
+    pub month: i64,
+    pub spent: u64,
+    pub reserved: u64,
+    pub tokens_in: u64,
+    pub tokens_out: u64,
+    pub requests: u64,
+    pub this_hour: u64,
+    pub hourly_avg: u64,
+}
+
+/// The usage view from raw figures (shared with the Redis store).
+pub(super) fn view(tenant: &Tenant, f: Figures) -> UsageView {
     let budget = tenant.budget.monthly_nanousd;
-    let remaining = budget.map(|b| b.saturating_sub(spent.saturating_add(reserved)));
+    let remaining = budget.map(|b| b.saturating_sub(f.spent.saturating_add(f.reserved)));
     UsageView {
         tenant: tenant.id.clone(),
-        month: month_label(month),
-        spent_nanousd: spent,
-        spent_usd: usd(spent),
-        reserved_nanousd: reserved,
+        month: month_label(f.month),
+        spent_nanousd: f.spent,
+        spent_usd: usd(f.spent),
+        reserved_nanousd: f.reserved,
         budget_nanousd: budget,
         budget_usd: budget.map(usd),
         remaining_nanousd: remaining,
         remaining_usd: remaining.map(usd),
-        tokens_in,
-        tokens_out,
-        requests,
+        tokens_in: f.tokens_in,
+        tokens_out: f.tokens_out,
+        requests: f.requests,
+        spend_this_hour_nanousd: f.this_hour,
+        spend_hourly_avg_nanousd: f.hourly_avg,
     }
 }

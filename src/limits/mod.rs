@@ -8,8 +8,8 @@
 //! already holds its worst case.
 //!
 //! Two stores behind [`Limits`]:
-//! - `memory` ([`memory::Store`]): exact for one node.
-//! - `redis` ([`redis::Shared`]): exact across every edge node sharing the Redis, one
+//! - `memory` (`memory::Store`): exact for one node.
+//! - `redis` (`redis::Shared`): exact across every edge node sharing the Redis, one
 //!   Lua script per admission. In front of it, this node's own memory store is a
 //!   pre-check that only ever refuses early (a tenant already at its rps or
 //!   concurrency limit on this node alone is over it globally too), so a flooding
@@ -104,6 +104,11 @@ pub struct UsageView {
     pub tokens_in: u64,
     pub tokens_out: u64,
     pub requests: u64,
+    /// Settled spend of requests started in the current UTC hour.
+    pub spend_this_hour_nanousd: u64,
+    /// Average settled spend per hour over the 24 hours before the current one (the
+    /// baseline of the spend velocity).
+    pub spend_hourly_avg_nanousd: u64,
 }
 
 /// Exact decimal USD from nano-USD (`"12.000000500"`), for people.
@@ -373,9 +378,15 @@ impl Limits {
         }
     }
 
-    /// Failed calls to the shared store since start (0 for `memory`), for metrics.
-    pub fn redis_errors(&self) -> u64 {
+    /// Failed calls to the shared store since start (0 for `memory`), for metrics:
+    /// connects, commands and scripts that failed or timed out.
+    pub fn store_errors(&self) -> u64 {
         self.inner.shared.as_ref().map_or(0, |s| s.errors())
+    }
+
+    /// The same as [`Limits::store_errors`] (the name the admin metrics use).
+    pub fn redis_errors(&self) -> u64 {
+        self.store_errors()
     }
 }
 

@@ -20,9 +20,23 @@
 //! crashed node's tickets stop being renewed, their lease runs out after [`LEASE`],
 //! and the next admission of that tenant on any node gives their reservation and
 //! slot back; if nothing touches the tenant, both keys simply expire together.
+//!
+//! Failures: an admission whose reply is lost after it was sent (a timeout, a broken
+//! connection) may have run; its ticket is released at once from a task (queued for
+//! replay if Redis is still away), so a Redis stall does not hold slots for a lease.
+//! Settles that fail are queued (up to [`PENDING_MAX`]) and replayed every second by a
+//! per-store task; one whose reply was lost after Redis applied it is replayed too,
+//! so such a settle's spend can be counted twice: an over-count, on the safe side of
+//! the budget.
+//!
+//! Time: every window (second, hour, month, lease deadlines) comes from this node's
+//! clock, passed to the scripts, not from Redis `TIME`: the clock can be injected in
+//! tests and the memory store agrees on every boundary. Nodes must keep their clocks
+//! in sync (NTP): a node a second off counts its rps in a neighbouring second's key.
 
 use super::calendar::{month_label, month_start_ms, Now};
 use super::conn::Conn;
+use super::memory::Figures;
 use super::{Actual, Clock, Demand, RateHeaders, Refusal, UsageView};
 use crate::config::Tenant;
 use redis::Script;
@@ -124,6 +138,23 @@ fn number(v: Option<String>) -> u64 {
     v.and_then(|s| s.parse().ok()).unwrap_or(0)
 }
 
+/// Adds to `pipe` one `HGET` of the settled spend of each of the current UTC hour
+/// and the 24 before it (separate keys), the newest first.
+fn hours_spent(pipe: &mut redis::Pipeline, tenant: &str, now: Now) {
+    for k in 0..=24u64 {
+        pipe.cmd("HGET")
+            .arg(key(tenant, &format!("h:{}", now.hour.saturating_sub(k))))
+            .arg("spent");
+    }
+}
+
+/// This hour's spend and the average of the 24 before it, from [`hours_spent`].
+fn velocity_of(hours: impl IntoIterator<Item = Option<String>>) -> (u64, u64) {
+    let mut spent = hours.into_iter().map(number);
+    let this_hour = spent.next().unwrap_or(0);
+    (this_hour, spent.take(24).sum::<u64>() / 24)
+}
+
 impl Shared {
     pub(super) fn new(url: &str, fail_open: bool, clock: Clock) -> Shared {
         let policy = if fail_open {
@@ -207,7 +238,27 @@ impl Shared {
                 "request"
             });
         let (verdict, retry, requests, tokens): (String, u64, i64, i64) =
-            self.conn.invoke(&inv).await.map_err(Failure::Down)?;
+            match self.conn.invoke(&inv).await {
+                Ok(v) => v,
+                Err(e) => {
+                    if let (true, Some(d)) = (e.maybe_applied, demand) {
+                        // The script may have run with its reply lost (a timeout): the
+                        // ticket would hold a slot and a reservation for a request that
+                        // is not going ahead here until its lease lapsed. Give it back.
+                        self.release_in_background(RemoteHold {
+                            tenant: t.clone(),
+                            id,
+                            registered: true,
+                            count_request: false,
+                            second: now.second,
+                            month: now.month,
+                            hour: now.hour,
+                            tokens: d.tokens,
+                        });
+                    }
+                    return Err(Failure::Down(e.msg));
+                }
+            };
         let headers = RateHeaders {
             limit_requests: rate.rps,
             remaining_requests: header(requests).map(|v| v.min(i64::from(u32::MAX)) as u32),
@@ -262,7 +313,7 @@ impl Shared {
     }
 
     /// Settles now; if Redis cannot be reached the settle is queued and replayed.
-    pub(super) async fn settle(&self, hold: RemoteHold, actual: Actual, now: Now) {
+    pub(super) async fn settle(self: &Arc<Self>, hold: RemoteHold, actual: Actual, now: Now) {
         self.forget(&hold);
         if self.run_settle(&hold, actual, now).await.is_err() {
             self.defer(hold, actual);
@@ -299,13 +350,18 @@ impl Shared {
         }
     }
 
-    fn defer(&self, hold: RemoteHold, actual: Actual) {
-        let mut q = lock(&self.pending);
-        if q.len() >= PENDING_MAX {
-            // Oldest first: its lease has long lapsed, only its spend is lost.
-            q.pop_front();
+    fn defer(self: &Arc<Self>, hold: RemoteHold, actual: Actual) {
+        {
+            let mut q = lock(&self.pending);
+            if q.len() >= PENDING_MAX {
+                // Oldest first: its lease has long lapsed, only its spend is lost.
+                q.pop_front();
+            }
+            q.push_back((hold, actual));
         }
-        q.push_back((hold, actual));
+        // The replaying task may not run yet: a node whose tenants have no limits
+        // never makes an admission round trip, which is where it is otherwise started.
+        self.ensure_worker();
     }
 
     async fn run_settle(&self, hold: &RemoteHold, actual: Actual, now: Now) -> Result<(), String> {
@@ -330,48 +386,53 @@ impl Shared {
             .arg(month_ttl_ms(hold.month, now))
             .arg(hour_ttl_ms(hold.hour, now))
             .arg(u8::from(hold.count_request));
-        self.conn.invoke::<i64>(&inv).await.map(|_| ())
+        self.conn
+            .invoke::<i64>(&inv)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.msg)
     }
 
+    /// One round trip: the month's figures, its reservations and the hours' spend.
     pub(super) async fn usage(&self, tenant: &Tenant, now: Now) -> Result<UsageView, String> {
         let t = &tenant.id;
         let month = month_label(now.month);
         let mut pipe = redis::pipe();
-        pipe.cmd("HMGET")
-            .arg(key(t, &format!("m:{month}")))
-            .arg(&["spent", "tokens_in", "tokens_out", "requests"])
-            .cmd("HGET")
+        for field in ["spent", "tokens_in", "tokens_out", "requests"] {
+            pipe.cmd("HGET")
+                .arg(key(t, &format!("m:{month}")))
+                .arg(field);
+        }
+        pipe.cmd("HGET")
             .arg(key(t, "tix"))
             .arg(format!("rm:{month}"));
-        let (m, reserved): (Vec<Option<String>>, Option<String>) = self.conn.query(&pipe).await?;
-        let mut m = m.into_iter().map(number);
-        let mut next = || m.next().unwrap_or(0);
-        let (spent, tokens_in, tokens_out, requests) = (next(), next(), next(), next());
+        hours_spent(&mut pipe, t, now);
+        let replies: Vec<Option<String>> = self.conn.query(&pipe).await?;
+        let mut replies = replies.into_iter();
+        let mut next = || number(replies.next().flatten());
+        let (spent, tokens_in, tokens_out, requests, reserved) =
+            (next(), next(), next(), next(), next());
+        let (this_hour, hourly_avg) = velocity_of(replies);
         Ok(super::memory::view(
             tenant,
-            now.month,
-            spent,
-            number(reserved),
-            tokens_in,
-            tokens_out,
-            requests,
+            Figures {
+                month: now.month,
+                spent,
+                reserved,
+                tokens_in,
+                tokens_out,
+                requests,
+                this_hour,
+                hourly_avg,
+            },
         ))
     }
 
     pub(super) async fn velocity(&self, tenant: &Tenant, now: Now) -> Result<(u64, u64), String> {
         let mut pipe = redis::pipe();
-        for k in 0..=24u64 {
-            pipe.cmd("HGET")
-                .arg(key(
-                    &tenant.id,
-                    &format!("h:{}", now.hour.saturating_sub(k)),
-                ))
-                .arg("spent");
-        }
-        let spent: Vec<Option<String>> = self.conn.query(&pipe).await?;
-        let mut spent = spent.into_iter().map(number);
-        let this_hour = spent.next().unwrap_or(0);
-        Ok((this_hour, spent.sum::<u64>() / 24))
+        hours_spent(&mut pipe, &tenant.id, now);
+        let hours: Vec<Option<String>> = self.conn.query(&pipe).await?;
+        Ok(velocity_of(hours))
     }
 
     /// Starts (or restarts, if its runtime went away) the task that renews leases and

@@ -12,11 +12,17 @@
 
 local K_TPM, K_MONTH, K_HOUR, K_LEASE, K_TIX = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local now_s, admitted = tonumber(ARGV[1]), tonumber(ARGV[3])
-local reserved = tonumber(ARGV[4])
 local actual = tonumber(ARGV[5]) + tonumber(ARGV[6])
 local cost = ARGV[7]
 
 local held = release(K_TIX, K_LEASE, ARGV[2])
+-- Only a ticket still held has its reserved tokens in the window: one Redis never
+-- saw (an admission whose reply was lost before the script ran) or already
+-- reclaimed must not take other requests' tokens out.
+local reserved = 0
+if held then
+  reserved = tonumber(ARGV[4])
+end
 
 if now_s - admitted < 60 and (reserved > 0 or actual > 0) then
   local cur = tonumber(redis.call('HGET', K_TPM, ARGV[3]) or '0')

@@ -416,7 +416,16 @@ async fn velocity_compares_this_hour_with_the_last_24() {
     let k = l.admit(t, d(1, 1_000)).await.unwrap();
     l.settle(k, a(1, 1, 5_000)).await;
     assert_eq!(l.velocity(t).await, Some((5_000, 100)));
-    assert_eq!(l.redis_errors(), 0);
+    // The usage view carries the same two figures.
+    let u = l.usage(t).await.unwrap();
+    assert_eq!(
+        (u.spend_this_hour_nanousd, u.spend_hourly_avg_nanousd),
+        (5_000, 100)
+    );
+    let json = serde_json::to_value(&u).unwrap();
+    assert_eq!(json["spend_this_hour_nanousd"], 5_000);
+    assert_eq!(json["spend_hourly_avg_nanousd"], 100);
+    assert_eq!(l.store_errors(), 0);
 }
 
 #[test]
@@ -453,7 +462,8 @@ async fn unreachable_redis_fail_closed_refuses_without_panicking() {
     }
     assert!(l.usage(t).await.is_err());
     assert_eq!(l.velocity(t).await, None);
-    assert!(l.redis_errors() >= 10);
+    assert!(l.store_errors() >= 10);
+    assert_eq!(l.redis_errors(), l.store_errors());
     // A tenant with nothing to enforce needs no round trip to be admitted.
     let k = l.admit(cfg.tenant("free").unwrap(), d(1, 1)).await.unwrap();
     l.settle(k, a(1, 1, 1)).await;
@@ -482,5 +492,5 @@ async fn unreachable_redis_fail_open_enforces_rps_and_concurrency_per_node() {
         Err(Refusal::Rate { which: "rps", .. })
     ));
     drop(k3);
-    assert!(l.redis_errors() >= 3);
+    assert!(l.store_errors() >= 3);
 }

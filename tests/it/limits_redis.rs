@@ -130,11 +130,18 @@ tenants:
     models: [m1]
     rate: { rps: 100000, tpm: 1000000, concurrency: 10 }
     budget: { monthly_usd: 1000, hourly_usd: 100 }
+  conc1:
+    api_keys: [ { id: k4, sha256: "H4" } ]
+    models: [m1]
+    rate: { concurrency: 1, tpm: 1000 }
+  free:
+    api_keys: [ { id: k5, sha256: "H5" } ]
+    models: [m1]
 "#;
 
 fn tenants() -> Config {
     let mut yaml = TENANTS.to_string();
-    for (i, key) in ["a", "b", "c"].iter().enumerate() {
+    for (i, key) in ["a", "b", "c", "d", "e"].iter().enumerate() {
         yaml = yaml.replace(
             &format!("\"H{}\"", i + 1),
             &format!("\"{}\"", sha256_hex(key)),
@@ -243,7 +250,7 @@ async fn two_nodes_never_together_exceed_one_monthly_budget() {
     assert_eq!(u.remaining_nanousd, Some(18_500));
     let more = race(&a, &b, &t, 100, demand(1, 1_000)).await;
     assert_eq!(more.len(), 18);
-    assert_eq!(a.redis_errors() + b.redis_errors(), 0);
+    assert_eq!(a.store_errors() + b.store_errors(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -369,6 +376,11 @@ async fn every_key_expires_and_dropped_or_lost_tickets_are_given_back() {
     )
     .await;
     assert_eq!(a.velocity(&t).await, Some((700, 0)));
+    let u = b.usage(&t).await.expect("usage");
+    assert_eq!(
+        (u.spend_this_hour_nanousd, u.spend_hourly_avg_nanousd),
+        (700, 0)
+    );
     // A dropped ticket (a cancelled request) is released from a background task.
     let k = a.admit(&t, demand(100, 5_000)).await.expect("admit");
     let crashed = b.admit(&t, demand(100, 3_000)).await.expect("admit");
@@ -421,7 +433,11 @@ async fn redis_down_follows_on_error_and_recovers_without_a_restart() {
     let mut redis = Redis::start();
     let (_now, clock) = clock();
     let open = Limits::with_clock(&redis.counters(OnError::FailOpen), clock.clone());
-    let closed = Limits::with_clock(&redis.counters(OnError::FailClosed), clock);
+    let closed = Limits::with_clock(&redis.counters(OnError::FailClosed), clock.clone());
+    // A node that only ever serves a tenant with no limits: it never makes an
+    // admission round trip, only settles.
+    let idle = Limits::with_clock(&redis.counters(OnError::FailClosed), clock);
+    let free = tenant(&tenants(), "free");
     let cfg = tenants();
     let t = tenant(&cfg, "conc10");
     let held = open.admit(&t, demand(10, 100)).await.expect("admit");
@@ -453,6 +469,17 @@ async fn redis_down_follows_on_error_and_recovers_without_a_restart() {
             "a dead redis stalled a request"
         );
     }
+    // Nothing to enforce: admitted even by fail_closed, its spend kept for later.
+    let k = idle.admit(&free, demand(10, 100)).await.expect("no limits");
+    idle.settle(
+        k,
+        Actual {
+            tokens_in: 1,
+            tokens_out: 1,
+            cost_nanousd: 9,
+        },
+    )
+    .await;
     // The request admitted before the outage ends during it.
     open.settle(
         held,
@@ -475,7 +502,7 @@ async fn redis_down_follows_on_error_and_recovers_without_a_restart() {
     };
     assert_eq!(ten.len(), 10);
     drop(ten);
-    assert!(open.redis_errors() > 0 && closed.redis_errors() > 0);
+    assert!(open.store_errors() > 0 && closed.store_errors() > 0);
 
     // Back on the same port (empty: no persistence): both recover on their own.
     redis.spawn();
@@ -513,4 +540,104 @@ async fn redis_down_follows_on_error_and_recovers_without_a_restart() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    loop {
+        let u = closed
+            .usage(&free)
+            .await
+            .map(|u| (u.spent_nanousd, u.requests));
+        if u == Ok((9, 1)) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the idle node's outage spend was not replayed: {u:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Runs a Lua busy loop for `ms` on its own connection: Redis answers nobody else
+/// meanwhile (a stand-in for a stalled or overloaded server).
+async fn stall(redis: &Redis, ms: u64) -> tokio::task::JoinHandle<()> {
+    let config = redis::AsyncConnectionConfig::new().set_response_timeout(None);
+    let mut c = redis::Client::open(redis.url())
+        .expect("redis url")
+        .get_multiplexed_async_connection_with_config(&config)
+        .await
+        .expect("connect to test redis");
+    tokio::spawn(async move {
+        let _: i64 = redis::cmd("EVAL")
+            .arg(
+                "local t = redis.call('TIME') \
+                 local start = t[1] * 1000000 + t[2] \
+                 repeat t = redis.call('TIME') \
+                 until t[1] * 1000000 + t[2] - start >= tonumber(ARGV[1]) * 1000 \
+                 return 0",
+            )
+            .arg(0)
+            .arg(ms)
+            .query_async(&mut c)
+            .await
+            .expect("busy script");
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stalled_redis_costs_a_bounded_wait_and_leaks_no_slot() {
+    let redis = Redis::start();
+    let (_now, clock) = clock();
+    let l = Limits::with_clock(&redis.counters(OnError::FailClosed), clock);
+    let cfg = tenants();
+    let t = tenant(&cfg, "conc1");
+    // Warm up: the connection is open and the scripts are loaded.
+    let k = l.admit(&t, demand(10, 0)).await.expect("admit");
+    l.settle(k, Actual::default()).await;
+
+    let busy = stall(&redis, 700).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = Instant::now();
+    match l.admit(&t, demand(10, 0)).await {
+        Err(Refusal::Unavailable(_)) => {}
+        other => panic!("admission during the stall: {other:?}"),
+    }
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "a stalled redis held a request for {:?}",
+        started.elapsed()
+    );
+    busy.await.expect("busy script task");
+    // Redis did run the timed-out admission once it was free again (it counted the
+    // request): that ticket holds the tenant's only slot and 10 tokens.
+    // (The node may still be waiting to reconnect for a moment.)
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let u = loop {
+        match l.usage(&t).await {
+            Ok(u) => break u,
+            Err(e) => assert!(Instant::now() < deadline, "no usage after the stall: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(u.requests, 2, "the stalled admission never ran");
+    // The node gives both back by itself, rather than leaving them held until the
+    // lease lapses a minute later.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let k = loop {
+        match l.admit(&t, demand(10, 0)).await {
+            Ok(k) => break k,
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(e) => panic!("the slot taken by the timed-out admission leaked: {e:?}"),
+        }
+    };
+    assert_eq!(k.headers.remaining_tokens, Some(990));
+    l.settle(k, Actual::default()).await;
+    let mut c = redis.conn().await;
+    let leases: i64 = redis::cmd("ZCARD")
+        .arg("llmgw:{conc1}:lease")
+        .query_async(&mut c)
+        .await
+        .expect("ZCARD");
+    assert_eq!(leases, 0);
+    assert!(l.store_errors() >= 1);
 }
