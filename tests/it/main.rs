@@ -4,6 +4,7 @@
 //! `tests/e2e` drives it further through the official SDKs.
 
 mod cli;
+mod fuzz;
 mod limits_redis;
 mod mock_wire;
 

@@ -1,0 +1,248 @@
+"""Hostile HTTP: every probe gets a documented answer or a closed connection, never a
+panic, a hang of other requests or a gateway that stops serving.
+
+Each probe runs against a gateway of its own (a crash must not take the rest of the
+suite with it) and ends by checking that the process is alive and a normal request is
+still answered promptly.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import socket
+import threading
+import time
+
+import pytest
+
+from helpers import ACME, chat_body, post_chat
+
+# A distinct override gives this module its own gateway process.
+OWN = {"node": {"region": "hostile-probes"}}
+PROBE_DEADLINE_S = 10.0
+
+
+@pytest.fixture(scope="module")
+def gw(gateway):
+    return gateway(OWN)
+
+
+def addr(gw) -> tuple[str, int]:
+    host, port = gw.base_url.removeprefix("http://").rsplit(":", 1)
+    return host, int(port)
+
+
+def exchange(gw, raw: bytes, deadline: float = PROBE_DEADLINE_S) -> bytes:
+    """Sends `raw` and reads until the server closes or stops talking for a moment
+    after answering; returns what came back (b"" for a plain close)."""
+    s = socket.create_connection(addr(gw), timeout=deadline)
+    try:
+        s.sendall(raw)
+        out = b""
+        end = time.monotonic() + deadline
+        while time.monotonic() < end:
+            try:
+                s.settimeout(0.5 if out else max(0.1, end - time.monotonic()))
+                chunk = s.recv(65536)
+            except socket.timeout:
+                if out:
+                    break
+                continue
+            except (ConnectionResetError, BrokenPipeError):
+                break
+            if not chunk:
+                break
+            out += chunk
+        else:
+            pytest.fail(f"no answer and no close within {deadline}s")
+        return out
+    finally:
+        s.close()
+
+
+def status_of(resp: bytes) -> int | None:
+    if not resp.startswith(b"HTTP/"):
+        return None
+    return int(resp.split(b" ", 2)[1])
+
+
+def body_of(resp: bytes) -> bytes:
+    return resp.split(b"\r\n\r\n", 1)[1] if b"\r\n\r\n" in resp else b""
+
+
+def assert_still_serving(gw) -> None:
+    assert gw.proc.poll() is None, f"gateway died:\n{gw.log_text()}"
+    t0 = time.monotonic()
+    r = post_chat(gw, chat_body("still there?"))
+    assert r.status_code == 200, r.text
+    assert time.monotonic() - t0 < 5.0
+
+
+def request(body: bytes, extra_headers: str = "", key: str = ACME) -> bytes:
+    return (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {key}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n{extra_headers}"
+        "Connection: close\r\n\r\n"
+    ).encode() + body
+
+
+def assert_openai_error(resp: bytes, status: int, code: str) -> None:
+    assert status_of(resp) == status, resp[:300]
+    err = json.loads(body_of(resp))["error"]
+    assert err["code"] == code, err
+    assert err["message"]
+
+
+def test_invalid_utf8_body_is_a_400(gw):
+    resp = exchange(gw, request(b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"\xff\xfe"}]}'))
+    assert_openai_error(resp, 400, "invalid_request")
+    assert_still_serving(gw)
+
+
+def test_deeply_nested_json_is_a_400(gw):
+    depth = 200_000
+    body = b'{"model":"gpt-4o-mini","messages":' + b"[" * depth + b"]" * depth + b"}"
+    resp = exchange(gw, request(body))
+    assert_openai_error(resp, 400, "invalid_request")
+    assert_still_serving(gw)
+
+
+def test_body_that_is_not_an_object_is_a_400(gw):
+    for body in (b"", b"null", b"[]", b'"x"', b"{", b'{"messages":"no"}'):
+        resp = exchange(gw, request(body))
+        assert_openai_error(resp, 400, "invalid_request")
+    assert_still_serving(gw)
+
+
+def test_oversized_header_is_refused(gw):
+    big = "x" * (1 << 20)
+    resp = exchange(gw, request(b"{}", extra_headers=f"X-Big: {big}\r\n"))
+    # Pingora refuses a header block above its limit: an error status or a close.
+    assert status_of(resp) in (None, 400, 413, 431), resp[:200]
+    assert_still_serving(gw)
+
+
+def test_thousands_of_headers_are_refused_or_ignored(gw):
+    many = "".join(f"X-H{i}: v\r\n" for i in range(20_000))
+    resp = exchange(gw, request(json.dumps(chat_body("hi")).encode(), extra_headers=many))
+    assert status_of(resp) in (None, 200, 400, 431), resp[:200]
+    assert_still_serving(gw)
+
+
+def test_conflicting_content_lengths_are_refused(gw):
+    body = json.dumps(chat_body("hi")).encode()
+    raw = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {ACME}\r\n"
+        f"Content-Length: {len(body)}\r\nContent-Length: {len(body) + 5}\r\nConnection: close\r\n\r\n"
+    ).encode() + body
+    resp = exchange(gw, raw)
+    assert status_of(resp) in (None, 400), resp[:200]
+    assert_still_serving(gw)
+
+
+def test_content_length_with_chunked_does_not_smuggle_a_request(gw):
+    """CL and TE together: the smuggled second request (an unknown key) must never be
+    processed as a request of its own."""
+    smuggled = b"GET /v1/models HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer sk-smuggled\r\n\r\n"
+    inner = json.dumps(chat_body("hi")).encode()
+    chunked = f"{len(inner):x}\r\n".encode() + inner + b"\r\n0\r\n\r\n"
+    raw = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {ACME}\r\n"
+        f"Content-Length: {len(chunked)}\r\nTransfer-Encoding: chunked\r\n\r\n"
+    ).encode() + chunked + smuggled
+    resp = exchange(gw, raw)
+    # At most one answer, and it is not the smuggled 401.
+    assert resp.count(b"HTTP/1.1 ") <= 1, resp[:400]
+    assert b"invalid_api_key" not in resp
+    assert status_of(resp) in (None, 200, 400), resp[:200]
+    assert_still_serving(gw)
+
+
+def test_garbage_request_line_is_refused(gw):
+    for raw in (b"GARBAGE\r\n\r\n", b"\x00\x01\x02\r\n\r\n", b"POST / HTTP/9.9\r\n\r\n"):
+        resp = exchange(gw, raw)
+        assert status_of(resp) in (None, 400, 404, 405, 505), resp[:200]
+    assert_still_serving(gw)
+
+
+def test_invalid_bytes_in_authorization_are_a_401(gw):
+    raw = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer \xff\xfe\r\n"
+        b"Content-Length: 2\r\nConnection: close\r\n\r\n{}"
+    )
+    resp = exchange(gw, raw)
+    assert_openai_error(resp, 401, "invalid_api_key")
+    assert_still_serving(gw)
+
+
+def test_slow_body_sender_does_not_hold_up_others(gw):
+    """A sender that trickles its body: other tenants are served meanwhile, and the
+    trickler is eventually cut off or answered, never served a hang."""
+    body = json.dumps(chat_body("slow")).encode()
+    s = socket.create_connection(addr(gw), timeout=10)
+    stop = threading.Event()
+    try:
+        s.sendall(request(body)[: -len(body)])
+
+        def trickle() -> None:
+            for b in body[:20]:
+                if stop.is_set():
+                    return
+                try:
+                    s.sendall(bytes([b]))
+                except OSError:
+                    return
+                time.sleep(0.2)
+
+        t = threading.Thread(target=trickle, daemon=True)
+        t.start()
+        for _ in range(5):
+            assert_still_serving(gw)
+    finally:
+        stop.set()
+        s.close()
+
+
+def test_client_that_never_reads_its_stream_does_not_stall_others(gw):
+    """Streams into a client that stops reading fill the socket buffers; the gateway
+    must keep serving everyone else."""
+    body = json.dumps(chat_body("[[mock: tokens=20000 gap_ms=0]] long", stream=True)).encode()
+    stuck = []
+    try:
+        for _ in range(4):
+            s = socket.create_connection(addr(gw), timeout=10)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.sendall(request(body))
+            stuck.append(s)
+        for _ in range(5):
+            assert_still_serving(gw)
+    finally:
+        for s in stuck:
+            s.close()
+    assert_still_serving(gw)
+
+
+def test_thousands_of_idle_connections(gw):
+    """Idle connections cost a socket each, not a worker: with 3,000 open, a normal
+    request is still answered promptly."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 3_000
+    if soft < want + 200:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, want + 1000), hard))
+        except (ValueError, OSError):
+            pass
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    n = min(want, soft - 200)
+    if n < 500:
+        pytest.skip(f"file descriptor limit {soft} too low for this probe")
+    socks = []
+    try:
+        for _ in range(n):
+            socks.append(socket.create_connection(addr(gw), timeout=5))
+        assert_still_serving(gw)
+    finally:
+        for s in socks:
+            s.close()
+    assert_still_serving(gw)
