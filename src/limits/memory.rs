@@ -244,6 +244,7 @@ impl Store {
                         return Err(Refusal::Budget {
                             which: "monthly",
                             retry_after_s: now.secs_to_next_month(),
+                            headers: s.headers(rate, now_s),
                         });
                     }
                 }
@@ -253,6 +254,7 @@ impl Store {
                         return Err(Refusal::Budget {
                             which: "hourly",
                             retry_after_s: now.secs_to_next_hour(),
+                            headers: s.headers(rate, now_s),
                         });
                     }
                 }
@@ -299,6 +301,14 @@ impl Store {
         self.with(tenant, |s| {
             s.roll_second(now.second);
             s.check_rate(rate, mode, now.second)
+        })
+    }
+
+    /// The tenant's `x-ratelimit-*` values as they stand, counting nothing.
+    pub(super) fn headers(&self, tenant: &str, rate: &Rate, now: Now) -> RateHeaders {
+        self.with(tenant, |s| {
+            s.roll_second(now.second);
+            s.headers(rate, now.second)
         })
     }
 

@@ -80,6 +80,7 @@ pub enum Refusal {
     Budget {
         which: &'static str,
         retry_after_s: u64,
+        headers: RateHeaders,
     },
     /// The shared store is unreachable and `on_error` is `fail_closed`.
     Unavailable(String),
@@ -356,6 +357,35 @@ impl Limits {
         } else {
             local_headers
         })
+    }
+
+    /// Refuses, by this node's own count and without I/O, a tenant already at its rps
+    /// or concurrency limit, so that a flooding tenant is turned away right after auth,
+    /// before its body is read and parsed. The count can only be lower than the true
+    /// one (the shared store's, or the same store's a moment later for `memory`), so
+    /// the refusal is never wrong; [`Limits::admit`] still does the exact check.
+    /// Refused requests are not counted in the rps window.
+    pub fn precheck(&self, tenant: &Tenant) -> Result<(), Refusal> {
+        let now = self.inner.now();
+        self.inner
+            .local
+            .precheck(&tenant.id, &tenant.rate, Mode::Reserve, now)
+    }
+
+    /// `x-ratelimit-*` values for a response that was not admitted (a 400, 403 or 413
+    /// after auth), without counting anything. The memory store's are exact; in
+    /// front of Redis this node's own count would overstate what is left, so only the
+    /// limit itself is given.
+    pub fn peek_headers(&self, tenant: &Tenant) -> RateHeaders {
+        if self.inner.shared.is_some() {
+            return RateHeaders {
+                limit_requests: tenant.rate.rps,
+                ..RateHeaders::default()
+            };
+        }
+        self.inner
+            .local
+            .headers(&tenant.id, &tenant.rate, self.inner.now())
     }
 
     /// This month's settled spend, reservations, tokens and requests, with the budget.

@@ -288,12 +288,14 @@ impl Shared {
                 return Err(Failure::Refused(Refusal::Budget {
                     which: "monthly",
                     retry_after_s: now.secs_to_next_month(),
+                    headers,
                 }))
             }
             "hourly" => {
                 return Err(Failure::Refused(Refusal::Budget {
                     which: "hourly",
                     retry_after_s: now.secs_to_next_hour(),
+                    headers,
                 }))
             }
             "rps" => "rps",

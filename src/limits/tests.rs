@@ -181,6 +181,7 @@ async fn concurrent_reservations_never_exceed_the_monthly_budget() {
         Err(Refusal::Budget {
             which: "monthly",
             retry_after_s,
+            ..
         }) => {
             // 2026-11-22 19:00 to 2026-12-01 00:00
             assert_eq!(retry_after_s, 8 * 86_400 + 5 * 3600);
@@ -209,6 +210,7 @@ async fn hourly_budget_stops_until_the_hour_rolls() {
         Err(Refusal::Budget {
             which: "hourly",
             retry_after_s,
+            ..
         }) => assert_eq!(retry_after_s, 1800),
         other => panic!("{other:?}"),
     }

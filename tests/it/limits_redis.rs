@@ -216,6 +216,7 @@ async fn two_nodes_never_together_exceed_one_monthly_budget() {
         Err(Refusal::Budget {
             which: "monthly",
             retry_after_s,
+            ..
         }) => assert!(retry_after_s > 0 && retry_after_s <= 31 * 86_400),
         other => panic!("{other:?}"),
     }
