@@ -137,11 +137,15 @@ tenants:
   free:
     api_keys: [ { id: k5, sha256: "H5" } ]
     models: [m1]
+  edges:
+    api_keys: [ { id: k6, sha256: "H6" } ]
+    models: [m1]
+    budget: { monthly_usd: 0.00001, hourly_usd: 0.000004 }
 "#;
 
 fn tenants() -> Config {
     let mut yaml = TENANTS.to_string();
-    for (i, key) in ["a", "b", "c", "d", "e"].iter().enumerate() {
+    for (i, key) in ["a", "b", "c", "d", "e", "f"].iter().enumerate() {
         yaml = yaml.replace(
             &format!("\"H{}\"", i + 1),
             &format!("\"{}\"", sha256_hex(key)),
@@ -251,6 +255,68 @@ async fn two_nodes_never_together_exceed_one_monthly_budget() {
     assert_eq!(u.remaining_nanousd, Some(18_500));
     let more = race(&a, &b, &t, 100, demand(1, 1_000)).await;
     assert_eq!(more.len(), 18);
+    assert_eq!(a.store_errors() + b.store_errors(), 0);
+}
+
+/// Admits `cost` on `node`, settles it at the full cost, or returns the refusal.
+async fn spend(node: &Limits, t: &Arc<Tenant>, cost: u64) -> Result<(), Refusal> {
+    let k = node.admit(t, demand(1, cost)).await?;
+    node.settle(
+        k,
+        Actual {
+            tokens_in: 1,
+            tokens_out: 0,
+            cost_nanousd: cost,
+        },
+    )
+    .await;
+    Ok(())
+}
+
+fn budget_refusal(r: Result<(), Refusal>) -> (&'static str, u64) {
+    match r {
+        Err(Refusal::Budget {
+            which,
+            retry_after_s,
+            ..
+        }) => (which, retry_after_s),
+        other => panic!("expected a budget refusal, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hour_and_month_roll_over_on_the_injected_clock() {
+    let redis = Redis::start();
+    let (now, a, b) = two_nodes(&redis, OnError::FailClosed);
+    let cfg = tenants();
+    // 10_000 nano-USD a month, 4_000 an hour.
+    let t = tenant(&cfg, "edges");
+    // 2026-11-30 23:30 UTC: half an hour before both the hour and the month roll.
+    now.store(1_796_081_400_000, Ordering::SeqCst);
+    spend(&a, &t, 3_000).await.expect("fits the hour");
+    assert_eq!(budget_refusal(spend(&b, &t, 2_000).await), ("hourly", 1800));
+    // 2026-12-01 00:00: a new hour and a new month, on either node.
+    now.store(1_796_083_200_000, Ordering::SeqCst);
+    spend(&b, &t, 4_000).await.expect("a fresh hour");
+    let u = a.usage(&t).await.expect("usage");
+    assert_eq!((u.month.as_str(), u.spent_nanousd), ("2026-12", 4_000));
+    assert_eq!(u.spend_this_hour_nanousd, 4_000);
+    assert_eq!(budget_refusal(spend(&a, &t, 1).await), ("hourly", 3600));
+    // 01:00 and 02:00: the hours have room, the month runs out.
+    now.fetch_add(3_600_000, Ordering::SeqCst);
+    spend(&a, &t, 4_000).await.expect("fits hour and month");
+    now.fetch_add(3_600_000, Ordering::SeqCst);
+    // 8_000 spent + 4_000 > 10_000: refused until 2027-01-01 00:00, 30 days 22 h away.
+    assert_eq!(
+        budget_refusal(spend(&b, &t, 4_000).await),
+        ("monthly", 2_671_200)
+    );
+    spend(&b, &t, 2_000).await.expect("the month's last 2_000");
+    // 2027-01-01 00:00: a new month starts from nothing.
+    now.store(1_798_761_600_000, Ordering::SeqCst);
+    let u = b.usage(&t).await.expect("usage");
+    assert_eq!((u.month.as_str(), u.spent_nanousd), ("2027-01", 0));
+    spend(&a, &t, 4_000).await.expect("a fresh month");
     assert_eq!(a.store_errors() + b.store_errors(), 0);
 }
 
