@@ -20,7 +20,7 @@ from decimal import Decimal
 import httpx
 
 from conftest import ADMIN_TOKEN, sha256_hex
-from helpers import audit_rows, cost_nanousd, new_request_id
+from helpers import assert_openai_error, audit_rows, cost_nanousd, new_request_id
 
 PRICE = {"input_per_mtok": 1.0, "output_per_mtok": 2.0}  # 1000 / 2000 nano-USD per token
 LIM_MAX_OUT = 256          # max_output_tokens of `lim`
@@ -169,3 +169,21 @@ def retry_after(c: Call) -> int:
     v = c.headers.get("retry-after")
     assert v is not None and v.isdigit(), f"retry-after missing or not whole seconds: {v!r} ({c})"
     return int(v)
+
+
+def spend_until_refused(gws: list, tenant: str, body: dict, spent_now, budget: int, tries: int = 50) -> int:
+    """Sends `body` one request at a time, in turn to each of `gws`, while `spent_now()`
+    plus its worst case fits `budget`: each of those must be served; the first that does
+    not fit must get 402 with a refused audit row. Returns how many were served."""
+    w = worst(body)[1]
+    for i in range(tries):
+        gw = gws[i % len(gws)]
+        spent = spent_now()
+        c = call(gw, tenant, body)
+        if spent + w > budget:
+            assert_openai_error(c.r, 402, "budget_exceeded")
+            assert_refused_row(row_of(gw, c), 402, "budget_exceeded")
+            return i
+        assert c.status == 200, f"spent {spent} + worst case {w} <= {budget}: {c}"
+        row_of(gw, c)
+    raise AssertionError(f"the budget of {budget} was never reached in {tries} requests")

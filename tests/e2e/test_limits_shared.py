@@ -36,7 +36,7 @@ import pytest
 from conftest import free_ports
 from helpers import assert_openai_error, audit_rows, chat_body, new_request_id
 from limitslib import (PRICE, Call, admin_get, assert_refused_row, call, is_stream_ok, key_of, retry_after,
-                       row_of, start_of_fresh_second, usage, usd, worst, _tenant)
+                       row_of, spend_until_refused, start_of_fresh_second, usage, usd, worst, _tenant)
 
 # --------------------------------------------------------------------------- redis-server
 
@@ -320,18 +320,8 @@ def test_redis_outage_follows_on_error_and_recovers_without_restart(gateway, red
 
     # Enforcement resumed on the shared spend (before + during the outage): requests go
     # through while the worst case fits, then 402, from either process.
-    for i in range(20):
-        gw = (closed, opened)[i % 2]
-        spent = usage(gw, "out")["spent_nanousd"]
-        c = call(gw, "out", FAST_BODY)
-        if spent + FAST_W > OUTAGE_BUDGET:
-            assert_openai_error(c.r, 402, "budget_exceeded")
-            assert_refused_row(row_of(gw, c), 402, "budget_exceeded")
-            break
-        assert c.status == 200, f"spent {spent} + {FAST_W} <= {OUTAGE_BUDGET}: {c}"
-        row_of(gw, c)
-    else:
-        pytest.fail("the budget was never reached")
+    spend_until_refused([closed, opened], "out", FAST_BODY, lambda: usage(closed, "out")["spent_nanousd"],
+                        OUTAGE_BUDGET)
     rows = [r for g in (closed, opened) for r in audit_rows(g) if r.get("tenant") == "out"]
     total = sum(r["cost_nanousd"] for r in rows)
     assert usage(closed, "out")["spent_nanousd"] == total == usage(opened, "out")["spent_nanousd"]
