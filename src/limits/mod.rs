@@ -12,8 +12,9 @@
 //! - `redis` (`redis::Shared`): exact across every edge node sharing the Redis, one
 //!   Lua script per admission. In front of it, this node's own memory store is a
 //!   pre-check that only ever refuses early (a tenant already at its rps or
-//!   concurrency limit on this node alone is over it globally too), so a flooding
-//!   tenant costs no round trip; it never admits on its own, because budgets must be
+//!   concurrency limit on this node alone is over it globally too, and one whose
+//!   rps Redis refused this second stays refused until the second ends), so a
+//!   flooding tenant costs no round trip; it never admits on its own, because budgets must be
 //!   exact and shared, and every admission needs the one round trip anyway.
 //!   Tenants with no limit and no budget at all skip the admission round trip; their
 //!   request is counted when it settles.
@@ -236,7 +237,7 @@ impl Limits {
             match shared.admit(tenant, Some(demand), now).await {
                 Ok((Some(remote), headers)) => (remote, headers),
                 Ok((None, headers)) => (shared.unregistered(tenant, now), headers),
-                Err(redis::Failure::Refused(r)) => return Err(r),
+                Err(redis::Failure::Refused(r)) => return Err(self.remember(id, r, now)),
                 Err(redis::Failure::Down(e)) if !shared.fail_open => {
                     return Err(Refusal::Unavailable(e))
                 }
@@ -270,6 +271,17 @@ impl Limits {
             now,
         )?;
         Ok(self.ticket(tenant, hold, Some(remote), headers))
+    }
+
+    /// A shared-store refusal, noted locally when it is one that lasts: a full rps
+    /// window stays full until its second ends, so the rest of that second's requests
+    /// from this tenant are refused by the pre-check, before their body is read and
+    /// without a round trip, even when no single node is over the limit by itself.
+    fn remember(&self, tenant: &str, r: Refusal, now: Now) -> Refusal {
+        if let Refusal::Rate { which: "rps", .. } = r {
+            self.inner.local.mark_rps_full(tenant, now);
+        }
+        r
     }
 
     fn ticket(
@@ -337,7 +349,7 @@ impl Limits {
         } else {
             match shared.admit(tenant, None, now).await {
                 Ok((_, headers)) => (Rate::default(), headers),
-                Err(redis::Failure::Refused(r)) => return Err(r),
+                Err(redis::Failure::Refused(r)) => return Err(self.remember(id, r, now)),
                 Err(redis::Failure::Down(e)) if !shared.fail_open => {
                     return Err(Refusal::Unavailable(e))
                 }

@@ -258,6 +258,19 @@ async fn two_nodes_never_together_exceed_one_monthly_budget() {
     assert_eq!(a.store_errors() + b.store_errors(), 0);
 }
 
+/// Redis's count of the commands it has run.
+async fn commands_processed(c: &mut redis::aio::MultiplexedConnection) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("stats")
+        .query_async(c)
+        .await
+        .expect("INFO");
+    info.lines()
+        .find_map(|l| l.strip_prefix("total_commands_processed:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("total_commands_processed in INFO stats")
+}
+
 /// Admits `cost` on `node`, settles it at the full cost, or returns the refusal.
 async fn spend(node: &Limits, t: &Arc<Tenant>, cost: u64) -> Result<(), Refusal> {
     let k = node.admit(t, demand(1, cost)).await?;
@@ -340,8 +353,32 @@ async fn two_nodes_enforce_one_rps_and_one_concurrency_limit() {
         }
         other => panic!("{other:?}"),
     }
+    // Node `b` admitted only half of them, but once Redis refused its request the
+    // rest of this second is refused locally, before the body and without a round
+    // trip: even with Redis gone the answer is the rps refusal, not "unavailable".
+    assert!(matches!(
+        b.admit(&t, demand(1, 0)).await,
+        Err(Refusal::Rate { which: "rps", .. })
+    ));
+    let mut watch = redis.conn().await;
+    let before = commands_processed(&mut watch).await;
+    match b.precheck(&t) {
+        Err(Refusal::Rate {
+            which: "rps",
+            headers,
+            ..
+        }) => assert_eq!(headers.remaining_requests, Some(0)),
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        b.admit(&t, demand(1, 0)).await,
+        Err(Refusal::Rate { which: "rps", .. })
+    ));
+    // Only the first INFO ran in between.
+    assert_eq!(commands_processed(&mut watch).await, before + 1);
     drop(admitted);
     now.fetch_add(1000, Ordering::SeqCst);
+    b.precheck(&t).expect("a new second, asked of Redis again");
     let h = b.admit_request_only(&t).await.expect("a new second");
     assert_eq!(h.remaining_requests, Some(49));
 
