@@ -27,6 +27,7 @@ import socket
 import subprocess
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -157,6 +158,18 @@ def gw_redis(gateway, shared_redis):
     return gateway(overrides(c, 0)), gateway(overrides(c, 1))
 
 
+def statuses(calls) -> dict:
+    """How many calls ended with each status (and error message), for failure messages."""
+    def what(c: Call):
+        if c.status == 200:
+            return 200
+        try:
+            return c.status, json.loads(c.body)["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            return c.status, c.body[:200]
+    return dict(Counter(what(c) for c in calls))
+
+
 def rows_of(calls: list[tuple[object, Call]]) -> list[dict]:
     """The audit row of each (gateway, call), from the gateway that served it."""
     return [row_of(gw, c) for gw, c in calls]
@@ -192,7 +205,8 @@ def test_race_of_120_against_a_budget_fitting_20(setup, request, mock):
     # freeing room) before the last refusal.
     assert max(c.t_end for c in refused) < min(c.t_end for c in ok), \
         "test timing: a refusal came after an admitted stream had ended; make the streams slower"
-    assert len(ok) == RACE_FITS, f"{len(ok)} of {RACE_N} admitted for a budget fitting {RACE_FITS}"
+    assert len(ok) == RACE_FITS, \
+        f"{len(ok)} of {RACE_N} admitted for a budget fitting {RACE_FITS}: {statuses(c for _, c in calls)}"
     for c in refused:
         assert_openai_error(c.r, 402, "budget_exceeded")
     for c in ok:
@@ -240,7 +254,7 @@ def test_two_processes_enforce_one_combined_rps_limit(gw_redis, mock):
     else:
         pytest.skip("could not fit 30 requests into one second on this machine")
     ok = [c for _, c in calls if c.status == 200]
-    assert len(ok) == SHARED_RPS, [c.status for _, c in calls]
+    assert len(ok) == SHARED_RPS, statuses(c for _, c in calls)
     for gw, c in calls:
         if c.status != 200:
             assert_openai_error(c.r, 429, "rate_limited")

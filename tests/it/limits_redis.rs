@@ -745,3 +745,49 @@ async fn a_stalled_redis_costs_a_bounded_wait_and_leaks_no_slot() {
     assert_eq!(leases, 0);
     assert!(l.store_errors() >= 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_settle_whose_reply_was_lost_is_counted_once() {
+    let redis = Redis::start();
+    let (_now, clock) = clock();
+    let l = Limits::with_clock(&redis.counters(OnError::FailClosed), clock);
+    let cfg = tenants();
+    let t = tenant(&cfg, "conc10");
+    // Warm up: the scripts are loaded, so the settle below goes out as one EVALSHA.
+    let k = l.admit(&t, demand(10, 1_000)).await.expect("admit");
+    l.settle(k, Actual::default()).await;
+    let k = l.admit(&t, demand(10, 1_000)).await.expect("admit");
+    // Redis is busy for 700 ms: the settle times out after it was sent, Redis runs it
+    // once free, and the node replays it (it cannot know it ran).
+    let busy = stall(&redis, 700).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let errors = l.store_errors();
+    l.settle(
+        k,
+        Actual {
+            tokens_in: 3,
+            tokens_out: 4,
+            cost_nanousd: 700,
+        },
+    )
+    .await;
+    assert!(l.store_errors() > errors, "the settle did not time out");
+    busy.await.expect("busy script task");
+    // The replay runs within a second or two of Redis answering again; wait until
+    // the node has no settle pending and no error since, then read the counters.
+    let deadline = Instant::now() + Duration::from_secs(6);
+    let u = loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if let Ok(u) = l.usage(&t).await {
+            if u.reserved_nanousd == 0 && Instant::now() > deadline - Duration::from_secs(3) {
+                break u;
+            }
+        }
+        assert!(Instant::now() < deadline, "redis never answered again");
+    };
+    assert_eq!(
+        (u.spent_nanousd, u.tokens_in, u.tokens_out, u.requests),
+        (700, 3, 4, 2),
+        "the replayed settle was counted twice"
+    );
+}
