@@ -62,6 +62,9 @@ struct HourState {
 struct TenantState {
     second: u64,
     second_count: u32,
+    /// The shared store refused this second's rps: it stays full until the second
+    /// ends (its count only grows), so this node refuses the rest without asking.
+    shared_rps_full: bool,
     in_flight: u32,
     /// Tokens per second over the last minute: `(second, tokens)` ring.
     tpm: [(u64, u64); TPM_WINDOW_S as usize],
@@ -76,6 +79,7 @@ impl Default for TenantState {
         TenantState {
             second: 0,
             second_count: 0,
+            shared_rps_full: false,
             in_flight: 0,
             tpm: [(0, 0); TPM_WINDOW_S as usize],
             months: [MonthState::default(); 2],
@@ -89,6 +93,7 @@ impl TenantState {
         if second != self.second {
             self.second = second;
             self.second_count = 0;
+            self.shared_rps_full = false;
         }
     }
 
@@ -157,7 +162,13 @@ impl TenantState {
     fn headers(&self, rate: &Rate, now_s: u64) -> RateHeaders {
         RateHeaders {
             limit_requests: rate.rps,
-            remaining_requests: rate.rps.map(|r| r.saturating_sub(self.second_count)),
+            remaining_requests: rate.rps.map(|r| {
+                if self.shared_rps_full {
+                    0
+                } else {
+                    r.saturating_sub(self.second_count)
+                }
+            }),
             remaining_tokens: rate.tpm.map(|t| t.saturating_sub(self.tpm_used(now_s))),
         }
     }
@@ -178,7 +189,10 @@ impl TenantState {
 
     /// The rps and concurrency checks, shared by admission and the pre-check.
     fn check_rate(&self, rate: &Rate, mode: Mode, now_s: u64) -> Result<(), Refusal> {
-        if rate.rps.is_some_and(|rps| self.second_count >= rps) {
+        if rate
+            .rps
+            .is_some_and(|rps| self.second_count >= rps || self.shared_rps_full)
+        {
             return Err(self.rate_refusal("rps", 1, rate, now_s));
         }
         if mode == Mode::Reserve && rate.concurrency.is_some_and(|c| self.in_flight >= c) {
@@ -244,6 +258,7 @@ impl Store {
                         return Err(Refusal::Budget {
                             which: "monthly",
                             retry_after_s: now.secs_to_next_month(),
+                            headers: s.headers(rate, now_s),
                         });
                     }
                 }
@@ -253,6 +268,7 @@ impl Store {
                         return Err(Refusal::Budget {
                             which: "hourly",
                             retry_after_s: now.secs_to_next_hour(),
+                            headers: s.headers(rate, now_s),
                         });
                     }
                 }
@@ -299,6 +315,23 @@ impl Store {
         self.with(tenant, |s| {
             s.roll_second(now.second);
             s.check_rate(rate, mode, now.second)
+        })
+    }
+
+    /// The tenant's `x-ratelimit-*` values as they stand, counting nothing.
+    pub(super) fn headers(&self, tenant: &str, rate: &Rate, now: Now) -> RateHeaders {
+        self.with(tenant, |s| {
+            s.roll_second(now.second);
+            s.headers(rate, now.second)
+        })
+    }
+
+    /// Remembers, until `now`'s second ends, that the shared store found the tenant's
+    /// rps window full.
+    pub(super) fn mark_rps_full(&self, tenant: &str, now: Now) {
+        self.with(tenant, |s| {
+            s.roll_second(now.second);
+            s.shared_rps_full = true;
         })
     }
 

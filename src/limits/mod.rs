@@ -12,8 +12,9 @@
 //! - `redis` (`redis::Shared`): exact across every edge node sharing the Redis, one
 //!   Lua script per admission. In front of it, this node's own memory store is a
 //!   pre-check that only ever refuses early (a tenant already at its rps or
-//!   concurrency limit on this node alone is over it globally too), so a flooding
-//!   tenant costs no round trip; it never admits on its own, because budgets must be
+//!   concurrency limit on this node alone is over it globally too, and one whose
+//!   rps Redis refused this second stays refused until the second ends), so a
+//!   flooding tenant costs no round trip; it never admits on its own, because budgets must be
 //!   exact and shared, and every admission needs the one round trip anyway.
 //!   Tenants with no limit and no budget at all skip the admission round trip; their
 //!   request is counted when it settles.
@@ -80,6 +81,7 @@ pub enum Refusal {
     Budget {
         which: &'static str,
         retry_after_s: u64,
+        headers: RateHeaders,
     },
     /// The shared store is unreachable and `on_error` is `fail_closed`.
     Unavailable(String),
@@ -235,7 +237,7 @@ impl Limits {
             match shared.admit(tenant, Some(demand), now).await {
                 Ok((Some(remote), headers)) => (remote, headers),
                 Ok((None, headers)) => (shared.unregistered(tenant, now), headers),
-                Err(redis::Failure::Refused(r)) => return Err(r),
+                Err(redis::Failure::Refused(r)) => return Err(self.remember(id, r, now)),
                 Err(redis::Failure::Down(e)) if !shared.fail_open => {
                     return Err(Refusal::Unavailable(e))
                 }
@@ -269,6 +271,17 @@ impl Limits {
             now,
         )?;
         Ok(self.ticket(tenant, hold, Some(remote), headers))
+    }
+
+    /// A shared-store refusal, noted locally when it is one that lasts: a full rps
+    /// window stays full until its second ends, so the rest of that second's requests
+    /// from this tenant are refused by the pre-check, before their body is read and
+    /// without a round trip, even when no single node is over the limit by itself.
+    fn remember(&self, tenant: &str, r: Refusal, now: Now) -> Refusal {
+        if let Refusal::Rate { which: "rps", .. } = r {
+            self.inner.local.mark_rps_full(tenant, now);
+        }
+        r
     }
 
     fn ticket(
@@ -336,7 +349,7 @@ impl Limits {
         } else {
             match shared.admit(tenant, None, now).await {
                 Ok((_, headers)) => (Rate::default(), headers),
-                Err(redis::Failure::Refused(r)) => return Err(r),
+                Err(redis::Failure::Refused(r)) => return Err(self.remember(id, r, now)),
                 Err(redis::Failure::Down(e)) if !shared.fail_open => {
                     return Err(Refusal::Unavailable(e))
                 }
@@ -356,6 +369,35 @@ impl Limits {
         } else {
             local_headers
         })
+    }
+
+    /// Refuses, by this node's own count and without I/O, a tenant already at its rps
+    /// or concurrency limit, so that a flooding tenant is turned away right after auth,
+    /// before its body is read and parsed. The count can only be lower than the true
+    /// one (the shared store's, or the same store's a moment later for `memory`), so
+    /// the refusal is never wrong; [`Limits::admit`] still does the exact check.
+    /// Refused requests are not counted in the rps window.
+    pub fn precheck(&self, tenant: &Tenant) -> Result<(), Refusal> {
+        let now = self.inner.now();
+        self.inner
+            .local
+            .precheck(&tenant.id, &tenant.rate, Mode::Reserve, now)
+    }
+
+    /// `x-ratelimit-*` values for a response that was not admitted (a 400, 403 or 413
+    /// after auth), without counting anything. The memory store's are exact; in
+    /// front of Redis this node's own count would overstate what is left, so only the
+    /// limit itself is given.
+    pub fn peek_headers(&self, tenant: &Tenant) -> RateHeaders {
+        if self.inner.shared.is_some() {
+            return RateHeaders {
+                limit_requests: tenant.rate.rps,
+                ..RateHeaders::default()
+            };
+        }
+        self.inner
+            .local
+            .headers(&tenant.id, &tenant.rate, self.inner.now())
     }
 
     /// This month's settled spend, reservations, tokens and requests, with the budget.

@@ -25,9 +25,12 @@
 //! connection) may have run; its ticket is released at once from a task (queued for
 //! replay if Redis is still away), so a Redis stall does not hold slots for a lease.
 //! Settles that fail are queued (up to [`PENDING_MAX`]) and replayed every second by a
-//! per-store task; one whose reply was lost after Redis applied it is replayed too,
-//! so such a settle's spend can be counted twice: an over-count, on the safe side of
-//! the budget.
+//! per-store task. A settle whose reply was lost (a timeout) may have run: its replay
+//! applies only if Redis still holds the ticket, so it is never counted twice (if
+//! the replay comes after the ticket's lease ran out and it was reclaimed, its spend
+//! is dropped: a whole lease of Redis trouble is needed for that). Holds Redis never
+//! registered (`fail_open` admissions, tenants without limits) have no ticket to
+//! check: their replay after a lost reply can count twice, on the safe side.
 //!
 //! Time: every window (second, hour, month, lease deadlines) comes from this node's
 //! clock, passed to the scripts, not from Redis `TIME`: the clock can be injected in
@@ -77,6 +80,9 @@ pub(super) struct RemoteHold {
     registered: bool,
     /// The request was not counted at admission; count it when settling.
     count_request: bool,
+    /// An earlier settle of this ticket may have run with its reply lost: apply this
+    /// one only if Redis still holds the ticket, so that a replay never counts twice.
+    maybe_settled: bool,
     second: u64,
     month: i64,
     hour: u64,
@@ -186,6 +192,7 @@ impl Shared {
             id: String::new(),
             registered: false,
             count_request: true,
+            maybe_settled: false,
             second: now.second,
             month: now.month,
             hour: now.hour,
@@ -250,6 +257,7 @@ impl Shared {
                             id,
                             registered: true,
                             count_request: false,
+                            maybe_settled: false,
                             second: now.second,
                             month: now.month,
                             hour: now.hour,
@@ -276,6 +284,7 @@ impl Shared {
                         id,
                         registered: true,
                         count_request: false,
+                        maybe_settled: false,
                         second: now.second,
                         month: now.month,
                         hour: now.hour,
@@ -288,12 +297,14 @@ impl Shared {
                 return Err(Failure::Refused(Refusal::Budget {
                     which: "monthly",
                     retry_after_s: now.secs_to_next_month(),
+                    headers,
                 }))
             }
             "hourly" => {
                 return Err(Failure::Refused(Refusal::Budget {
                     which: "hourly",
                     retry_after_s: now.secs_to_next_hour(),
+                    headers,
                 }))
             }
             "rps" => "rps",
@@ -315,8 +326,8 @@ impl Shared {
     /// Settles now; if Redis cannot be reached the settle is queued and replayed.
     pub(super) async fn settle(self: &Arc<Self>, hold: RemoteHold, actual: Actual, now: Now) {
         self.forget(&hold);
-        if self.run_settle(&hold, actual, now).await.is_err() {
-            self.defer(hold, actual);
+        if let Err(maybe_applied) = self.run_settle(&hold, actual, now).await {
+            self.defer(hold, actual, maybe_applied);
         }
     }
 
@@ -329,12 +340,12 @@ impl Shared {
                 let me = self.clone();
                 rt.spawn(async move {
                     let now = Now::at((me.clock)());
-                    if me.run_settle(&hold, Actual::default(), now).await.is_err() {
-                        me.defer(hold, Actual::default());
+                    if let Err(maybe_applied) = me.run_settle(&hold, Actual::default(), now).await {
+                        me.defer(hold, Actual::default(), maybe_applied);
                     }
                 });
             }
-            Err(_) => self.defer(hold, Actual::default()),
+            Err(_) => self.defer(hold, Actual::default(), false),
         }
     }
 
@@ -350,7 +361,8 @@ impl Shared {
         }
     }
 
-    fn defer(self: &Arc<Self>, hold: RemoteHold, actual: Actual) {
+    fn defer(self: &Arc<Self>, mut hold: RemoteHold, actual: Actual, maybe_applied: bool) {
+        hold.maybe_settled |= maybe_applied && hold.registered;
         {
             let mut q = lock(&self.pending);
             if q.len() >= PENDING_MAX {
@@ -364,7 +376,8 @@ impl Shared {
         self.ensure_worker();
     }
 
-    async fn run_settle(&self, hold: &RemoteHold, actual: Actual, now: Now) -> Result<(), String> {
+    /// One settle script; on failure, whether it may have run all the same.
+    async fn run_settle(&self, hold: &RemoteHold, actual: Actual, now: Now) -> Result<(), bool> {
         let t = &hold.tenant;
         let mut inv = SETTLE.prepare_invoke();
         inv.key(key(t, "tpm"))
@@ -385,12 +398,13 @@ impl Shared {
             .arg(actual.cost_nanousd)
             .arg(month_ttl_ms(hold.month, now))
             .arg(hour_ttl_ms(hold.hour, now))
-            .arg(u8::from(hold.count_request));
+            .arg(u8::from(hold.count_request))
+            .arg(u8::from(hold.maybe_settled));
         self.conn
             .invoke::<i64>(&inv)
             .await
             .map(|_| ())
-            .map_err(|e| e.msg)
+            .map_err(|e| e.maybe_applied)
     }
 
     /// One round trip: the month's figures, its reservations and the hours' spend.
@@ -477,14 +491,14 @@ impl Shared {
 
     async fn replay(&self) {
         for _ in 0..1000 {
-            let Some((hold, actual)) = lock(&self.pending).pop_front() else {
+            let Some((mut hold, actual)) = lock(&self.pending).pop_front() else {
                 return;
             };
-            if self
+            if let Err(maybe_applied) = self
                 .run_settle(&hold, actual, Now::at((self.clock)()))
                 .await
-                .is_err()
             {
+                hold.maybe_settled |= maybe_applied && hold.registered;
                 lock(&self.pending).push_front((hold, actual));
                 return;
             }

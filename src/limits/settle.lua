@@ -8,7 +8,7 @@
 -- KEYS: 1 tpm hash, 2 month hash, 3 hour hash, 4 lease zset, 5 tickets hash.
 -- ARGV: 1 now second, 2 ticket id, 3 admission second, 4 reserved tokens,
 --       5 tokens in, 6 tokens out, 7 cost, 8 month key ttl ms, 9 hour key ttl ms,
---       10 count the request (1 | 0).
+--       10 count the request (1 | 0), 11 replay of a settle that may have run (1 | 0).
 
 local K_TPM, K_MONTH, K_HOUR, K_LEASE, K_TIX = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local now_s, admitted = tonumber(ARGV[1]), tonumber(ARGV[3])
@@ -16,6 +16,10 @@ local actual = tonumber(ARGV[5]) + tonumber(ARGV[6])
 local cost = ARGV[7]
 
 local held = release(K_TIX, K_LEASE, ARGV[2])
+-- A replay after a lost reply: a ticket no longer held was settled by the first run.
+if ARGV[11] == '1' and not held then
+  return 0
+end
 -- Only a ticket still held has its reserved tokens in the window: one Redis never
 -- saw (an admission whose reply was lost before the script ran) or already
 -- reclaimed must not take other requests' tokens out.

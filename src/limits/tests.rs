@@ -86,6 +86,52 @@ async fn rps_refuses_the_extra_request_in_the_same_second() {
 }
 
 #[tokio::test]
+async fn precheck_refuses_at_rps_or_concurrency_and_counts_nothing() {
+    let (cfg, now, l) = setup();
+    let t = cfg.tenant("t").unwrap();
+    assert_eq!(l.peek_headers(t).remaining_requests, Some(3));
+    let a = l.admit(t, d(100, 0)).await.unwrap();
+    let b = l.admit(t, d(100, 0)).await.unwrap();
+    // rps 3 has room, concurrency 2 does not.
+    assert!(matches!(
+        l.precheck(t),
+        Err(Refusal::Rate {
+            which: "concurrency",
+            retry_after_s: 1,
+            ..
+        })
+    ));
+    l.settle(a, Actual::default()).await;
+    l.precheck(t).unwrap();
+    l.precheck(t).unwrap();
+    let c = l.admit(t, d(1, 0)).await.unwrap();
+    // Three admitted this second: refused, and the refusals were not counted. (Only
+    // `b` still holds tokens: `a` settled at none, `c` was dropped.)
+    drop(c);
+    match l.precheck(t) {
+        Err(Refusal::Rate {
+            which: "rps",
+            headers,
+            ..
+        }) => assert_eq!(headers.remaining_requests, Some(0)),
+        other => panic!("{other:?}"),
+    }
+    let h = l.peek_headers(t);
+    assert_eq!(
+        (h.limit_requests, h.remaining_requests, h.remaining_tokens),
+        (Some(3), Some(0), Some(1000 - 100))
+    );
+    now.fetch_add(1000, Ordering::SeqCst);
+    l.precheck(t).unwrap();
+    assert_eq!(l.peek_headers(t).remaining_requests, Some(3));
+    drop(b);
+    // A tenant with no limits is never refused early.
+    let free = cfg.tenant("free").unwrap();
+    l.precheck(free).unwrap();
+    assert_eq!(l.peek_headers(free), RateHeaders::default());
+}
+
+#[tokio::test]
 async fn concurrency_is_released_by_settle_and_by_drop() {
     let (cfg, now, l) = setup();
     let t = cfg.tenant("t").unwrap();
@@ -181,6 +227,7 @@ async fn concurrent_reservations_never_exceed_the_monthly_budget() {
         Err(Refusal::Budget {
             which: "monthly",
             retry_after_s,
+            ..
         }) => {
             // 2026-11-22 19:00 to 2026-12-01 00:00
             assert_eq!(retry_after_s, 8 * 86_400 + 5 * 3600);
@@ -209,6 +256,7 @@ async fn hourly_budget_stops_until_the_hour_rolls() {
         Err(Refusal::Budget {
             which: "hourly",
             retry_after_s,
+            ..
         }) => assert_eq!(retry_after_s, 1800),
         other => panic!("{other:?}"),
     }

@@ -25,9 +25,19 @@ impl Gateway {
         let endpoint = Endpoint::of(session.req_header());
         ctx.endpoint = Some(endpoint);
         if let Err(ge) = self.serve(session, ctx, endpoint).await {
+            if !session.is_body_done() {
+                refused_unread(session, self.config().max_body_bytes);
+            }
             let mut extra = Vec::with_capacity(4);
             if let Some(plan) = &ctx.plan {
                 extra.push(("x-gateway-attempts", plan.outcome().attempts.to_string()));
+            }
+            // Every response to a known tenant says where its limits stand, also
+            // errors raised before admission (a 400, 403 or 413).
+            if ctx.rate_headers.is_none() {
+                if let Some(t) = &ctx.tenant {
+                    ctx.rate_headers = Some(self.limits.peek_headers(t));
+                }
             }
             if let Some(h) = &ctx.rate_headers {
                 respond::rate_headers(h, &mut extra);
@@ -75,12 +85,19 @@ impl Gateway {
 
         if endpoint == Endpoint::Models {
             let body = models_list(&tenant);
+            let mut extra = Vec::with_capacity(3);
+            respond::rate_headers(&self.limits.peek_headers(&tenant), &mut extra);
             ctx.status = 200;
-            return respond::json(session, 200, body, &ctx.request_id, &[])
+            return respond::json(session, 200, body, &ctx.request_id, &extra)
                 .await
                 .map_err(|_| GatewayError::new(ErrorKind::Internal, "write failed"));
         }
 
+        // A tenant already over its rps or concurrency is refused before its body is
+        // read, let alone parsed: a flood costs a hash lookup per request.
+        self.limits
+            .precheck(&tenant)
+            .map_err(|r| refusal_error(r, ctx))?;
         let body = read_body(session, cfg.max_body_bytes).await?;
         let prompt_bytes = body.len();
         let mut req = ClientRequest::parse(endpoint.format(), &body)?;
@@ -304,11 +321,41 @@ fn refusal_error(r: Refusal, ctx: &mut Ctx) -> GatewayError {
         Refusal::Budget {
             which,
             retry_after_s,
-        } => GatewayError::new(
-            ErrorKind::BudgetExceeded,
-            format!("{which} budget exhausted: this request could cost more than what is left"),
-        )
-        .with_retry_after(retry_after_s),
+            headers,
+        } => {
+            ctx.rate_headers = Some(headers);
+            GatewayError::new(
+                ErrorKind::BudgetExceeded,
+                format!("{which} budget exhausted: this request could cost more than what is left"),
+            )
+            .with_retry_after(retry_after_s)
+        }
+    }
+}
+
+/// A request refused before its body was read (unknown key, rate limit). Pingora's
+/// default closes such a connection once the answer is out, and a client still
+/// uploading its body may then see a reset instead of the answer; so a body of
+/// declared, acceptable length is read and dropped after the answer (no parsing),
+/// which also keeps the connection for the next request. A client waiting for
+/// `100 Continue` will not send its body, and a body of unknown or excessive length
+/// is not worth reading: those connections close.
+fn refused_unread(session: &mut Session, max_body: usize) {
+    let req = session.req_header();
+    let expects = req
+        .headers
+        .get(http::header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    let drainable = req
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok())
+        .is_some_and(|n| n <= max_body);
+    if expects {
+        session.set_keepalive(None);
+    } else if drainable {
+        session.set_close_on_response_before_downstream_finish(false);
     }
 }
 

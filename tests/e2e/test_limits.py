@@ -24,55 +24,18 @@ directives make streams slow enough to be in flight together.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import math
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 
-import httpx
 import pytest
 
-from conftest import ADMIN_TOKEN, sha256_hex
-from helpers import (assert_anthropic_error, assert_openai_error, audit_rows, chat_body, cost_nanousd,
-                     messages_body, new_request_id)
-
-PRICE = {"input_per_mtok": 1.0, "output_per_mtok": 2.0}  # 1000 / 2000 nano-USD per token
-LIM_MAX_OUT = 256          # max_output_tokens of `lim`
-BIG_MAX_OUT = 100_000      # max_output_tokens of `lim-big`
-
-TIMEOUT = httpx.Timeout(15.0, connect=3.0)
-
-
-def new_client() -> httpx.Client:
-    # Plain http: skipping the TLS context (about 40 ms to build) keeps bursts tight.
-    return httpx.Client(timeout=TIMEOUT, verify=False)
-
-
-def key_of(tenant: str) -> str:
-    return f"sk-lim-{tenant}"
-
-
-# --------------------------------------------------------------------------- bodies and worst cases
-
-
-def raw(body: dict) -> bytes:
-    """The exact bytes sent for `body` (the reservation depends on them)."""
-    return json.dumps(body).encode()
-
-
-def worst(body: dict | bytes) -> tuple[int, int]:
-    """(tokens, cost_nanousd) the gateway must reserve for `body` on model `lim`/`lim-big`:
-    prompt bound ceil(bytes/2), output bound the client's max_tokens (else the model's)."""
-    data = body if isinstance(body, bytes) else raw(body)
-    parsed = json.loads(data)
-    out = parsed.get("max_completion_tokens") or parsed.get("max_tokens")
-    if out is None:
-        out = BIG_MAX_OUT if parsed.get("model") == "lim-big" else LIM_MAX_OUT
-    prompt = math.ceil(len(data) / 2)
-    return prompt + out, cost_nanousd(PRICE, prompt, out)
-
+from helpers import assert_anthropic_error, assert_openai_error, chat_body, messages_body, new_request_id
+from limitslib import (BIG_MAX_OUT, LIM_MAX_OUT, PRICE, Call, admin_get, assert_refused_row, burst, call,
+                       is_stream_ok, raw, retry_after, row_of, spend_until_refused, start_of_fresh_second,
+                       tenant_rows, usage, usd, wait_rows, worst, _tenant)
 
 # The race: slow streams (5 tokens, 300 ms apart) so that every request of the burst
 # reaches admission while the admitted ones are still in flight.
@@ -101,18 +64,6 @@ TPM = 2000
 HDR_RPS, HDR_TPM = 1000, 1_000_000
 
 
-def usd(nanousd: int) -> float:
-    """A budget in the config file (USD); exact as long as the float's shortest repr is."""
-    v = nanousd / 1_000_000_000
-    assert v >= 1e-4 and Decimal(repr(v)) * 1_000_000_000 == nanousd, nanousd
-    return v
-
-
-def _tenant(name: str, models: list[str] | None = None, **extra) -> dict:
-    return {"api_keys": [{"id": f"{name}-key", "sha256": sha256_hex(key_of(name))}],
-            "models": models or ["lim"], **extra}
-
-
 OVERRIDES = {
     "models": {
         "lim": {"provider": "inhouse", "price": PRICE, "max_output_tokens": LIM_MAX_OUT},
@@ -137,102 +88,6 @@ OVERRIDES = {
 @pytest.fixture(scope="module")
 def gw(gateway):
     return gateway(OVERRIDES)
-
-
-# --------------------------------------------------------------------------- requests
-
-
-class Call:
-    """One finished request: status, headers, body bytes, when its headers and its end came."""
-
-    def __init__(self, r: httpx.Response, body: bytes, t_head: float, t_end: float, rid: str):
-        self.r, self.status, self.headers, self.body = r, r.status_code, r.headers, body
-        self.t_head, self.t_end, self.rid = t_head, t_end, rid
-
-    def header_int(self, name: str) -> int | None:
-        v = self.headers.get(name)
-        return None if v is None else int(v)
-
-    def __repr__(self) -> str:
-        return f"<{self.rid} {self.status} {self.body[:200]!r}>"
-
-
-def call(gw, tenant: str, body: dict, path: str = "/v1/chat/completions", rid: str | None = None,
-         barrier: threading.Barrier | None = None, on_head: threading.Event | None = None,
-         key: str | None = None) -> Call:
-    """Sends `body` (streamed or not, as it says) and reads the whole answer."""
-    rid = rid or new_request_id("lim")
-    h = {"content-type": "application/json", "authorization": f"Bearer {key or key_of(tenant)}",
-         "x-request-id": rid}
-    if path == "/v1/messages":
-        h["anthropic-version"] = "2023-06-01"
-    with new_client() as c:
-        if barrier is not None:
-            barrier.wait(timeout=10)
-        with c.stream("POST", f"{gw.base_url}{path}", headers=h, content=raw(body)) as r:
-            t_head = time.monotonic()
-            if on_head is not None:
-                on_head.set()
-            data = r.read()
-            t_end = time.monotonic()
-    return Call(r, data, t_head, t_end, rid)
-
-
-def burst(gw, tenant: str, body: dict, n: int, prefix: str) -> list[Call]:
-    """`n` identical requests released together."""
-    barrier = threading.Barrier(n)
-    with ThreadPoolExecutor(max_workers=n) as ex:
-        futs = [ex.submit(call, gw, tenant, body, rid=new_request_id(prefix), barrier=barrier) for _ in range(n)]
-        return [f.result() for f in futs]
-
-
-def admin_get(gw, path: str, token: str | None = ADMIN_TOKEN) -> httpx.Response:
-    h = {"authorization": f"Bearer {token}"} if token else {}
-    with new_client() as c:
-        return c.get(f"{gw.admin_url}{path}", headers=h)
-
-
-def usage(gw, tenant: str) -> dict:
-    r = admin_get(gw, f"/admin/v1/tenants/{tenant}/usage")
-    assert r.status_code == 200, f"usage of {tenant}: {r.status_code} {r.text[:300]}"
-    return r.json()
-
-
-def row_of(gw, c: Call) -> dict:
-    rows = audit_rows(gw, c.rid)
-    assert len(rows) == 1, rows
-    return rows[0]
-
-
-def tenant_rows(gw, tenant: str) -> list[dict]:
-    return [r for r in audit_rows(gw) if r.get("tenant") == tenant]
-
-
-def wait_rows(gw, calls: list[Call]) -> list[dict]:
-    """The audit row of every call (each written after the call settled its reservation)."""
-    return [row_of(gw, c) for c in calls]
-
-
-def is_stream_ok(c: Call) -> bool:
-    return c.status == 200 and c.body.rstrip().endswith(b"data: [DONE]")
-
-
-def assert_refused_row(row: dict, status: int, code: str) -> None:
-    assert row["status"] == status and row["error_code"] == code, row
-    assert row["cost_nanousd"] == 0 and row["tokens_in"] == 0 and row["tokens_out"] == 0, row
-    assert row["provider"] == "" and row["attempts"] == 0, row
-
-
-def start_of_fresh_second() -> None:
-    """Sleeps until just after the next whole second (rps windows are UTC seconds)."""
-    now = time.time()
-    time.sleep(math.floor(now) + 1 - now + 0.01)
-
-
-def retry_after(c: Call) -> int:
-    v = c.headers.get("retry-after")
-    assert v is not None and v.isdigit(), f"retry-after missing or not whole seconds: {v!r} ({c})"
-    return int(v)
 
 
 # --------------------------------------------------------------------------- 1. the race
@@ -611,7 +466,9 @@ def test_usage_endpoint_matches_the_audit_rows(gw):
     assert [c.status for c in calls] == [200, 200, 200, 200, 402], calls
     rows = wait_rows(gw, calls)
     assert all(r["tenant"] == "usage" for r in rows)
-    assert rows == [r for r in tenant_rows(gw, "usage")], "the tenant has no other rows"
+    # Rows reach the spool in the order requests end, which need not be the order of the calls.
+    by_id = lambda rs: sorted(rs, key=lambda r: r["request_id"])  # noqa: E731
+    assert by_id(rows) == by_id(tenant_rows(gw, "usage")), "the tenant has no other rows"
 
     r = admin_get(gw, "/admin/v1/tenants/usage/usage")
     assert r.status_code == 200 and r.headers.get("content-type", "").startswith("application/json"), r
@@ -683,17 +540,8 @@ def test_hourly_budget_stops_the_tenant_within_the_hour(gw):
         assert to_next_hour - 3 <= ra <= to_next_hour + 3, (ra, to_next_hour)
     wait_rows(gw, calls)
 
-    for _ in range(50):
-        hour_spent = sum(r["cost_nanousd"] for r in tenant_rows(gw, "hourly"))
-        c = call(gw, "hourly", FAST_BODY)
-        if hour_spent + FAST_W > HOURLY_BUDGET:
-            assert_openai_error(c.r, 402, "budget_exceeded")
-            assert_refused_row(row_of(gw, c), 402, "budget_exceeded")
-            break
-        assert c.status == 200, f"hour spend {hour_spent} + {FAST_W} <= {HOURLY_BUDGET}: {c}"
-        row_of(gw, c)
-    else:
-        pytest.fail("the hourly budget was never reached")
+    spend_until_refused([gw], "hourly", FAST_BODY,
+                        lambda: sum(r["cost_nanousd"] for r in tenant_rows(gw, "hourly")), HOURLY_BUDGET)
     assert int(time.time() // 3600) == hour, "the hour rolled during the test"
 
     spent = sum(r["cost_nanousd"] for r in tenant_rows(gw, "hourly"))

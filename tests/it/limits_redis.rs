@@ -137,11 +137,15 @@ tenants:
   free:
     api_keys: [ { id: k5, sha256: "H5" } ]
     models: [m1]
+  edges:
+    api_keys: [ { id: k6, sha256: "H6" } ]
+    models: [m1]
+    budget: { monthly_usd: 0.00001, hourly_usd: 0.000004 }
 "#;
 
 fn tenants() -> Config {
     let mut yaml = TENANTS.to_string();
-    for (i, key) in ["a", "b", "c", "d", "e"].iter().enumerate() {
+    for (i, key) in ["a", "b", "c", "d", "e", "f"].iter().enumerate() {
         yaml = yaml.replace(
             &format!("\"H{}\"", i + 1),
             &format!("\"{}\"", sha256_hex(key)),
@@ -216,6 +220,7 @@ async fn two_nodes_never_together_exceed_one_monthly_budget() {
         Err(Refusal::Budget {
             which: "monthly",
             retry_after_s,
+            ..
         }) => assert!(retry_after_s > 0 && retry_after_s <= 31 * 86_400),
         other => panic!("{other:?}"),
     }
@@ -253,6 +258,81 @@ async fn two_nodes_never_together_exceed_one_monthly_budget() {
     assert_eq!(a.store_errors() + b.store_errors(), 0);
 }
 
+/// Redis's count of the commands it has run.
+async fn commands_processed(c: &mut redis::aio::MultiplexedConnection) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("stats")
+        .query_async(c)
+        .await
+        .expect("INFO");
+    info.lines()
+        .find_map(|l| l.strip_prefix("total_commands_processed:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("total_commands_processed in INFO stats")
+}
+
+/// Admits `cost` on `node`, settles it at the full cost, or returns the refusal.
+async fn spend(node: &Limits, t: &Arc<Tenant>, cost: u64) -> Result<(), Refusal> {
+    let k = node.admit(t, demand(1, cost)).await?;
+    node.settle(
+        k,
+        Actual {
+            tokens_in: 1,
+            tokens_out: 0,
+            cost_nanousd: cost,
+        },
+    )
+    .await;
+    Ok(())
+}
+
+fn budget_refusal(r: Result<(), Refusal>) -> (&'static str, u64) {
+    match r {
+        Err(Refusal::Budget {
+            which,
+            retry_after_s,
+            ..
+        }) => (which, retry_after_s),
+        other => panic!("expected a budget refusal, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hour_and_month_roll_over_on_the_injected_clock() {
+    let redis = Redis::start();
+    let (now, a, b) = two_nodes(&redis, OnError::FailClosed);
+    let cfg = tenants();
+    // 10_000 nano-USD a month, 4_000 an hour.
+    let t = tenant(&cfg, "edges");
+    // 2026-11-30 23:30 UTC: half an hour before both the hour and the month roll.
+    now.store(1_796_081_400_000, Ordering::SeqCst);
+    spend(&a, &t, 3_000).await.expect("fits the hour");
+    assert_eq!(budget_refusal(spend(&b, &t, 2_000).await), ("hourly", 1800));
+    // 2026-12-01 00:00: a new hour and a new month, on either node.
+    now.store(1_796_083_200_000, Ordering::SeqCst);
+    spend(&b, &t, 4_000).await.expect("a fresh hour");
+    let u = a.usage(&t).await.expect("usage");
+    assert_eq!((u.month.as_str(), u.spent_nanousd), ("2026-12", 4_000));
+    assert_eq!(u.spend_this_hour_nanousd, 4_000);
+    assert_eq!(budget_refusal(spend(&a, &t, 1).await), ("hourly", 3600));
+    // 01:00 and 02:00: the hours have room, the month runs out.
+    now.fetch_add(3_600_000, Ordering::SeqCst);
+    spend(&a, &t, 4_000).await.expect("fits hour and month");
+    now.fetch_add(3_600_000, Ordering::SeqCst);
+    // 8_000 spent + 4_000 > 10_000: refused until 2027-01-01 00:00, 30 days 22 h away.
+    assert_eq!(
+        budget_refusal(spend(&b, &t, 4_000).await),
+        ("monthly", 2_671_200)
+    );
+    spend(&b, &t, 2_000).await.expect("the month's last 2_000");
+    // 2027-01-01 00:00: a new month starts from nothing.
+    now.store(1_798_761_600_000, Ordering::SeqCst);
+    let u = b.usage(&t).await.expect("usage");
+    assert_eq!((u.month.as_str(), u.spent_nanousd), ("2027-01", 0));
+    spend(&a, &t, 4_000).await.expect("a fresh month");
+    assert_eq!(a.store_errors() + b.store_errors(), 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_nodes_enforce_one_rps_and_one_concurrency_limit() {
     let redis = Redis::start();
@@ -273,8 +353,32 @@ async fn two_nodes_enforce_one_rps_and_one_concurrency_limit() {
         }
         other => panic!("{other:?}"),
     }
+    // Node `b` admitted only half of them, but once Redis refused its request the
+    // rest of this second is refused locally, before the body and without a round
+    // trip: even with Redis gone the answer is the rps refusal, not "unavailable".
+    assert!(matches!(
+        b.admit(&t, demand(1, 0)).await,
+        Err(Refusal::Rate { which: "rps", .. })
+    ));
+    let mut watch = redis.conn().await;
+    let before = commands_processed(&mut watch).await;
+    match b.precheck(&t) {
+        Err(Refusal::Rate {
+            which: "rps",
+            headers,
+            ..
+        }) => assert_eq!(headers.remaining_requests, Some(0)),
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        b.admit(&t, demand(1, 0)).await,
+        Err(Refusal::Rate { which: "rps", .. })
+    ));
+    // Only the first INFO ran in between.
+    assert_eq!(commands_processed(&mut watch).await, before + 1);
     drop(admitted);
     now.fetch_add(1000, Ordering::SeqCst);
+    b.precheck(&t).expect("a new second, asked of Redis again");
     let h = b.admit_request_only(&t).await.expect("a new second");
     assert_eq!(h.remaining_requests, Some(49));
 
@@ -640,4 +744,50 @@ async fn a_stalled_redis_costs_a_bounded_wait_and_leaks_no_slot() {
         .expect("ZCARD");
     assert_eq!(leases, 0);
     assert!(l.store_errors() >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_settle_whose_reply_was_lost_is_counted_once() {
+    let redis = Redis::start();
+    let (_now, clock) = clock();
+    let l = Limits::with_clock(&redis.counters(OnError::FailClosed), clock);
+    let cfg = tenants();
+    let t = tenant(&cfg, "conc10");
+    // Warm up: the scripts are loaded, so the settle below goes out as one EVALSHA.
+    let k = l.admit(&t, demand(10, 1_000)).await.expect("admit");
+    l.settle(k, Actual::default()).await;
+    let k = l.admit(&t, demand(10, 1_000)).await.expect("admit");
+    // Redis is busy for 700 ms: the settle times out after it was sent, Redis runs it
+    // once free, and the node replays it (it cannot know it ran).
+    let busy = stall(&redis, 700).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let errors = l.store_errors();
+    l.settle(
+        k,
+        Actual {
+            tokens_in: 3,
+            tokens_out: 4,
+            cost_nanousd: 700,
+        },
+    )
+    .await;
+    assert!(l.store_errors() > errors, "the settle did not time out");
+    busy.await.expect("busy script task");
+    // The replay runs within a second or two of Redis answering again; wait until
+    // the node has no settle pending and no error since, then read the counters.
+    let deadline = Instant::now() + Duration::from_secs(6);
+    let u = loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if let Ok(u) = l.usage(&t).await {
+            if u.reserved_nanousd == 0 && Instant::now() > deadline - Duration::from_secs(3) {
+                break u;
+            }
+        }
+        assert!(Instant::now() < deadline, "redis never answered again");
+    };
+    assert_eq!(
+        (u.spent_nanousd, u.tokens_in, u.tokens_out, u.requests),
+        (700, 3, 4, 2),
+        "the replayed settle was counted twice"
+    );
 }
