@@ -4,7 +4,8 @@ interserver), with its data, logs and a minimal config.xml/users.xml in a temp d
 
 `start()` waits for `GET /ping` to answer `Ok.`; `stop()` ends it (SIGTERM, then
 SIGKILL); `start()` again brings it back on the same data and the same ports (a
-gateway configured with `url` finds it again).
+gateway configured with `url` finds it again). No pytest here: loadtest/audit_bench.py
+uses it too; failures raise `ClickHouseError`.
 """
 
 from __future__ import annotations
@@ -13,14 +14,12 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
 
 import httpx
-import pytest
-
-from conftest import _LOGS, _tail, free_ports
 
 START_DEADLINE_S = 60.0
 
@@ -69,22 +68,44 @@ USERS_XML = """<?xml version="1.0"?>
 """
 
 
+class ClickHouseError(Exception):
+    pass
+
+
+def free_ports(n: int) -> list[int]:
+    """`n` distinct free loopback ports (bound to port 0 together, then released)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _tail(path: Path, lines: int = 60) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError as e:
+        return f"<cannot read {path}: {e}>"
+
+
 def server_binary() -> str:
     for cand in (shutil.which("clickhouse-server"), "/usr/sbin/clickhouse-server", "/usr/bin/clickhouse-server"):
         if cand and os.access(cand, os.X_OK):
             return cand
-    pytest.fail("clickhouse-server not found: tests/run.sh installs it (apt-get install clickhouse-server)",
-                pytrace=False)
+    raise ClickHouseError("clickhouse-server not found: tests/run.sh installs it "
+                          "(apt-get install clickhouse-server)")
 
 
 class ClickHouse:
-    def __init__(self, directory: Path, name: str = "clickhouse"):
+    def __init__(self, directory: Path):
         self.dir = directory
-        self.name = name
         self.proc: subprocess.Popen | None = None
         self.ports: list[int] = []
         self.log_path = directory / "stdout.log"
-        _LOGS[name] = directory / "log" / "clickhouse-server.err.log"
+        self.err_log = directory / "log" / "clickhouse-server.err.log"
 
     @property
     def url(self) -> str:
@@ -108,8 +129,7 @@ class ClickHouse:
         with httpx.Client(timeout=1.0) as c:
             while time.monotonic() < deadline:
                 if self.proc.poll() is not None:
-                    pytest.fail(f"clickhouse-server exited with {self.proc.returncode}:\n{self.logs()}",
-                                pytrace=False)
+                    raise ClickHouseError(f"clickhouse-server exited with {self.proc.returncode}:\n{self.logs()}")
                 try:
                     r = c.get(f"{self.url}/ping")
                     if r.status_code == 200 and r.text.strip() == "Ok.":
@@ -119,8 +139,7 @@ class ClickHouse:
                     last = repr(e)
                 time.sleep(0.05)
         self.stop()
-        pytest.fail(f"clickhouse-server not ready within {START_DEADLINE_S}s ({last}):\n{self.logs()}",
-                    pytrace=False)
+        raise ClickHouseError(f"clickhouse-server not ready within {START_DEADLINE_S}s ({last}):\n{self.logs()}")
 
     def stop(self) -> None:
         p, self.proc = self.proc, None
@@ -134,12 +153,12 @@ class ClickHouse:
             p.wait(timeout=10)
 
     def logs(self) -> str:
-        return _tail(self.log_path) + "\n" + _tail(self.dir / "log" / "clickhouse-server.err.log")
+        return _tail(self.log_path) + "\n" + _tail(self.err_log)
 
     def query(self, sql: str, database: str = "default", timeout: float = 10.0) -> str:
         r = httpx.post(f"{self.url}/", params={"database": database}, content=sql.encode(), timeout=timeout)
         if r.status_code != 200:
-            raise AssertionError(f"ClickHouse refused {sql!r}: {r.status_code} {r.text}")
+            raise ClickHouseError(f"ClickHouse refused {sql!r}: {r.status_code} {r.text}")
         return r.text
 
     def rows(self, sql: str, database: str = "default") -> list[dict]:
@@ -147,5 +166,5 @@ class ClickHouse:
         r = httpx.post(f"{self.url}/", params={"database": database, "output_format_json_quote_64bit_integers": "0"},
                        content=f"{sql} FORMAT JSONEachRow".encode(), timeout=10.0)
         if r.status_code != 200:
-            raise AssertionError(f"ClickHouse refused {sql!r}: {r.status_code} {r.text}")
+            raise ClickHouseError(f"ClickHouse refused {sql!r}: {r.status_code} {r.text}")
         return [json.loads(line) for line in r.text.splitlines() if line.strip()]

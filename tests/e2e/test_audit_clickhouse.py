@@ -32,10 +32,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 from anthropic import Anthropic
 from openai import OpenAI
 
-from chserver import ClickHouse
+from chserver import ClickHouse, ClickHouseError
 from conftest import (ADMIN_TOKEN, TENANT_KEYS, Gateway, _LOGS, _stop, _wait_ready, base_config, deep_merge,
                       free_ports, gateway_env, sha256_hex)
 from helpers import cost_nanousd, new_request_id
@@ -66,7 +67,12 @@ CONTRACT_COLUMNS = [
 
 @pytest.fixture
 def clickhouse(tmp_path):
-    ch = ClickHouse(tmp_path / "clickhouse", name=f"clickhouse-{tmp_path.name}").start()
+    ch = ClickHouse(tmp_path / "clickhouse")
+    _LOGS[f"clickhouse-{tmp_path.name}"] = ch.err_log
+    try:
+        ch.start()
+    except ClickHouseError as e:
+        pytest.fail(str(e), pytrace=False)
     yield ch
     ch.stop()
 
@@ -90,7 +96,6 @@ class PrivateGateway:
         http_port, admin_port = free_ports(2)
         cfg = deep_merge(base_config(self.mock_url, http_port, admin_port, self.dir), self.overrides)
         cfg_path = self.dir / "gateway.yaml"
-        import yaml
         cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
         name = f"{self.dir.name}-{self.starts}"
         log_path = self.dir / f"{name}.log"
@@ -174,7 +179,7 @@ def wait_all_in_clickhouse(ch: ClickHouse, db: str, ids: list[str], timeout: flo
     def probe():
         try:
             rows = ch_rows(ch, db, ids)
-        except (AssertionError, httpx.HTTPError):
+        except (ClickHouseError, httpx.HTTPError):
             return None  # the table may not exist yet
         return rows if len({r["request_id"] for r in rows}) == len(set(ids)) else None
     return wait_for(f"{len(set(ids))} rows in ClickHouse", probe, timeout, log=log)
