@@ -167,22 +167,26 @@ impl ClickHouse {
         }
     }
 
-    /// Creates the database and the table when missing (once per process).
-    async fn ensure_table(&mut self) -> Result<(), ChError> {
-        if self.table_ready {
-            return Ok(());
-        }
+    /// Creates the database and the table when missing.
+    async fn ensure_table(&self) -> Result<(), ChError> {
         let db = format!("CREATE DATABASE IF NOT EXISTS {}", self.database);
         bounded(INSERT_TIMEOUT, self.client.query(&db).execute()).await?;
         let ddl = create_table_sql(&self.database, &self.table);
-        bounded(INSERT_TIMEOUT, self.client.query(&ddl).execute()).await?;
-        self.table_ready = true;
-        Ok(())
+        bounded(INSERT_TIMEOUT, self.client.query(&ddl).execute()).await
     }
 
     /// Inserts `rows` as one INSERT; `Ok` means ClickHouse acknowledged all of them.
+    /// The table is created first when this process has not seen it yet; a refused
+    /// DDL (a user without CREATE rights on an existing table) does not stop the insert.
     pub async fn insert(&mut self, rows: &[AuditRow]) -> Result<(), ChError> {
-        self.ensure_table().await?;
+        let mut ddl_error = None;
+        if !self.table_ready {
+            match self.ensure_table().await {
+                Ok(()) => {}
+                Err(e @ ChError::TimedOut(_)) => return Err(e),
+                Err(e) => ddl_error = Some(e),
+            }
+        }
         let table = format!("{}.{}", self.database, self.table);
         let client = &self.client;
         let result = bounded(INSERT_TIMEOUT, async move {
@@ -196,11 +200,14 @@ impl ClickHouse {
             insert.end().await
         })
         .await;
-        if result.is_err() {
-            // The table may have been dropped; check again before the next insert.
-            self.table_ready = false;
+        // After a failure the table may be gone: create it again before the next insert.
+        self.table_ready = result.is_ok();
+        match (result, ddl_error) {
+            (Err(e), Some(ddl)) => Err(ChError::Server(clickhouse::error::Error::Other(
+                format!("creating the table failed ({ddl}), then the insert: {e}").into(),
+            ))),
+            (r, _) => r,
         }
-        result
     }
 
     /// `tenant`'s rows since `since_ms`, oldest first, at most `limit`, each request
