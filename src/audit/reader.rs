@@ -113,17 +113,28 @@ impl SpoolReader {
 
     /// Up to `max_rows` rows from the cursor on, without moving it.
     pub fn read(&mut self, max_rows: usize) -> std::io::Result<Batch> {
-        // List before reading: the writer only creates a newer file after its last
-        // write to the older ones, so a file read to its end after a newer file was
-        // seen is complete.
-        let files = list_files(&self.dir)?;
         let mut batch = Batch {
             end: self.cursor.clone(),
             ..Batch::default()
         };
+        self.fill(&mut batch, max_rows)?;
+        Ok(batch)
+    }
+
+    /// Adds rows after `batch.end` to `batch` until it holds `max_rows` or the spool
+    /// has no complete line left; a batch waiting for `flush_ms` grows this way
+    /// without reading its rows again.
+    pub fn fill(&mut self, batch: &mut Batch, max_rows: usize) -> std::io::Result<()> {
+        if batch.rows.len() >= max_rows {
+            return Ok(());
+        }
+        // List before reading: the writer only creates a newer file after its last
+        // write to the older ones, so a file read to its end after a newer file was
+        // seen is complete.
+        let files = list_files(&self.dir)?;
         let mut idx = match files.iter().position(|f| *f >= batch.end.file) {
             Some(i) => i,
-            None => return Ok(batch),
+            None => return Ok(()),
         };
         if files[idx] != batch.end.file {
             // The cursor's file is gone (shipped by a previous process and removed).
@@ -134,9 +145,9 @@ impl SpoolReader {
         }
         loop {
             let last = idx + 1 == files.len();
-            let at_end = self.read_file(&mut batch, max_rows, last)?;
+            let at_end = self.read_file(batch, max_rows, last)?;
             if !at_end || last || batch.rows.len() >= max_rows {
-                return Ok(batch);
+                return Ok(());
             }
             idx += 1;
             batch.end = Cursor {
@@ -225,9 +236,15 @@ impl SpoolReader {
         );
     }
 
-    /// Persists `end` as the cursor (after ClickHouse acknowledged everything before
-    /// it) and deletes the spool files wholly behind it.
+    /// Moves the cursor to `end` (ClickHouse acknowledged everything before it),
+    /// persists it and deletes the spool files wholly behind it. The cursor moves in
+    /// memory even when persisting fails, so rows already shipped are not shipped
+    /// again and again; a restart then replays them once.
     pub fn commit(&mut self, end: Cursor) -> std::io::Result<()> {
+        if self.reported < end {
+            self.reported = end.clone();
+        }
+        self.cursor = end.clone();
         let tmp = self.dir.join(format!("{CURSOR_FILE}.tmp"));
         {
             let mut f = File::create(&tmp)?;
@@ -246,10 +263,6 @@ impl SpoolReader {
                 Err(e) => log::warn!("audit spool: cannot remove shipped {name}: {e}"),
             }
         }
-        if self.reported < end {
-            self.reported = end.clone();
-        }
-        self.cursor = end;
         Ok(())
     }
 }
@@ -309,6 +322,12 @@ mod tests {
         assert_eq!(b.corrupt, 2, "the broken line and the torn tail");
         // Reported once, even when read again before the commit.
         assert_eq!(r.read(10).unwrap().corrupt, 0);
+        // A waiting batch grows from where it ended.
+        let mut part = r.read(1).unwrap();
+        assert_eq!(ids(&part), ["3"]);
+        r.fill(&mut part, 10).unwrap();
+        assert_eq!(ids(&part), ["3", "4", "5"]);
+        assert_eq!(part.end, b.end);
         let end = b.end.clone();
         assert_eq!(end.file, "audit-2026010102.jsonl");
         r.commit(b.end).unwrap();

@@ -99,64 +99,72 @@ impl ChShipper {
             return;
         };
         let mut backoff = BACKOFF_START;
+        // Rows read but not yet acknowledged: a batch waiting for `flush_ms` or for
+        // a retry, grown by later reads rather than read again.
+        let mut batch: Option<Batch> = None;
         let mut pending_since: Option<Instant> = None;
         let mut last_log: Option<Instant> = None;
         loop {
             let stopping = *shutdown.borrow();
             let max = self.batch_rows;
-            let Some((r, read)) = on_disk(reader, move |r| {
-                let batch = r.read(max);
-                (batch, r.pending_bytes())
+            let held = batch.take();
+            let Some((r, (read, pending))) = on_disk(reader, move |r| {
+                let read = match held {
+                    Some(mut b) => r.fill(&mut b, max).map(|()| b),
+                    None => r.read(max),
+                };
+                (read, r.pending_bytes())
             })
             .await
             else {
                 return;
             };
             reader = r;
-            let batch = match read {
-                (Ok(b), pending) => {
-                    self.shared
-                        .unshipped_bytes
-                        .store(pending, Ordering::Relaxed);
-                    b
-                }
-                (Err(e), _) => {
+            self.shared
+                .unshipped_bytes
+                .store(pending, Ordering::Relaxed);
+            let b = match read {
+                Ok(b) => b,
+                Err(e) => {
                     log::error!("audit: reading the spool {}: {e}", self.dir.display());
-                    Batch::default()
+                    self.idle(&mut shutdown, POLL).await;
+                    continue;
                 }
             };
-            self.metrics.corrupt_lines.inc_by(batch.corrupt);
+            self.metrics.corrupt_lines.inc_by(b.corrupt);
             self.shared.oldest_unshipped_ms.store(
-                batch.rows.first().map_or(0, |r| r.ts_ms.max(1)),
+                b.rows.first().map_or(0, |r| r.ts_ms.max(1)),
                 Ordering::Relaxed,
             );
-            if !batch.moves(reader.cursor()) {
+            if !b.moves(reader.cursor()) {
                 pending_since = None;
                 self.idle(&mut shutdown, POLL).await;
                 continue;
             }
             // A partial batch waits for more rows until `flush_ms` after it was first
             // seen (not while shutting down).
-            if batch.rows.len() < self.batch_rows && !stopping && !batch.rows.is_empty() {
+            if b.rows.len() < self.batch_rows && !stopping && !b.rows.is_empty() {
                 let since = *pending_since.get_or_insert_with(Instant::now);
                 let left = self.flush.saturating_sub(since.elapsed());
                 if !left.is_zero() {
+                    batch = Some(Batch { corrupt: 0, ..b });
                     self.idle(&mut shutdown, left.min(POLL)).await;
                     continue;
                 }
             }
-            if !batch.rows.is_empty() {
-                if let Err(e) = self.sink.insert(&batch.rows).await {
+            if !b.rows.is_empty() {
+                if let Err(e) = self.sink.insert(&b.rows).await {
                     self.metrics.failed_batches.inc();
                     if last_log.is_none_or(|t| t.elapsed() >= LOG_EVERY) {
                         log::error!(
                             "audit: inserting {} rows into ClickHouse failed: {e}; they stay in \
                              the spool, retrying in {} ms",
-                            batch.rows.len(),
+                            b.rows.len(),
                             backoff.as_millis()
                         );
                         last_log = Some(Instant::now());
                     }
+                    batch = Some(Batch { corrupt: 0, ..b });
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(BACKOFF_MAX);
                     continue;
@@ -164,18 +172,18 @@ impl ChShipper {
                 if last_log.take().is_some() {
                     log::info!("audit: ClickHouse accepts rows again");
                 }
-                self.metrics.rows_shipped.inc_by(batch.rows.len() as u64);
+                self.metrics.rows_shipped.inc_by(b.rows.len() as u64);
             }
             backoff = BACKOFF_START;
             pending_since = None;
-            let end = batch.end;
+            let end = b.end;
             let Some((r, committed)) = on_disk(reader, move |r| r.commit(end)).await else {
                 return;
             };
             reader = r;
             if let Err(e) = committed {
-                // The rows are in ClickHouse; without the cursor they ship again later
-                // and collapse there.
+                // The rows are in ClickHouse; a restart ships them once more and they
+                // collapse there.
                 log::error!("audit: saving the shipping cursor: {e}");
             }
         }
