@@ -104,6 +104,14 @@ impl AuditLog {
         conf: &AuditConf,
         metrics: AuditMetrics,
     ) -> std::io::Result<(AuditLog, AuditService)> {
+        Self::with_queue(conf, metrics, QUEUE_ROWS)
+    }
+
+    fn with_queue(
+        conf: &AuditConf,
+        metrics: AuditMetrics,
+        queue_rows: usize,
+    ) -> std::io::Result<(AuditLog, AuditService)> {
         let spool = Spool::open(&conf.spool_dir)?;
         let shared = Arc::new(Shared {
             spool: Mutex::new(spool),
@@ -123,7 +131,7 @@ impl AuditLog {
             shared: shared.clone(),
             metrics,
         });
-        let (tx, rx) = mpsc::channel(QUEUE_ROWS);
+        let (tx, rx) = mpsc::channel(queue_rows);
         Ok((
             AuditLog {
                 tx,
@@ -276,5 +284,41 @@ impl BackgroundService for AuditService {
         if let Some(s) = shipper {
             let _ = s.await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_queue_sends_rows_straight_to_the_spool() {
+        let dir = std::env::temp_dir().join(format!("llmgw-audit-full-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let conf = AuditConf {
+            spool_dir: dir.clone(),
+            clickhouse: None,
+        };
+        let metrics = crate::metrics::Metrics::new().unwrap().audit;
+        let (log, _service) = AuditLog::with_queue(&conf, metrics, 2).unwrap();
+        for i in 0..5 {
+            log.emit(AuditRow {
+                request_id: format!("r{i}"),
+                ..AuditRow::default()
+            });
+        }
+        assert_eq!(log.queue_depth(), 2);
+        let on_disk: Vec<String> = spool::list_files(&dir)
+            .unwrap()
+            .iter()
+            .flat_map(|f| {
+                let text = std::fs::read_to_string(dir.join(f)).unwrap();
+                text.lines()
+                    .map(|l| serde_json::from_str::<AuditRow>(l).unwrap().request_id)
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        assert_eq!(on_disk, ["r2", "r3", "r4"]);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
