@@ -20,20 +20,24 @@ def sha256(key):
 
 class Stack:
     """`with Stack(bin, mock_args, config_body) as s:` — `config_body(mock_port)` returns
-    the providers/models/tenants part of the YAML; listen/admin/audit are added here."""
+    the providers/models/tenants part of the YAML; listen/admin/audit are added here
+    (`audit_extra`: more YAML lines under `audit:`, e.g. a `clickhouse:` section;
+    `spool_dir`: an existing spool to start on instead of a fresh one)."""
 
-    def __init__(self, binary, mock_args, config_body):
+    def __init__(self, binary, mock_args, config_body, audit_extra="", spool_dir=None):
         self.binary, self.mock_args, self.config_body = binary, mock_args, config_body
+        self.audit_extra, self.spool_dir = audit_extra, spool_dir
 
     def __enter__(self):
         tmp = tempfile.mkdtemp(prefix="llmgw-bench-")
+        self.spool_dir = self.spool_dir or f"{tmp}/spool"
         self.mock = subprocess.Popen([self.binary, "mock-provider", "--listen", "127.0.0.1:0", *self.mock_args],
                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         self.mock_port = int(self.mock.stdout.readline().strip().rsplit(":", 1)[1])
         self.port, self.admin_port = free_port(), free_port()
         cfg = (f"node: {{ region: r1 }}\nlisten: {{ http: 127.0.0.1:{self.port} }}\n"
-               f"admin: {{ listen: 127.0.0.1:{self.admin_port} }}\naudit: {{ spool_dir: {tmp}/spool }}\n"
-               + self.config_body(self.mock_port))
+               f"admin: {{ listen: 127.0.0.1:{self.admin_port} }}\naudit:\n  spool_dir: {self.spool_dir}\n"
+               + self.audit_extra + self.config_body(self.mock_port))
         with open(f"{tmp}/gw.yaml", "w") as f:
             f.write(cfg)
         env = dict(os.environ, RUST_LOG="error", LLM_GATEWAY_GRACE_PERIOD_S="1",

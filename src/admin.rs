@@ -84,10 +84,10 @@ impl Admin {
         presented.len() == token.len() && bool::from(presented.as_bytes().ct_eq(token.as_bytes()))
     }
 
-    /// `?since=RFC3339&limit=N` over the tenant's audit rows, newest hour files last.
-    fn audit(&self, tenant: &str, query: &str) -> Response<Vec<u8>> {
-        let cfg = self.gateway.config();
-        if cfg.tenant(tenant).is_none() {
+    /// `?since=RFC3339&limit=N` over the tenant's audit rows, oldest first: from
+    /// ClickHouse when configured (each request once), else from the spool.
+    async fn audit(&self, tenant: &str, query: &str) -> Response<Vec<u8>> {
+        if self.gateway.config().tenant(tenant).is_none() {
             return error(404, "no such tenant");
         }
         let mut since_ms = crate::audit::time::now_ms().saturating_sub(3_600_000);
@@ -111,11 +111,14 @@ impl Admin {
                 _ => {}
             }
         }
-        match crate::audit::spool::query(&cfg.audit.spool_dir, tenant, since_ms, limit) {
-            Ok(rows) => json_reply(
-                200,
-                json!({"tenant": tenant, "source": "spool", "rows": rows}),
-            ),
+        match self.gateway.audit.query(tenant, since_ms, limit).await {
+            Ok(a) => {
+                let mut body = json!({"tenant": tenant, "source": a.source, "rows": a.rows});
+                if let Some(note) = a.note {
+                    body["note"] = note.into();
+                }
+                json_reply(200, body)
+            }
             Err(e) => error(500, &format!("reading the audit spool: {e}")),
         }
     }
@@ -160,8 +163,7 @@ impl Admin {
         }
         m.limits_store_errors
             .set(self.gateway.limits.redis_errors().min(i64::MAX as u64) as i64);
-        m.audit_queue_depth
-            .set(self.gateway.audit_queue_depth() as i64);
+        self.gateway.audit.refresh_gauges().await;
     }
 
     fn providers(&self) -> Response<Vec<u8>> {
@@ -224,6 +226,7 @@ impl ServeHttp for Admin {
             ("GET", p) if p.starts_with("/admin/v1/tenants/") && p.ends_with("/audit") => {
                 let id = &p["/admin/v1/tenants/".len()..p.len() - "/audit".len()];
                 self.audit(id, session.req_header().uri.query().unwrap_or(""))
+                    .await
             }
             ("GET", p) if p.starts_with("/admin/v1/tenants/") && p.ends_with("/usage") => {
                 let id = &p["/admin/v1/tenants/".len()..p.len() - "/usage".len()];

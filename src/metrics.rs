@@ -6,9 +6,60 @@
 
 use crate::audit::AuditRow;
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
+
+/// The audit log's health: what is waiting where, and whether shipping keeps up.
+#[derive(Clone)]
+pub struct AuditMetrics {
+    pub queue_depth: IntGauge,
+    pub spool_bytes: IntGauge,
+    pub unshipped_bytes: IntGauge,
+    pub oldest_unshipped_age_seconds: IntGauge,
+    pub rows_shipped: IntCounter,
+    pub failed_batches: IntCounter,
+    pub corrupt_lines: IntCounter,
+}
+
+impl AuditMetrics {
+    fn new(r: &Registry) -> prometheus::Result<AuditMetrics> {
+        let gauge = |name: &str, help: &str| -> prometheus::Result<IntGauge> {
+            let g = IntGauge::new(name, help)?;
+            r.register(Box::new(g.clone()))?;
+            Ok(g)
+        };
+        let counter = |name: &str, help: &str| -> prometheus::Result<IntCounter> {
+            let c = IntCounter::new(name, help)?;
+            r.register(Box::new(c.clone()))?;
+            Ok(c)
+        };
+        Ok(AuditMetrics {
+            queue_depth: gauge("audit_queue_depth", "Audit rows queued in memory")?,
+            spool_bytes: gauge("audit_spool_bytes", "Bytes of audit spool files on disk")?,
+            unshipped_bytes: gauge(
+                "audit_unshipped_bytes",
+                "Bytes of audit spool not yet in ClickHouse",
+            )?,
+            oldest_unshipped_age_seconds: gauge(
+                "audit_oldest_unshipped_age_seconds",
+                "Age of the oldest audit row not yet in ClickHouse (0: none waiting)",
+            )?,
+            rows_shipped: counter(
+                "audit_rows_shipped_total",
+                "Audit rows acknowledged by ClickHouse",
+            )?,
+            failed_batches: counter(
+                "audit_failed_batches_total",
+                "Audit inserts into ClickHouse that failed or timed out (retried)",
+            )?,
+            corrupt_lines: counter(
+                "audit_corrupt_lines_total",
+                "Unreadable audit spool lines skipped by the shipper",
+            )?,
+        })
+    }
+}
 
 pub struct Metrics {
     registry: Registry,
@@ -24,7 +75,7 @@ pub struct Metrics {
     pub budget_used_ppm: IntGaugeVec,
     pub spend_velocity_pct: IntGaugeVec,
     pub spend_this_hour: IntGaugeVec,
-    pub audit_queue_depth: IntGauge,
+    pub audit: AuditMetrics,
     /// Failed calls to the shared counter store (Redis) since start.
     pub limits_store_errors: IntGauge,
 }
@@ -64,8 +115,7 @@ impl Metrics {
         let secs = vec![
             0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
         ];
-        let audit_queue_depth = IntGauge::new("audit_queue_depth", "Audit rows queued in memory")?;
-        r.register(Box::new(audit_queue_depth.clone()))?;
+        let audit = AuditMetrics::new(&r)?;
         let limits_store_errors = IntGauge::new(
             "limits_store_errors",
             "Failed calls to the shared counter store since start",
@@ -146,7 +196,7 @@ impl Metrics {
                 "Spend in the current UTC hour",
                 &["tenant"],
             )?,
-            audit_queue_depth,
+            audit,
             limits_store_errors,
             registry: r,
         })

@@ -66,7 +66,14 @@ pub fn run(config: Config, opts: RunOptions) -> ! {
     let mut server = Server::new_with_opt_and_conf(opt, server_conf());
     server.bootstrap();
 
-    let (audit, shipper) = match AuditLog::new(&config.audit) {
+    let metrics = match crate::metrics::Metrics::new() {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("cannot set up metrics: {e}");
+            std::process::exit(1);
+        }
+    };
+    let (audit, audit_service) = match AuditLog::new(&config.audit, metrics.audit.clone()) {
         Ok(a) => a,
         Err(e) => {
             eprintln!(
@@ -76,14 +83,7 @@ pub fn run(config: Config, opts: RunOptions) -> ! {
             std::process::exit(1);
         }
     };
-    server.add_service(background_service("audit shipper", shipper));
-    let metrics = match crate::metrics::Metrics::new() {
-        Ok(m) => m,
-        Err(e) => {
-            eprintln!("cannot set up metrics: {e}");
-            std::process::exit(1);
-        }
-    };
+    server.add_service(background_service("audit log", audit_service));
     let gateway = Gateway::new(config.clone(), audit, metrics);
     let mut proxy = pingora_proxy::http_proxy_service_with_name(
         &server.configuration,

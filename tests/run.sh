@@ -52,6 +52,14 @@ section "prerequisites"
 command -v cargo >/dev/null 2>&1 || die "cargo not found: the Rust toolchain is required"
 need_pkg cmake cmake      # pingora-core builds zlib-ng
 need_pkg redis-server redis-server  # the shared counter store, started privately by tests/it/limits_redis.rs
+# Debian's ClickHouse (18.16) for the audit tests (tests/e2e/chserver.py starts a private
+# server); it installs to /usr/sbin, which a non-root PATH may lack.
+if ! command -v clickhouse-server >/dev/null 2>&1 && [ ! -x /usr/sbin/clickhouse-server ]; then
+    echo "installing clickhouse-server (no 'clickhouse-server' found)"
+    apt_install clickhouse-server || die "could not install clickhouse-server"
+    [ -x /usr/sbin/clickhouse-server ] || command -v clickhouse-server >/dev/null 2>&1 \
+        || die "clickhouse-server installed but not found"
+fi
 need_pkg cc gcc
 need_pkg python3 python3
 echo "cargo: $(cargo --version)"

@@ -42,7 +42,7 @@ pub struct Gateway {
 pub struct Shared {
     config: RwLock<Arc<Config>>,
     resolver: dns::Resolver,
-    audit: AuditLog,
+    pub audit: AuditLog,
     pub breakers: Breakers,
     retry_budget: RetryBudget,
     pub limits: Limits,
@@ -77,10 +77,6 @@ impl Gateway {
             Ok(c) => c.clone(),
             Err(poisoned) => poisoned.into_inner().clone(),
         }
-    }
-
-    pub fn audit_queue_depth(&self) -> usize {
-        self.audit.queue_depth()
     }
 
     pub fn set_config(&self, cfg: Arc<Config>) {
