@@ -65,7 +65,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    llm_gateway::logging::init();
     match Cli::parse().command {
         Command::Serve {
             config,

@@ -1,0 +1,91 @@
+//! The `listen.https` certificate, swappable while the listener runs.
+//!
+//! Pingora builds its rustls acceptor once, when the listener starts, so a certificate
+//! given as file paths would stay until the process is replaced. Handing Pingora a
+//! [`ResolvesServerCert`] instead lets a config reload (SIGHUP, `POST
+//! /admin/v1/reload`) install a renewed certificate: each handshake reads the current
+//! one, connections already established keep theirs.
+
+use crate::config::Https;
+use pingora_rustls::sign::CertifiedKey;
+use pingora_rustls::{ClientHello, CryptoProvider, ResolvesServerCert};
+use std::sync::{Arc, RwLock};
+
+/// The certificate and key every new TLS handshake presents.
+#[derive(Debug)]
+pub struct CertStore {
+    current: RwLock<Arc<CertifiedKey>>,
+}
+
+impl CertStore {
+    /// Loads the certificate chain and key named by `listen.https`.
+    pub fn load(https: &Https) -> Result<Arc<CertStore>, String> {
+        Ok(Arc::new(CertStore {
+            current: RwLock::new(load_pair(https)?),
+        }))
+    }
+
+    /// Validates the new pair completely before installing it, so that a bad file leaves
+    /// the running certificate in place.
+    pub fn replace(&self, https: &Https) -> Result<(), String> {
+        let fresh = load_pair(https)?;
+        match self.current.write() {
+            Ok(mut c) => *c = fresh,
+            Err(poisoned) => *poisoned.into_inner() = fresh,
+        }
+        Ok(())
+    }
+
+    fn get(&self) -> Arc<CertifiedKey> {
+        match self.current.read() {
+            Ok(c) => c.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+}
+
+impl ResolvesServerCert for CertStore {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.get())
+    }
+}
+
+/// Parses the PEM files and checks that the key belongs to the first certificate.
+fn load_pair(https: &Https) -> Result<Arc<CertifiedKey>, String> {
+    pingora_rustls::install_default_crypto_provider();
+    let (cert, key) = (
+        https.cert.to_string_lossy(),
+        https.key.to_string_lossy(),
+    );
+    let (chain, key_der) = match pingora_rustls::load_certs_and_key_files(&cert, &key) {
+        Ok(Some(pair)) => pair,
+        Ok(None) => {
+            return Err(format!(
+                "listen.https: no certificate in {cert} or no private key in {key}"
+            ))
+        }
+        Err(e) => return Err(format!("listen.https: {e}")),
+    };
+    let provider = CryptoProvider::get_default()
+        .ok_or_else(|| "listen.https: no TLS crypto provider installed".to_string())?;
+    CertifiedKey::from_der(chain, key_der, provider)
+        .map(Arc::new)
+        .map_err(|e| format!("listen.https: {cert} and {key} do not make a usable pair: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_files_are_reported_with_their_path() {
+        let https = Https {
+            addr: "127.0.0.1:0".parse().unwrap(),
+            cert: "/nonexistent/cert.pem".into(),
+            key: "/nonexistent/key.pem".into(),
+        };
+        let e = CertStore::load(&https).unwrap_err();
+        assert!(e.contains("listen.https"), "{e}");
+        assert!(e.contains("/nonexistent/"), "{e}");
+    }
+}
