@@ -146,8 +146,13 @@ pub fn run(config: Config, opts: RunOptions) -> ! {
     ));
 
     log::info!(
-        "llm-gateway serving on {:?}, admin on {}",
-        config.listen.http,
+        "llm-gateway serving on {}{}, admin on {}",
+        config.listen.http.map_or(String::new(), |a| format!("http://{a} ")),
+        config
+            .listen
+            .https
+            .as_ref()
+            .map_or(String::new(), |h| format!("https://{}", h.addr)),
         config.admin.listen
     );
     server.run_forever()
