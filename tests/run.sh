@@ -53,6 +53,7 @@ command -v cargo >/dev/null 2>&1 || die "cargo not found: the Rust toolchain is 
 need_pkg cmake cmake      # pingora-core builds zlib-ng
 need_pkg redis-server redis-server  # the shared counter store, started privately by tests/it/limits_redis.rs
 need_pkg cc gcc
+need_pkg openssl openssl  # test-time TLS certificates (tests/e2e/certs.py)
 need_pkg python3 python3
 echo "cargo: $(cargo --version)"
 echo "cmake: $(cmake --version | head -n1)"
