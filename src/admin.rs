@@ -163,12 +163,15 @@ impl Admin {
         let mut body = format!("config: ok ({} tenants)\n", cfg.tenants.len());
         match (&self.counters, cfg.tenants.first()) {
             (Counters::Memory, _) => body.push_str("counters: ok (memory)\n"),
-            (Counters::Redis { .. }, None) => body.push_str("counters: redis, no tenant to check\n"),
-            (Counters::Redis { on_error, .. }, Some(t)) => match self.gateway.limits.usage(t).await {
+            (Counters::Redis { .. }, None) => {
+                body.push_str("counters: redis, no tenant to check\n")
+            }
+            (Counters::Redis { on_error, .. }, Some(t)) => match self.gateway.limits.usage(t).await
+            {
                 Ok(_) => body.push_str("counters: ok (redis)\n"),
-                Err(e) if *on_error == OnError::FailOpen => {
-                    body.push_str(&format!("counters: redis unreachable, serving uncounted (fail_open): {e}\n"))
-                }
+                Err(e) if *on_error == OnError::FailOpen => body.push_str(&format!(
+                    "counters: redis unreachable, serving uncounted (fail_open): {e}\n"
+                )),
                 Err(e) => {
                     ready = false;
                     body.push_str(&format!("counters: redis unreachable (fail_closed): {e}\n"));
@@ -178,11 +181,18 @@ impl Admin {
         for addr in &self.listeners {
             let probe = loopback_of(*addr);
             let up = matches!(
-                tokio::time::timeout(Duration::from_millis(500), tokio::net::TcpStream::connect(probe)).await,
+                tokio::time::timeout(
+                    Duration::from_millis(500),
+                    tokio::net::TcpStream::connect(probe)
+                )
+                .await,
                 Ok(Ok(_))
             );
             ready &= up;
-            body.push_str(&format!("listener {addr}: {}\n", if up { "ok" } else { "not accepting" }));
+            body.push_str(&format!(
+                "listener {addr}: {}\n",
+                if up { "ok" } else { "not accepting" }
+            ));
         }
         body.insert_str(0, if ready { "ready\n" } else { "not ready\n" });
         (ready, body)
@@ -223,7 +233,11 @@ impl ServeHttp for Admin {
             "/healthz" => return reply(200, "text/plain", b"ok\n".to_vec()),
             "/readyz" => {
                 let (ready, body) = self.readiness().await;
-                return reply(if ready { 200 } else { 503 }, "text/plain", body.into_bytes());
+                return reply(
+                    if ready { 200 } else { 503 },
+                    "text/plain",
+                    body.into_bytes(),
+                );
             }
             "/metrics" => {
                 self.refresh_gauges().await;

@@ -27,8 +27,7 @@ pub fn init() {
         _ => std::env::var_os("JOURNAL_STREAM").is_some(),
     };
     JSON.store(json, Ordering::Relaxed);
-    let mut b =
-        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
+    let mut b = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
     if json {
         b.format(|buf, record| {
             let line = JsonLine {

@@ -69,7 +69,8 @@ impl Metrics {
         ];
         let audit_queue_depth = IntGauge::new("audit_queue_depth", "Audit rows queued in memory")?;
         r.register(Box::new(audit_queue_depth.clone()))?;
-        let audit_spool_bytes = IntGauge::new("audit_spool_bytes", "Bytes in the audit spool files")?;
+        let audit_spool_bytes =
+            IntGauge::new("audit_spool_bytes", "Bytes in the audit spool files")?;
         r.register(Box::new(audit_spool_bytes.clone()))?;
         let limits_store_errors = IntGauge::new(
             "limits_store_errors",

@@ -61,7 +61,10 @@ impl Reloader {
                 if r.needs_restart.is_empty() {
                     String::new()
                 } else {
-                    format!("; needs an upgrade to apply: {}", r.needs_restart.join(", "))
+                    format!(
+                        "; needs an upgrade to apply: {}",
+                        r.needs_restart.join(", ")
+                    )
                 }
             ),
             Err(e) => log::error!("config reload refused, keeping the running config: {e}"),

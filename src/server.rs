@@ -147,7 +147,10 @@ pub fn run(config: Config, opts: RunOptions) -> ! {
 
     log::info!(
         "llm-gateway serving on {}{}, admin on {}",
-        config.listen.http.map_or(String::new(), |a| format!("http://{a} ")),
+        config
+            .listen
+            .http
+            .map_or(String::new(), |a| format!("http://{a} ")),
         config
             .listen
             .https

@@ -53,10 +53,7 @@ impl ResolvesServerCert for CertStore {
 /// Parses the PEM files and checks that the key belongs to the first certificate.
 fn load_pair(https: &Https) -> Result<Arc<CertifiedKey>, String> {
     pingora_rustls::install_default_crypto_provider();
-    let (cert, key) = (
-        https.cert.to_string_lossy(),
-        https.key.to_string_lossy(),
-    );
+    let (cert, key) = (https.cert.to_string_lossy(), https.key.to_string_lossy());
     let (chain, key_der) = match pingora_rustls::load_certs_and_key_files(&cert, &key) {
         Ok(Some(pair)) => pair,
         Ok(None) => {
