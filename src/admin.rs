@@ -17,17 +17,23 @@ use std::sync::Arc;
 use std::time::Duration;
 use subtle::ConstantTimeEq;
 
+/// A client listener bound at start (a reload cannot move it), probed by `/readyz`.
+pub struct Listener {
+    pub addr: SocketAddr,
+    /// Set for the `listen.https` listener: the probe completes a TLS handshake.
+    pub tls: Option<Arc<crate::tls::CertStore>>,
+}
+
 pub struct Admin {
     gateway: Gateway,
     reloader: Arc<Reloader>,
-    /// The client listeners bound at start (a reload cannot move them), probed by /readyz.
-    listeners: Vec<SocketAddr>,
+    listeners: Vec<Listener>,
     /// The counter store the process started with (a reload cannot switch it).
     counters: Counters,
 }
 
 impl Admin {
-    pub fn new(gateway: Gateway, reloader: Arc<Reloader>, listeners: Vec<SocketAddr>) -> Self {
+    pub fn new(gateway: Gateway, reloader: Arc<Reloader>, listeners: Vec<Listener>) -> Self {
         let counters = gateway.config().counters.clone();
         Admin {
             gateway,
@@ -178,21 +184,24 @@ impl Admin {
                 }
             },
         }
-        for addr in &self.listeners {
-            let probe = loopback_of(*addr);
-            let up = matches!(
-                tokio::time::timeout(
-                    Duration::from_millis(500),
-                    tokio::net::TcpStream::connect(probe)
-                )
-                .await,
-                Ok(Ok(_))
-            );
-            ready &= up;
-            body.push_str(&format!(
-                "listener {addr}: {}\n",
-                if up { "ok" } else { "not accepting" }
-            ));
+        for l in &self.listeners {
+            let probe = loopback_of(l.addr);
+            let result = tokio::time::timeout(Duration::from_secs(1), async {
+                match &l.tls {
+                    Some(store) => crate::tls::probe(store, probe).await,
+                    None => tokio::net::TcpStream::connect(probe)
+                        .await
+                        .map(drop)
+                        .map_err(|e| e.to_string()),
+                }
+            })
+            .await
+            .unwrap_or_else(|_| Err("timed out".into()));
+            ready &= result.is_ok();
+            match result {
+                Ok(()) => body.push_str(&format!("listener {}: ok\n", l.addr)),
+                Err(e) => body.push_str(&format!("listener {}: {e}\n", l.addr)),
+            }
         }
         body.insert_str(0, if ready { "ready\n" } else { "not ready\n" });
         (ready, body)

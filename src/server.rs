@@ -1,6 +1,6 @@
 //! Process bootstrap: builds the Pingora server from a validated config and runs it.
 
-use crate::admin::Admin;
+use crate::admin::{Admin, Listener};
 use crate::audit::AuditLog;
 use crate::config::Config;
 use crate::proxy::Gateway;
@@ -101,7 +101,7 @@ pub fn run(config: Config, opts: RunOptions) -> ! {
     let mut client_listeners = Vec::new();
     if let Some(addr) = config.listen.http {
         proxy.add_tcp(&addr.to_string());
-        client_listeners.push(addr);
+        client_listeners.push(Listener { addr, tls: None });
     }
     let mut cert_store = None;
     if let Some(https) = &config.listen.https {
@@ -128,7 +128,10 @@ pub fn run(config: Config, opts: RunOptions) -> ! {
         // HTTP/2 and HTTP/1.1 by ALPN.
         tls.enable_h2();
         proxy.add_tls_with_settings(&https.addr.to_string(), None, tls);
-        client_listeners.push(https.addr);
+        client_listeners.push(Listener {
+            addr: https.addr,
+            tls: Some(store.clone()),
+        });
         cert_store = Some(store);
     }
     server.add_service(proxy);

@@ -8,8 +8,14 @@
 
 use crate::config::Https;
 use pingora_rustls::sign::CertifiedKey;
-use pingora_rustls::{ClientHello, CryptoProvider, ResolvesServerCert};
+use pingora_rustls::{
+    CertificateDer, ClientConfig, ClientHello, CryptoProvider, DigitallySignedStruct,
+    HandshakeSignatureValid, ResolvesServerCert, RusTlsError, ServerCertVerified,
+    ServerCertVerifier, ServerName, SignatureScheme, TlsConnector, UnixTime,
+};
+use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
+use tokio::io::AsyncWriteExt;
 
 /// The certificate and key every new TLS handshake presents.
 #[derive(Debug)]
@@ -47,6 +53,76 @@ impl CertStore {
 impl ResolvesServerCert for CertStore {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         Some(self.get())
+    }
+}
+
+/// Readiness probe of the TLS listener at `addr`: a full handshake (a bare TCP connect
+/// would make Pingora log a handshake error on every probe) that must present the
+/// certificate this process currently serves. Sends no request.
+pub async fn probe(store: &Arc<CertStore>, addr: SocketAddr) -> Result<(), String> {
+    pingora_rustls::install_default_crypto_provider();
+    let config = ClientConfig::builder()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(ServesOurs(store.clone())))
+        .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let name = ServerName::IpAddress(addr.ip().into());
+    let mut tls = TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .map_err(|e| format!("TLS handshake: {e}"))?;
+    let _ = tls.shutdown().await;
+    Ok(())
+}
+
+/// Accepts exactly the certificate the store holds: the probe talks to this process
+/// over loopback, so identity is "the listener serves our current certificate".
+#[derive(Debug)]
+struct ServesOurs(Arc<CertStore>);
+
+impl ServerCertVerifier for ServesOurs {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, RusTlsError> {
+        match self.0.get().cert.first() {
+            Some(ours) if ours.as_ref() == end_entity.as_ref() => {
+                Ok(ServerCertVerified::assertion())
+            }
+            _ => Err(RusTlsError::General(
+                "the listener presents another certificate".into(),
+            )),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, RusTlsError> {
+        Ok(HandshakeSignatureValid::assertion())
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, RusTlsError> {
+        Ok(HandshakeSignatureValid::assertion())
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        CryptoProvider::get_default()
+            .map(|p| p.signature_verification_algorithms.supported_schemes())
+            .unwrap_or_default()
     }
 }
 

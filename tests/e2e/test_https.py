@@ -148,3 +148,16 @@ def test_untrusted_clients_see_a_tls_error_not_plaintext(gw):
     # A client that does not trust the test CA fails the handshake: the port speaks TLS.
     with pytest.raises(httpx.ConnectError):
         httpx.get(gw.https_url + "/v1/models", verify=ssl.create_default_context(), timeout=5)
+
+
+def test_readiness_probes_the_tls_listener_without_handshake_errors(gw):
+    addr = gw.https_url.removeprefix("https://")
+    start = gw.log_path.stat().st_size
+    for _ in range(3):
+        r = httpx.get(gw.admin_url + "/readyz", timeout=5)
+        assert r.status_code == 200, r.text
+        assert f"listener {addr}: ok" in r.text, r.text
+    with open(gw.log_path, "rb") as f:
+        f.seek(start)
+        grown = f.read().decode(errors="replace")
+    assert "handshake" not in grown.lower(), grown
