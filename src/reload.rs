@@ -138,3 +138,27 @@ impl pingora_core::services::background::BackgroundService for ReloadOnHup {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(edit: impl Fn(String) -> String) -> Config {
+        Config::from_yaml_str(&edit(crate::demo::demo_yaml_for_serve())).unwrap()
+    }
+
+    #[test]
+    fn settings_bound_at_start_are_reported_others_are_not() {
+        let base = config(|y| y);
+        assert!(bound_at_start(&base, &config(|y| y)).is_empty());
+        let moved = config(|y| y.replace("listen: 127.0.0.1:9090", "listen: 127.0.0.1:9191"));
+        assert_eq!(bound_at_start(&base, &moved), vec!["admin.listen"]);
+        let redis = config(|y| {
+            y.replace(
+                "backend: memory",
+                "backend: redis\n  url: redis://127.0.0.1:6379",
+            )
+        });
+        assert_eq!(bound_at_start(&base, &redis), vec!["counters"]);
+    }
+}

@@ -130,6 +130,15 @@ impl ServerCertVerifier for ServesOurs {
 fn load_pair(https: &Https) -> Result<Arc<CertifiedKey>, String> {
     pingora_rustls::install_default_crypto_provider();
     let (cert, key) = (https.cert.to_string_lossy(), https.key.to_string_lossy());
+    // Pingora's loader does not say which file failed: check each first.
+    for (name, path) in [("cert", &https.cert), ("key", &https.key)] {
+        if let Err(e) = std::fs::File::open(path) {
+            return Err(format!(
+                "listen.https.{name}: cannot read {}: {e}",
+                path.display()
+            ));
+        }
+    }
     let (chain, key_der) = match pingora_rustls::load_certs_and_key_files(&cert, &key) {
         Ok(Some(pair)) => pair,
         Ok(None) => {
@@ -137,7 +146,7 @@ fn load_pair(https: &Https) -> Result<Arc<CertifiedKey>, String> {
                 "listen.https: no certificate in {cert} or no private key in {key}"
             ))
         }
-        Err(e) => return Err(format!("listen.https: {e}")),
+        Err(e) => return Err(format!("listen.https: {cert} / {key}: {e}")),
     };
     let provider = CryptoProvider::get_default()
         .ok_or_else(|| "listen.https: no TLS crypto provider installed".to_string())?;
