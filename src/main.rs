@@ -96,6 +96,15 @@ fn main() -> ExitCode {
                 for w in &cfg.warnings {
                     println!("warning: {w}");
                 }
+                // `serve` (and an upgrade's new process) would fail on this pair: say so
+                // here, before systemd sends the running process SIGQUIT.
+                if let Some(https) = &cfg.listen.https {
+                    if let Err(e) = llm_gateway::tls::CertStore::load(https) {
+                        eprintln!("{}: invalid configuration", config.display());
+                        eprintln!("{e}");
+                        return ExitCode::from(1);
+                    }
+                }
                 println!(
                     "{}: ok ({} providers, {} models, {} tenants)",
                     config.display(),

@@ -12,10 +12,11 @@ import time
 
 import httpx
 import pytest
+import yaml
 from openai import OpenAI
 
 from certs import client_context, der_of, make_ca, make_leaf
-from conftest import ADMIN_TOKEN, free_ports
+from conftest import ADMIN_TOKEN, base_config, free_ports
 from helpers import ACME, chat_body
 
 GAP_MS = 150
@@ -161,3 +162,22 @@ def test_readiness_probes_the_tls_listener_without_handshake_errors(gw):
         f.seek(start)
         grown = f.read().decode(errors="replace")
     assert "handshake" not in grown.lower(), grown
+
+
+def test_check_config_refuses_a_certificate_serve_could_not_load(run_cli, tls, tmp_path):
+    http_port, admin_port, https_port = free_ports(3)
+    cfg = base_config("http://127.0.0.1:9", http_port, admin_port, tmp_path)
+
+    def check(cert, key):
+        cfg["listen"]["https"] = {"addr": f"127.0.0.1:{https_port}", "cert": str(cert), "key": str(key)}
+        path = tmp_path / "gateway.yaml"
+        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        res = run_cli("check-config", "--config", path)
+        return res.returncode, res.stdout + res.stderr
+
+    rc, out = check(*tls["first"])
+    assert rc == 0, out
+    rc, out = check(tls["first"][0], tls["second"][1])  # key of another certificate
+    assert rc != 0 and "listen.https" in out, out
+    rc, out = check(tmp_path / "missing.pem", tls["first"][1])
+    assert rc != 0 and "listen.https.cert" in out and "missing.pem" in out, out
