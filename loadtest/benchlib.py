@@ -22,8 +22,10 @@ class Stack:
     """`with Stack(bin, mock_args, config_body) as s:` — `config_body(mock_port)` returns
     the providers/models/tenants part of the YAML; listen/admin/audit are added here."""
 
-    def __init__(self, binary, mock_args, config_body):
+    def __init__(self, binary, mock_args, config_body, https=None):
+        """`https=(cert_path, key_path)` adds a `listen.https` listener (`self.https_port`)."""
         self.binary, self.mock_args, self.config_body = binary, mock_args, config_body
+        self.https = https
 
     def __enter__(self):
         tmp = tempfile.mkdtemp(prefix="llmgw-bench-")
@@ -31,7 +33,12 @@ class Stack:
                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         self.mock_port = int(self.mock.stdout.readline().strip().rsplit(":", 1)[1])
         self.port, self.admin_port = free_port(), free_port()
-        cfg = (f"node: {{ region: r1 }}\nlisten: {{ http: 127.0.0.1:{self.port} }}\n"
+        listen = f"http: 127.0.0.1:{self.port}"
+        if self.https:
+            self.https_port = free_port()
+            listen += (f", https: {{ addr: 127.0.0.1:{self.https_port}, cert: {self.https[0]}, "
+                       f"key: {self.https[1]} }}")
+        cfg = (f"node: {{ region: r1 }}\nlisten: {{ {listen} }}\n"
                f"admin: {{ listen: 127.0.0.1:{self.admin_port} }}\naudit: {{ spool_dir: {tmp}/spool }}\n"
                + self.config_body(self.mock_port))
         with open(f"{tmp}/gw.yaml", "w") as f:
