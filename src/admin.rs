@@ -30,6 +30,8 @@ pub struct Admin {
     listeners: Vec<Listener>,
     /// The counter store the process started with (a reload cannot switch it).
     counters: Counters,
+    /// One `/metrics` refresh-and-render at a time.
+    scrape: tokio::sync::Mutex<()>,
 }
 
 impl Admin {
@@ -40,6 +42,7 @@ impl Admin {
             reloader,
             listeners,
             counters,
+            scrape: tokio::sync::Mutex::new(()),
         }
     }
 }
@@ -114,9 +117,15 @@ impl Admin {
     }
 
     /// Gauges read at scrape time: circuits, budgets, spend velocity, audit queue.
+    /// Called with `scrape` held, so that no render sees the gauges between their reset
+    /// (which drops tenants and providers a reload removed) and their new values.
     async fn refresh_gauges(&self) {
         let m = &self.gateway.metrics;
         let cfg = self.gateway.config();
+        m.circuit_state.reset();
+        m.budget_used_ppm.reset();
+        m.spend_this_hour.reset();
+        m.spend_velocity_pct.reset();
         let views: std::collections::HashMap<_, _> =
             self.gateway.breakers.views().into_iter().collect();
         for p in &cfg.providers {
@@ -249,6 +258,7 @@ impl ServeHttp for Admin {
                 );
             }
             "/metrics" => {
+                let _one = self.scrape.lock().await;
                 self.refresh_gauges().await;
                 return reply(
                     200,

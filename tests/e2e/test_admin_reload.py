@@ -194,3 +194,15 @@ def test_reload_reports_settings_that_need_an_upgrade(gw):
     assert r.json()["needs_restart"] == ["listen.http"], r.text
     # The listener did not move.
     assert post_chat(gw, chat_body("still here [[mock: tokens=1]]"), key=KEY).status_code == 200
+
+
+def test_tenants_removed_by_a_reload_leave_the_gauges(gw):
+    name = next(n for n in gw.config["tenants"] if n.startswith("reload-"))
+    metrics = lambda: httpx.get(gw.admin_url + "/metrics").text  # noqa: E731
+    assert f'llmgw_spend_this_hour_nanousd{{tenant="{name}"}}' in metrics()
+    rewrite(gw, lambda c: c["tenants"].pop(name))
+    assert reload(gw).status_code == 200
+    text = metrics()
+    assert f'tenant="{name}"' not in "\n".join(ln for ln in text.splitlines()
+                                              if ln.startswith(("llmgw_spend", "llmgw_budget")))
+    assert 'llmgw_spend_this_hour_nanousd{tenant="acme"}' in text
