@@ -24,9 +24,11 @@ class Stack:
     (`audit_extra`: more YAML lines under `audit:`, e.g. a `clickhouse:` section;
     `spool_dir`: an existing spool to start on instead of a fresh one)."""
 
-    def __init__(self, binary, mock_args, config_body, audit_extra="", spool_dir=None):
+    def __init__(self, binary, mock_args, config_body, audit_extra="", spool_dir=None, https=None):
+        """`https=(cert_path, key_path)` adds a `listen.https` listener (`self.https_port`)."""
         self.binary, self.mock_args, self.config_body = binary, mock_args, config_body
         self.audit_extra, self.spool_dir = audit_extra, spool_dir
+        self.https = https
 
     def __enter__(self):
         tmp = tempfile.mkdtemp(prefix="llmgw-bench-")
@@ -35,7 +37,12 @@ class Stack:
                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         self.mock_port = int(self.mock.stdout.readline().strip().rsplit(":", 1)[1])
         self.port, self.admin_port = free_port(), free_port()
-        cfg = (f"node: {{ region: r1 }}\nlisten: {{ http: 127.0.0.1:{self.port} }}\n"
+        listen = f"http: 127.0.0.1:{self.port}"
+        if self.https:
+            self.https_port = free_port()
+            listen += (f", https: {{ addr: 127.0.0.1:{self.https_port}, cert: {self.https[0]}, "
+                       f"key: {self.https[1]} }}")
+        cfg = (f"node: {{ region: r1 }}\nlisten: {{ {listen} }}\n"
                f"admin: {{ listen: 127.0.0.1:{self.admin_port} }}\naudit:\n  spool_dir: {self.spool_dir}\n"
                + self.audit_extra + self.config_body(self.mock_port))
         with open(f"{tmp}/gw.yaml", "w") as f:

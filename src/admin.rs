@@ -4,27 +4,45 @@
 //! network only. `/healthz`, `/readyz` and `/metrics` are open (load balancers and
 //! Prometheus scrape them); every `/admin/*` path needs the admin bearer token.
 
-use crate::config::Config;
+use crate::config::{Counters, OnError};
 use crate::proxy::Gateway;
+use crate::reload::Reloader;
 use async_trait::async_trait;
 use http::Response;
 use pingora_core::apps::http_app::ServeHttp;
 use pingora_core::protocols::http::ServerSession;
 use serde_json::json;
-use std::path::PathBuf;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
 use subtle::ConstantTimeEq;
+
+/// A client listener bound at start (a reload cannot move it), probed by `/readyz`.
+pub struct Listener {
+    pub addr: SocketAddr,
+    /// Set for the `listen.https` listener: the probe completes a TLS handshake.
+    pub tls: Option<Arc<crate::tls::CertStore>>,
+}
 
 pub struct Admin {
     gateway: Gateway,
-    /// The file `POST /admin/v1/reload` (and SIGHUP) reads; none for the embedded config.
-    config_path: Option<PathBuf>,
+    reloader: Arc<Reloader>,
+    listeners: Vec<Listener>,
+    /// The counter store the process started with (a reload cannot switch it).
+    counters: Counters,
+    /// One `/metrics` refresh-and-render at a time.
+    scrape: tokio::sync::Mutex<()>,
 }
 
 impl Admin {
-    pub fn new(gateway: Gateway, config_path: Option<PathBuf>) -> Self {
+    pub fn new(gateway: Gateway, reloader: Arc<Reloader>, listeners: Vec<Listener>) -> Self {
+        let counters = gateway.config().counters.clone();
         Admin {
             gateway,
-            config_path,
+            reloader,
+            listeners,
+            counters,
+            scrape: tokio::sync::Mutex::new(()),
         }
     }
 }
@@ -50,28 +68,6 @@ fn error(status: u16, message: &str) -> Response<Vec<u8>> {
         status,
         json!({"error": {"message": message, "status": status}}),
     )
-}
-
-/// Reloads the config file; an invalid file is refused and the running config stays.
-pub fn reload(gateway: &Gateway, path: Option<&PathBuf>) -> Result<usize, String> {
-    let Some(path) = path else {
-        return Err("the gateway runs on the embedded config: nothing to reload".into());
-    };
-    match Config::load(path) {
-        Ok(cfg) => {
-            for w in &cfg.warnings {
-                log::warn!("config: {w}");
-            }
-            let tenants = cfg.tenants.len();
-            gateway.set_config(std::sync::Arc::new(cfg));
-            log::info!("config reloaded from {}", path.display());
-            Ok(tenants)
-        }
-        Err(e) => {
-            log::error!("config reload refused, keeping the running config:\n{e}");
-            Err(e.to_string())
-        }
-    }
 }
 
 impl Admin {
@@ -124,9 +120,15 @@ impl Admin {
     }
 
     /// Gauges read at scrape time: circuits, budgets, spend velocity, audit queue.
+    /// Called with `scrape` held, so that no render sees the gauges between their reset
+    /// (which drops tenants and providers a reload removed) and their new values.
     async fn refresh_gauges(&self) {
         let m = &self.gateway.metrics;
         let cfg = self.gateway.config();
+        m.circuit_state.reset();
+        m.budget_used_ppm.reset();
+        m.spend_this_hour.reset();
+        m.spend_velocity_pct.reset();
         let views: std::collections::HashMap<_, _> =
             self.gateway.breakers.views().into_iter().collect();
         for p in &cfg.providers {
@@ -166,6 +168,52 @@ impl Admin {
         self.gateway.audit.refresh_gauges().await;
     }
 
+    /// Ready when a config is loaded, the counter store answers (or is allowed to fail
+    /// open) and every client listener accepts connections; the body says which is not.
+    async fn readiness(&self) -> (bool, String) {
+        let cfg = self.gateway.config();
+        let mut ready = true;
+        let mut body = format!("config: ok ({} tenants)\n", cfg.tenants.len());
+        match (&self.counters, cfg.tenants.first()) {
+            (Counters::Memory, _) => body.push_str("counters: ok (memory)\n"),
+            (Counters::Redis { .. }, None) => {
+                body.push_str("counters: redis, no tenant to check\n")
+            }
+            (Counters::Redis { on_error, .. }, Some(t)) => match self.gateway.limits.usage(t).await
+            {
+                Ok(_) => body.push_str("counters: ok (redis)\n"),
+                Err(e) if *on_error == OnError::FailOpen => body.push_str(&format!(
+                    "counters: redis unreachable, serving uncounted (fail_open): {e}\n"
+                )),
+                Err(e) => {
+                    ready = false;
+                    body.push_str(&format!("counters: redis unreachable (fail_closed): {e}\n"));
+                }
+            },
+        }
+        for l in &self.listeners {
+            let probe = loopback_of(l.addr);
+            let result = tokio::time::timeout(Duration::from_secs(1), async {
+                match &l.tls {
+                    Some(store) => crate::tls::probe(store, probe).await,
+                    None => tokio::net::TcpStream::connect(probe)
+                        .await
+                        .map(drop)
+                        .map_err(|e| e.to_string()),
+                }
+            })
+            .await
+            .unwrap_or_else(|_| Err("timed out".into()));
+            ready &= result.is_ok();
+            match result {
+                Ok(()) => body.push_str(&format!("listener {}: ok\n", l.addr)),
+                Err(e) => body.push_str(&format!("listener {}: {e}\n", l.addr)),
+            }
+        }
+        body.insert_str(0, if ready { "ready\n" } else { "not ready\n" });
+        (ready, body)
+    }
+
     fn providers(&self) -> Response<Vec<u8>> {
         let cfg = self.gateway.config();
         let views: std::collections::HashMap<_, _> =
@@ -200,12 +248,15 @@ impl ServeHttp for Admin {
         match path.as_str() {
             "/healthz" => return reply(200, "text/plain", b"ok\n".to_vec()),
             "/readyz" => {
-                // Serving means a valid config is loaded; it always is once we run.
-                let cfg = self.gateway.config();
-                let body = format!("ready tenants={}\n", cfg.tenants.len());
-                return reply(200, "text/plain", body.into_bytes());
+                let (ready, body) = self.readiness().await;
+                return reply(
+                    if ready { 200 } else { 503 },
+                    "text/plain",
+                    body.into_bytes(),
+                );
             }
             "/metrics" => {
+                let _one = self.scrape.lock().await;
                 self.refresh_gauges().await;
                 return reply(
                     200,
@@ -239,12 +290,31 @@ impl ServeHttp for Admin {
                 }
             }
             ("POST", "/admin/v1/reload") => {
-                match reload(&self.gateway, self.config_path.as_ref()) {
-                    Ok(tenants) => json_reply(200, json!({"reloaded": true, "tenants": tenants})),
-                    Err(e) => json_reply(400, json!({"reloaded": false, "error": e})),
+                let reloader = self.reloader.clone();
+                // File reads and certificate parsing stay off the async workers.
+                match tokio::task::spawn_blocking(move || reloader.reload()).await {
+                    Ok(Ok(r)) => json_reply(
+                        200,
+                        json!({"reloaded": true, "tenants": r.tenants, "needs_restart": r.needs_restart}),
+                    ),
+                    Ok(Err(e)) => json_reply(400, json!({"reloaded": false, "error": e})),
+                    Err(e) => error(500, &format!("reload task failed: {e}")),
                 }
             }
             _ => error(404, "not found"),
         }
+    }
+}
+
+/// Where to connect to reach a listener bound to `addr` from this host.
+fn loopback_of(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V4(a) if a.ip().is_unspecified() => {
+            SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, a.port()))
+        }
+        SocketAddr::V6(a) if a.ip().is_unspecified() => {
+            SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, a.port()))
+        }
+        other => other,
     }
 }

@@ -65,7 +65,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    llm_gateway::logging::init();
     match Cli::parse().command {
         Command::Serve {
             config,
@@ -95,6 +95,15 @@ fn main() -> ExitCode {
             Ok(cfg) => {
                 for w in &cfg.warnings {
                     println!("warning: {w}");
+                }
+                // `serve` (and an upgrade's new process) would fail on this pair: say so
+                // here, before systemd sends the running process SIGQUIT.
+                if let Some(https) = &cfg.listen.https {
+                    if let Err(e) = llm_gateway::tls::CertStore::load(https) {
+                        eprintln!("{}: invalid configuration", config.display());
+                        eprintln!("{e}");
+                        return ExitCode::from(1);
+                    }
                 }
                 println!(
                     "{}: ok ({} providers, {} models, {} tenants)",

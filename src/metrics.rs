@@ -66,6 +66,7 @@ pub struct Metrics {
     requests: IntCounterVec,
     latency: HistogramVec,
     ttft: HistogramVec,
+    inter_token: HistogramVec,
     tokens: IntCounterVec,
     cost: IntCounterVec,
     rejections: IntCounterVec,
@@ -141,6 +142,15 @@ impl Metrics {
                 "Time to the first content byte",
                 &["tenant", "model"],
                 secs,
+            )?,
+            inter_token: histogram(
+                &r,
+                "inter_token_seconds",
+                "Mean time between streamed tokens of a request, after the first",
+                &["tenant", "model"],
+                vec![
+                    0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0,
+                ],
             )?,
             tokens: counter(
                 &r,
@@ -221,6 +231,14 @@ impl Metrics {
             self.ttft
                 .with_label_values(&[&row.tenant, &row.model])
                 .observe(f64::from(row.ttft_ms) / 1000.0);
+        }
+        // Streams only: the span from the first to the last byte shared by the tokens
+        // after the first (per-request mean; per-chunk timing would cost the hot path).
+        if row.stream == 1 && row.ttft_ms > 0 && row.tokens_out > 1 && !row.model.is_empty() {
+            let span = f64::from(row.latency_ms.saturating_sub(row.ttft_ms));
+            self.inter_token
+                .with_label_values(&[&row.tenant, &row.model])
+                .observe(span / 1000.0 / f64::from(row.tokens_out - 1));
         }
         if !row.model.is_empty() {
             self.tokens

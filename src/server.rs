@@ -1,9 +1,11 @@
 //! Process bootstrap: builds the Pingora server from a validated config and runs it.
 
-use crate::admin::Admin;
+use crate::admin::{Admin, Listener};
 use crate::audit::AuditLog;
 use crate::config::Config;
 use crate::proxy::Gateway;
+use crate::reload::{ReloadOnHup, Reloader};
+use crate::tls::CertStore;
 use pingora_core::apps::http_app::HttpServer;
 use pingora_core::listeners::tls::TlsSettings;
 use pingora_core::server::configuration::{Opt, ServerConf};
@@ -46,12 +48,18 @@ fn server_conf() -> ServerConf {
         .unwrap_or_else(|_| "/tmp/llm-gateway.pid".to_string());
     conf.upgrade_sock = std::env::var("LLM_GATEWAY_UPGRADE_SOCK")
         .unwrap_or_else(|_| "/tmp/llm-gateway-upgrade.sock".to_string());
+    // `-d` would otherwise chdir to `/`, breaking a relative `audit.spool_dir`.
+    conf.working_directory = std::env::current_dir().ok();
     conf
 }
 
 /// Runs the gateway until it is told to stop; never returns.
 pub fn run(config: Config, opts: RunOptions) -> ! {
-    let config_path = opts.config_path.clone();
+    // Absolute, so that a reload after `-d` (which may change directory) finds the file.
+    let config_path = opts
+        .config_path
+        .clone()
+        .map(|p| std::path::absolute(&p).unwrap_or(p));
     let config = Arc::new(config);
     for w in &config.warnings {
         log::warn!("config: {w}");
@@ -90,70 +98,68 @@ pub fn run(config: Config, opts: RunOptions) -> ! {
         gateway.clone(),
         "llm-gateway",
     );
+    let mut client_listeners = Vec::new();
     if let Some(addr) = config.listen.http {
         proxy.add_tcp(&addr.to_string());
+        client_listeners.push(Listener { addr, tls: None });
     }
+    let mut cert_store = None;
     if let Some(https) = &config.listen.https {
-        let tls =
-            TlsSettings::intermediate(&https.cert.to_string_lossy(), &https.key.to_string_lossy())
-                .map(|mut t| {
-                    // HTTP/2 and HTTP/1.1 by ALPN.
-                    t.enable_h2();
-                    t
-                });
-        match tls {
-            Ok(t) => proxy.add_tls_with_settings(&https.addr.to_string(), None, t),
+        let store = match CertStore::load(https) {
+            Ok(s) => s,
             Err(e) => {
-                eprintln!("listen.https: cannot load the certificate or key: {e}");
+                eprintln!("{e}");
                 std::process::exit(1);
             }
-        }
+        };
+        // The paths only name the files: with a resolver set, Pingora takes the
+        // certificate from it on every handshake (see src/tls.rs).
+        let mut tls = match TlsSettings::intermediate(
+            &https.cert.to_string_lossy(),
+            &https.key.to_string_lossy(),
+        ) {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("listen.https: {e}");
+                std::process::exit(1);
+            }
+        };
+        tls.set_cert_resolver(store.clone());
+        // HTTP/2 and HTTP/1.1 by ALPN.
+        tls.enable_h2();
+        proxy.add_tls_with_settings(&https.addr.to_string(), None, tls);
+        client_listeners.push(Listener {
+            addr: https.addr,
+            tls: Some(store.clone()),
+        });
+        cert_store = Some(store);
     }
     server.add_service(proxy);
 
+    let reloader = Reloader::new(gateway.clone(), config_path, cert_store);
     let mut admin = Service::new(
         "llm-gateway admin".to_string(),
-        HttpServer::new_app(Admin::new(gateway.clone(), config_path.clone())),
+        HttpServer::new_app(Admin::new(gateway, reloader.clone(), client_listeners)),
     );
     admin.add_tcp(&config.admin.listen.to_string());
     server.add_service(admin);
     server.add_service(background_service(
         "config reload on SIGHUP",
-        ReloadOnHup {
-            gateway,
-            config_path,
-        },
+        ReloadOnHup(reloader),
     ));
 
     log::info!(
-        "llm-gateway serving on {:?}, admin on {}",
-        config.listen.http,
+        "llm-gateway serving on {}{}, admin on {}",
+        config
+            .listen
+            .http
+            .map_or(String::new(), |a| format!("http://{a} ")),
+        config
+            .listen
+            .https
+            .as_ref()
+            .map_or(String::new(), |h| format!("https://{}", h.addr)),
         config.admin.listen
     );
     server.run_forever()
-}
-
-/// Reloads the config file on SIGHUP (`systemctl reload`), like `POST /admin/v1/reload`.
-struct ReloadOnHup {
-    gateway: Gateway,
-    config_path: Option<std::path::PathBuf>,
-}
-
-#[async_trait::async_trait]
-impl pingora_core::services::background::BackgroundService for ReloadOnHup {
-    async fn start(&self, mut shutdown: pingora_core::server::ShutdownWatch) {
-        use tokio::signal::unix::{signal, SignalKind};
-        let Ok(mut hup) = signal(SignalKind::hangup()) else {
-            log::error!("cannot listen for SIGHUP: reload only through the admin API");
-            return;
-        };
-        loop {
-            tokio::select! {
-                _ = hup.recv() => {
-                    let _ = crate::admin::reload(&self.gateway, self.config_path.as_ref());
-                }
-                _ = shutdown.changed() => return,
-            }
-        }
-    }
 }

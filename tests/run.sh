@@ -61,6 +61,7 @@ if ! command -v clickhouse-server >/dev/null 2>&1 && [ ! -x /usr/sbin/clickhouse
         || die "clickhouse-server installed but not found"
 fi
 need_pkg cc gcc
+need_pkg openssl openssl  # test-time TLS certificates (tests/e2e/certs.py)
 need_pkg python3 python3
 echo "cargo: $(cargo --version)"
 echo "cmake: $(cmake --version | head -n1)"

@@ -229,19 +229,21 @@ impl Gateway {
         } else {
             log::Level::Debug
         };
-        log::log!(
+        crate::logging::request(
             level,
-            "request {} tenant={} endpoint={} model={} status={} code={} attempts={} tokens={}/{} latency_ms={}",
-            row.request_id,
-            row.tenant,
-            row.endpoint,
-            row.model,
-            row.status,
-            row.error_code,
-            row.attempts,
-            row.tokens_in,
-            row.tokens_out,
-            row.latency_ms
+            &crate::logging::RequestLine {
+                request_id: &row.request_id,
+                tenant: &row.tenant,
+                endpoint: &row.endpoint,
+                model: &row.model,
+                provider: &row.provider,
+                status: row.status,
+                code: &row.error_code,
+                attempts: row.attempts,
+                tokens_in: row.tokens_in,
+                tokens_out: row.tokens_out,
+                latency_ms: row.latency_ms,
+            },
         );
         self.metrics.observe(&row);
         self.audit.emit(row);

@@ -3,9 +3,10 @@
 * `gateway_bin`   -- path of the binary (env `LLM_GATEWAY_BIN`, default target/debug/llm-gateway).
 * `mock_provider` -- one `llm-gateway mock-provider` for the whole session.
 * `mock`          -- the same, with its request log cleared before the test.
-* `gateway`       -- a factory: `gateway(overrides=None)` starts (or reuses) a
+* `gateway`       -- a factory: `gateway(overrides=None, env=None)` starts (or reuses) a
                      `llm-gateway serve` whose config is the standard test config below,
-                     deep-merged with `overrides` (a `None` value deletes a key).
+                     deep-merged with `overrides` (a `None` value deletes a key), with
+                     extra environment variables `env`.
 * `closed_port`   -- a loopback port on which nothing listens (connections are refused).
 
 Every process writes its output to a log file in the session's temp dir; when a test
@@ -349,8 +350,8 @@ def gateway(gateway_bin: Path, mock_provider: MockProvider, session_tmp: Path):
     started: dict[str, Gateway] = {}
     procs: list[subprocess.Popen] = []
 
-    def make(overrides: dict | None = None) -> Gateway:
-        key = json.dumps(overrides or {}, sort_keys=True)
+    def make(overrides: dict | None = None, env: dict | None = None) -> Gateway:
+        key = json.dumps([overrides or {}, env or {}], sort_keys=True)
         gw = started.get(key)
         if gw is not None:
             if gw.proc.poll() is not None:
@@ -376,6 +377,7 @@ def gateway(gateway_bin: Path, mock_provider: MockProvider, session_tmp: Path):
                     # Pingora's pid file and upgrade socket, private to this instance.
                     "LLM_GATEWAY_PID_FILE": str(d / "llm-gateway.pid"),
                     "LLM_GATEWAY_UPGRADE_SOCK": str(d / "upgrade.sock"),
+                    **(env or {}),
                 }),
             )
         procs.append(proc)
