@@ -162,6 +162,7 @@ impl Admin {
             .set(self.gateway.limits.redis_errors().min(i64::MAX as u64) as i64);
         m.audit_queue_depth
             .set(self.gateway.audit_queue_depth() as i64);
+        m.cache_stats(self.gateway.cache.stats());
     }
 
     fn providers(&self) -> Response<Vec<u8>> {
@@ -234,6 +235,15 @@ impl ServeHttp for Admin {
                     },
                     None => error(404, "no such tenant"),
                 }
+            }
+            ("POST", p) if p.starts_with("/admin/v1/tenants/") && p.ends_with("/cache/purge") => {
+                let id = &p["/admin/v1/tenants/".len()..p.len() - "/cache/purge".len()];
+                if self.gateway.config().tenant(id).is_none() {
+                    return error(404, "no such tenant");
+                }
+                let purged = self.gateway.cache.purge(id);
+                log::info!("cache purged for tenant {id}: {purged} entries");
+                json_reply(200, json!({"tenant": id, "purged": purged}))
             }
             ("POST", "/admin/v1/reload") => {
                 match reload(&self.gateway, self.config_path.as_ref()) {

@@ -6,7 +6,7 @@
 
 use crate::audit::AuditRow;
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
     TextEncoder,
 };
 
@@ -27,6 +27,11 @@ pub struct Metrics {
     pub audit_queue_depth: IntGauge,
     /// Failed calls to the shared counter store (Redis) since start.
     pub limits_store_errors: IntGauge,
+    cache_requests: IntCounterVec,
+    pub cache_bytes: IntGauge,
+    pub cache_entries: IntGauge,
+    pub cache_evictions: IntCounter,
+    pub cache_discarded: IntCounter,
 }
 
 fn counter(
@@ -71,7 +76,34 @@ impl Metrics {
             "Failed calls to the shared counter store since start",
         )?;
         r.register(Box::new(limits_store_errors.clone()))?;
+        let cache_bytes = IntGauge::new(
+            "cache_bytes",
+            "Bytes held by the response cache (bounded by cache.max_bytes)",
+        )?;
+        r.register(Box::new(cache_bytes.clone()))?;
+        let cache_entries = IntGauge::new("cache_entries", "Answers held by the response cache")?;
+        r.register(Box::new(cache_entries.clone()))?;
+        let cache_evictions = IntCounter::new(
+            "cache_evictions_total",
+            "Answers evicted from the response cache to stay within cache.max_bytes",
+        )?;
+        r.register(Box::new(cache_evictions.clone()))?;
+        let cache_discarded = IntCounter::new(
+            "cache_discarded_total",
+            "Cache fills dropped because the answer did not end complete",
+        )?;
+        r.register(Box::new(cache_discarded.clone()))?;
         Ok(Metrics {
+            cache_requests: counter(
+                &r,
+                "cache_requests_total",
+                "Chat and messages requests by cache result (hit, miss, bypass)",
+                &["tenant", "result"],
+            )?,
+            cache_bytes,
+            cache_entries,
+            cache_evictions,
+            cache_discarded,
             requests: counter(
                 &r,
                 "requests_total",
@@ -172,7 +204,8 @@ impl Metrics {
                 .with_label_values(&[&row.tenant, &row.model])
                 .observe(f64::from(row.ttft_ms) / 1000.0);
         }
-        if !row.model.is_empty() {
+        // A cache hit's row carries the original usage, but nothing was billed.
+        if !row.model.is_empty() && row.cache_hit == 0 {
             self.tokens
                 .with_label_values(&[&row.tenant, &row.model, "in"])
                 .inc_by(row.tokens_in.into());
@@ -199,6 +232,24 @@ impl Metrics {
                 .with_label_values(&[&row.tenant, &row.model])
                 .inc();
         }
+    }
+
+    /// Counts one request's cache result (`hit`, `miss` or `bypass`).
+    pub fn cache_result(&self, tenant: &str, result: &str) {
+        self.cache_requests
+            .with_label_values(&[tenant, result])
+            .inc();
+    }
+
+    /// Brings the cache gauges and counters up to the store's figures (at scrape time).
+    pub fn cache_stats(&self, s: crate::cache::Stats) {
+        self.cache_bytes.set(s.bytes.min(i64::MAX as usize) as i64);
+        self.cache_entries
+            .set(s.entries.min(i64::MAX as usize) as i64);
+        self.cache_evictions
+            .inc_by(s.evictions.saturating_sub(self.cache_evictions.get()));
+        self.cache_discarded
+            .inc_by(s.discarded.saturating_sub(self.cache_discarded.get()));
     }
 
     /// The text exposition format.
