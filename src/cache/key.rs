@@ -201,7 +201,10 @@ mod tests {
         assert!(deterministic(&obj(json!({"temperature": 0}))));
         assert!(deterministic(&obj(json!({"temperature": 0.0, "n": 1}))));
         assert!(deterministic(&obj(json!({"temperature": 0, "n": null}))));
-        assert!(!deterministic(&obj(json!({}))), "absent temperature samples");
+        assert!(
+            !deterministic(&obj(json!({}))),
+            "absent temperature samples"
+        );
         assert!(!deterministic(&obj(json!({"temperature": 0.2}))));
         assert!(!deterministic(&obj(json!({"temperature": "0"}))));
         assert!(!deterministic(&obj(json!({"temperature": null}))));
@@ -231,7 +234,11 @@ mod tests {
             {"content":"hi", "role":"user"} ],
             "temperature": 0.0, "model":"other-name" }"#;
         let b: Value = serde_json::from_str(text).unwrap();
-        assert_eq!(a, key_of(b), "reordered, respaced, 0.0 and another model field");
+        assert_eq!(
+            a,
+            key_of(b),
+            "reordered, respaced, 0.0 and another model field"
+        );
         let mut c = base();
         c["max_tokens"] = json!(100);
         let mut d = base();
@@ -248,7 +255,10 @@ mod tests {
             ("max_completion_tokens", json!(10)),
             ("stop", json!(["\n"])),
             ("seed", json!(7)),
-            ("tools", json!([{"type": "function", "function": {"name": "f"}}])),
+            (
+                "tools",
+                json!([{"type": "function", "function": {"name": "f"}}]),
+            ),
             ("tool_choice", json!("auto")),
             ("response_format", json!({"type": "json_object"})),
             ("presence_penalty", json!(0.1)),
@@ -290,7 +300,10 @@ mod tests {
         let mut p = parts("acme");
         p.endpoint = "messages";
         assert_ne!(digest(&p, &body), a, "endpoint");
-        let chain = [("gpt-4o-mini", "gpt-4o-mini-2024-07-18"), ("llama", "llama")];
+        let chain = [
+            ("gpt-4o-mini", "gpt-4o-mini-2024-07-18"),
+            ("llama", "llama"),
+        ];
         let mut p = parts("acme");
         p.chain = &chain;
         assert_ne!(digest(&p, &body), a, "fallback chain");
@@ -315,7 +328,11 @@ mod tests {
     }
 
     fn random_value(rng: &mut StdRng, depth: u32) -> Value {
-        let pick = if depth == 0 { rng.random_range(0..4) } else { rng.random_range(0..6) };
+        let pick = if depth == 0 {
+            rng.random_range(0..4)
+        } else {
+            rng.random_range(0..6)
+        };
         match pick {
             0 => Value::Null,
             1 => json!(rng.random_bool(0.5)),

@@ -98,7 +98,12 @@ impl ResponseCache {
     }
 
     /// The lookup for a request, or `None` when it must bypass the cache.
-    pub fn decide(&self, tenant: &Tenant, max_bytes: u64, req: &RequestFacts<'_>) -> Option<Lookup> {
+    pub fn decide(
+        &self,
+        tenant: &Tenant,
+        max_bytes: u64,
+        req: &RequestFacts<'_>,
+    ) -> Option<Lookup> {
         if !tenant.cache.enabled || max_bytes == 0 {
             return None;
         }

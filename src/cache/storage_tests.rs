@@ -12,7 +12,8 @@ fn store(max_bytes: u64) -> &'static Store {
 
 fn meta() -> CacheMeta {
     let mut h = ResponseHeader::build(200, None).unwrap();
-    h.insert_header("content-type", "text/event-stream").unwrap();
+    h.insert_header("content-type", "text/event-stream")
+        .unwrap();
     let now = SystemTime::now();
     meta_of(
         now,
@@ -37,7 +38,9 @@ async fn fill(s: &'static Store, k: &CacheKey, body: &[u8], done: bool) -> MissH
     let m = meta();
     let answer = m.extensions().get::<Arc<Answer>>().unwrap().clone();
     let mut w = s.get_miss_handler(k, &m, &span()).await.unwrap();
-    w.write_body(Bytes::copy_from_slice(body), false).await.unwrap();
+    w.write_body(Bytes::copy_from_slice(body), false)
+        .await
+        .unwrap();
     if done {
         answer.set_completion(complete());
     }
@@ -88,9 +91,15 @@ async fn another_tenant_never_reads_an_entry_even_under_the_same_hash() {
     let theirs = key("same", "globex");
     assert_eq!(mine.combined_bin(), theirs.combined_bin());
     let w = fill(s, &mine, b"secret", true).await;
-    assert!(s.lookup(&theirs, &span()).await.unwrap().is_none(), "in flight");
+    assert!(
+        s.lookup(&theirs, &span()).await.unwrap().is_none(),
+        "in flight"
+    );
     w.finish().await.unwrap();
-    assert!(s.lookup(&theirs, &span()).await.unwrap().is_none(), "committed");
+    assert!(
+        s.lookup(&theirs, &span()).await.unwrap().is_none(),
+        "committed"
+    );
     assert!(s.lookup(&mine, &span()).await.unwrap().is_some());
 }
 
@@ -131,18 +140,32 @@ async fn memory_stays_within_max_bytes_under_overfill() {
     for i in 0..500 {
         let k = key(&format!("k{i}"), "acme");
         fill(s, &k, &body, true).await.finish().await.unwrap();
-        assert!(s.stats().bytes as u64 <= max, "after {i} fills: {:?}", s.stats());
+        assert!(
+            s.stats().bytes as u64 <= max,
+            "after {i} fills: {:?}",
+            s.stats()
+        );
     }
     let st = s.stats();
     assert!(st.evictions > 400, "{st:?}");
     assert!(st.entries > 10, "{st:?}");
     // The newest entry survives; the oldest is gone.
-    assert!(s.lookup(&key("k499", "acme"), &span()).await.unwrap().is_some());
-    assert!(s.lookup(&key("k0", "acme"), &span()).await.unwrap().is_none());
+    assert!(s
+        .lookup(&key("k499", "acme"), &span())
+        .await
+        .unwrap()
+        .is_some());
+    assert!(s
+        .lookup(&key("k0", "acme"), &span())
+        .await
+        .unwrap()
+        .is_none());
     // What the LRU forgot is gone from the maps too: every key is either both or neither.
     let mut found = 0;
     for i in 0..500 {
-        if s.get(&key(&format!("k{i}"), "acme").combined_bin()).is_some() {
+        if s.get(&key(&format!("k{i}"), "acme").combined_bin())
+            .is_some()
+        {
             found += 1;
         }
     }
@@ -172,8 +195,16 @@ async fn purge_drops_only_that_tenants_entries() {
             .unwrap();
     }
     assert_eq!(s.purge_tenant("acme"), 2);
-    assert!(s.lookup(&key("a", "acme"), &span()).await.unwrap().is_none());
-    assert!(s.lookup(&key("c", "globex"), &span()).await.unwrap().is_some());
+    assert!(s
+        .lookup(&key("a", "acme"), &span())
+        .await
+        .unwrap()
+        .is_none());
+    assert!(s
+        .lookup(&key("c", "globex"), &span())
+        .await
+        .unwrap()
+        .is_some());
     assert_eq!(s.stats().entries, 1);
 }
 

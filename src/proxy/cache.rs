@@ -22,13 +22,9 @@ impl Gateway {
             return;
         }
         if ctx.plan.as_ref().is_some_and(|p| p.cache.is_some()) {
-            session.cache.enable(
-                self.cache.store,
-                None,
-                None,
-                Some(self.cache.lock),
-                None,
-            );
+            session
+                .cache
+                .enable(self.cache.store, None, None, Some(self.cache.lock), None);
         }
     }
 }
@@ -39,7 +35,10 @@ pub(super) fn key(ctx: &Ctx) -> Result<CacheKey> {
         .as_ref()
         .and_then(|p| p.cache.as_ref())
         .ok_or_else(|| Error::explain(ErrorType::InternalError, "cache without a lookup"))?;
-    Ok(CacheKey::new(lookup.digest.to_vec(), lookup.tenant.as_str()))
+    Ok(CacheKey::new(
+        lookup.digest.to_vec(),
+        lookup.tenant.as_str(),
+    ))
 }
 
 /// A stored answer was found: take it (the outcome now describes the original call),

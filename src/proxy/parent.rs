@@ -276,7 +276,10 @@ impl Gateway {
         let facts = crate::cache::RequestFacts {
             endpoint: endpoint.as_str(),
             chain: &names,
-            headers: &[req.anthropic_version.as_deref(), req.anthropic_beta.as_deref()],
+            headers: &[
+                req.anthropic_version.as_deref(),
+                req.anthropic_beta.as_deref(),
+            ],
             cache_control: Some(cache_control.as_str()),
             body: &req.body,
         };
