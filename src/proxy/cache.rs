@@ -105,7 +105,7 @@ pub(super) fn on_hit_body_end(ctx: &Ctx) {
         let mut o = plan.outcome();
         o.completion = c;
         // A fill that failed carried its own error event to this reader already.
-        if plan.req.stream && !(c.complete && !c.upstream_error) {
+        if plan.req.stream && (!c.complete || c.upstream_error) {
             o.error_event_sent = true;
         }
     }
