@@ -18,12 +18,17 @@ use pingora_cache::lock::{CacheKeyLockImpl, CacheLock};
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
-pub use storage::{Stats, Store};
+pub use storage::{Stats, Store, Stored};
 
 /// How long one fill may hold the cache lock before waiting requests give up on it
 /// and compete again. The lock is released as soon as the answer's header arrives
 /// (readers then follow the fill), so this bounds the wait for a first byte.
 const LOCK_AGE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long past its TTL an answer may still be served when every provider is down:
+/// a day-old deterministic answer beats an error during an outage, an older one may
+/// describe a world that changed.
+pub const MAX_STALE: Duration = Duration::from_secs(24 * 3600);
 
 /// Where an answer came from and what it cost originally; filled while it is written.
 #[derive(Debug)]
@@ -138,6 +143,16 @@ impl ResponseCache {
             *g.entry(tenant.to_string()).or_insert(0) += 1;
         }
         self.store.purge_tenant(tenant)
+    }
+
+    /// The stored answer for `lookup`, also past its TTL (up to [`MAX_STALE`]), for
+    /// when no provider can answer; never for a client that asked for a refresh.
+    pub fn stale(&self, lookup: &Lookup) -> Option<Stored> {
+        if lookup.refresh {
+            return None;
+        }
+        let key = pingora_cache::CacheKey::new(lookup.digest.to_vec(), lookup.tenant.as_str());
+        self.store.stale(&key, MAX_STALE)
     }
 
     pub fn stats(&self) -> Stats {

@@ -36,6 +36,13 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// A committed answer's body and origin, read outside pingora (stale serving).
+pub struct Stored {
+    pub content_type: Option<http::HeaderValue>,
+    pub body: Bytes,
+    pub answer: Arc<Answer>,
+}
+
 /// A committed answer.
 pub struct Entry {
     hash: HashBinary,
@@ -188,6 +195,20 @@ impl Store {
             self.lru.remove(lru_key(h));
         }
         removed.len()
+    }
+
+    /// The committed answer under `key` even if expired, as long as it expired less
+    /// than `max_stale` ago: for when no provider can answer.
+    pub fn stale(&self, key: &CacheKey, max_stale: std::time::Duration) -> Option<Stored> {
+        let entry = self.get(&key.combined_bin())?;
+        if &*entry.tenant != key.user_tag() || entry.fresh_until + max_stale < SystemTime::now() {
+            return None;
+        }
+        Some(Stored {
+            content_type: entry.header.headers.get("content-type").cloned(),
+            body: entry.body.clone(),
+            answer: entry.answer.clone(),
+        })
     }
 
     fn shard(&self, hash: &HashBinary) -> &RwLock<HashMap<HashBinary, Arc<Entry>>> {

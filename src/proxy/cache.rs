@@ -6,9 +6,12 @@
 //! and follow its answer as it streams. What gets stored is the client-format stream,
 //! since the body filters translate before pingora writes to the cache; the
 //! [`Answer`] in the meta carries the model, provider and usage of the original call.
+//! When every provider of the chain failed, the parent serves a stored answer past its
+//! TTL instead of the error ([`Gateway::serve_stale`]).
 
-use super::{Ctx, Gateway};
-use crate::cache::Answer;
+use super::{respond, Ctx, Gateway, Plan};
+use crate::cache::{Answer, Stored};
+use crate::error::{ErrorKind, GatewayError};
 use pingora::prelude::*;
 use pingora_cache::{CacheKey, CacheMeta, ForcedFreshness, NoCacheReason, RespCacheable};
 use pingora_http::ResponseHeader;
@@ -108,5 +111,73 @@ pub(super) fn on_hit_body_end(ctx: &Ctx) {
         if plan.req.stream && (!c.complete || c.upstream_error) {
             o.error_event_sent = true;
         }
+    }
+}
+
+impl Gateway {
+    /// Answers from a stored answer past its TTL because no provider could answer,
+    /// marked `x-gateway-cache-stale: true` and with a `Warning: 110` header.
+    pub(super) async fn serve_stale(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        plan: &Plan,
+        stored: Stored,
+    ) -> Result<(), GatewayError> {
+        let answer = &stored.answer;
+        let attempts = {
+            let mut o = plan.outcome();
+            o.cache_hit = true;
+            o.error = None;
+            o.upstream_status = 200;
+            o.client_error_code = None;
+            if let Some(m) = plan.chain.models.iter().find(|m| m.name == answer.model) {
+                o.model = Some(m.clone());
+            }
+            if let Some(c) = answer.completion() {
+                o.completion = c;
+            }
+            o.attempts
+        };
+        let failed = |_| GatewayError::new(ErrorKind::Internal, "cannot build the response");
+        let mut resp = ResponseHeader::build(200, Some(12)).map_err(failed)?;
+        let h = |resp: &mut ResponseHeader, k: &'static str, v: &str| {
+            resp.insert_header(k, v).map_err(failed)
+        };
+        if let Some(ct) = &stored.content_type {
+            resp.insert_header("content-type", ct.clone())
+                .map_err(failed)?;
+        }
+        h(&mut resp, "content-length", &stored.body.len().to_string())?;
+        respond::gateway_headers(&mut resp, &plan.request_id).map_err(failed)?;
+        h(&mut resp, "x-gateway-model", &answer.model)?;
+        h(&mut resp, "x-gateway-provider", &answer.provider)?;
+        h(&mut resp, "x-gateway-attempts", &attempts.to_string())?;
+        let fell_back = answer.model != plan.chain.first().name;
+        h(
+            &mut resp,
+            "x-gateway-fallback",
+            if fell_back { "true" } else { "false" },
+        )?;
+        h(&mut resp, "x-gateway-cache", "hit")?;
+        h(&mut resp, "x-gateway-cache-stale", "true")?;
+        h(&mut resp, "warning", "110 - \"Response is Stale\"")?;
+        let mut rate = Vec::with_capacity(3);
+        respond::rate_headers(&plan.rate_headers, &mut rate);
+        for (k, v) in rate {
+            h(&mut resp, k, &v)?;
+        }
+        ctx.status = 200;
+        let write = async {
+            session.write_response_header(Box::new(resp), false).await?;
+            ctx.first_byte = Some(std::time::Instant::now());
+            session
+                .write_response_body(Some(stored.body.clone()), true)
+                .await
+        };
+        if write.await.is_err() {
+            ctx.client_gone = true;
+        }
+        Ok(())
     }
 }

@@ -125,7 +125,16 @@ impl Gateway {
         });
         ctx.plan = Some(plan.clone());
         normalize_for_subrequest(session);
-        self.run_chain(session, ctx, plan).await
+        match self.run_chain(session, ctx, plan.clone()).await {
+            Err(e) if e.kind.fault() == crate::error::Fault::Upstream && !ctx.client_gone => {
+                // Every provider failed: a stored answer, even expired, beats an error.
+                match plan.cache.as_ref().and_then(|l| self.cache.stale(l)) {
+                    Some(stored) => self.serve_stale(session, ctx, &plan, stored).await,
+                    None => Err(e),
+                }
+            }
+            r => r,
+        }
     }
 
     /// The request is over: bill it and write its audit row, once.

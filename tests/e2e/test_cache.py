@@ -364,3 +364,42 @@ def test_memory_bound_holds_under_overfill(gateway, mock):
     assert evicted > 0
     assert post_chat(gw, first, key="sk-cache-small").headers["x-gateway-cache"] == "miss", \
         "the oldest entry should have been evicted"
+
+
+# --------------------------------------------------------------------------- stale on outage
+
+
+def test_expired_answer_serves_when_every_provider_is_down(gateway, mock):
+    gw = gateway({"tenants": {"cache-stale": tenant("cache-stale-key", "sk-cache-stale",
+                                                    cache={"enabled": True, "ttl_s": 1})}})
+    b = body(unique("stale"), model="llama-70b")
+    first = post_chat(gw, b, key="sk-cache-stale")
+    assert first.headers["x-gateway-cache"] == "miss"
+    time.sleep(1.2)  # past the entry's 1 s TTL: no readiness signal exists for expiry
+    # The header directive reaches the mock but is not part of the cache key.
+    down = {"x-mock": "status=503"}
+    r = post_chat(gw, b, key="sk-cache-stale", headers=down)
+    assert r.status_code == 200, r.text
+    assert r.headers["x-gateway-cache"] == "hit"
+    assert r.headers["x-gateway-cache-stale"] == "true"
+    assert r.headers["warning"].startswith("110")
+    assert r.json() == first.json()
+    assert upstream_calls(mock) == 2, "the expired entry was revalidated upstream first"
+    row = audit_rows(gw, r.headers["x-request-id"])[0]
+    assert (row["status"], row["cache_hit"], row["cost_nanousd"], row["error_code"]) == (200, 1, 0, "")
+    # no-cache asks not to read the cache: the outage shows.
+    r = post_chat(gw, b, key="sk-cache-stale", headers={**down, "cache-control": "no-cache"})
+    assert r.status_code == 503
+    # A request never answered before has nothing stale to fall back on.
+    r = post_chat(gw, body(unique("never"), model="llama-70b"), key="sk-cache-stale", headers=down)
+    assert r.status_code == 503
+
+
+def test_fresh_entry_is_a_plain_hit_even_when_providers_are_down(gw, mock):
+    b = body(unique("fresh-down"), model="llama-70b")
+    first = post_chat(gw, b, key=CACHE_A)
+    r = post_chat(gw, b, key=CACHE_A, headers={"x-mock": "status=503"})
+    assert r.status_code == 200 and r.headers["x-gateway-cache"] == "hit"
+    assert "x-gateway-cache-stale" not in r.headers
+    assert r.json() == first.json()
+    assert upstream_calls(mock) == 1
