@@ -12,23 +12,13 @@ connections. Absolute figures on a shared machine are noise; the ratios are the 
 """
 import argparse, http.client, json, os, statistics, threading, time, uuid
 
-from benchlib import Stack, pct, sha256
+from benchlib import Stack, one_model_config, pct
 
 KEY = "sk-bench"
 
 
 def config(mock_port):
-    return f"""providers:
-  p1: {{ kind: openai_compatible, base_url: "http://127.0.0.1:{mock_port}", region: r1 }}
-models:
-  m1: {{ provider: p1, price: {{ input_per_mtok: 1, output_per_mtok: 2 }}, max_output_tokens: 64 }}
-tenants:
-  t1:
-    api_keys: [ {{ id: k1, sha256: "{sha256(KEY)}" }} ]
-    models: [m1]
-    cache: {{ enabled: true, ttl_s: 3600 }}
-cache: {{ max_bytes: 67108864 }}
-"""
+    return one_model_config(mock_port, KEY, "    cache: { enabled: true, ttl_s: 3600 }\ncache: { max_bytes: 67108864 }\n")
 
 
 def body(prompt):

@@ -63,6 +63,15 @@ fn histogram(
     Ok(h)
 }
 
+/// Registers a single (unlabelled) metric and hands it back.
+fn registered<M: prometheus::core::Collector + Clone + 'static>(
+    r: &Registry,
+    m: M,
+) -> prometheus::Result<M> {
+    r.register(Box::new(m.clone()))?;
+    Ok(m)
+}
+
 impl Metrics {
     pub fn new() -> prometheus::Result<Metrics> {
         let r = Registry::new_custom(Some("llmgw".into()), None)?;
@@ -76,23 +85,6 @@ impl Metrics {
             "Failed calls to the shared counter store since start",
         )?;
         r.register(Box::new(limits_store_errors.clone()))?;
-        let cache_bytes = IntGauge::new(
-            "cache_bytes",
-            "Bytes held by the response cache (bounded by cache.max_bytes)",
-        )?;
-        r.register(Box::new(cache_bytes.clone()))?;
-        let cache_entries = IntGauge::new("cache_entries", "Answers held by the response cache")?;
-        r.register(Box::new(cache_entries.clone()))?;
-        let cache_evictions = IntCounter::new(
-            "cache_evictions_total",
-            "Answers evicted from the response cache to stay within cache.max_bytes",
-        )?;
-        r.register(Box::new(cache_evictions.clone()))?;
-        let cache_discarded = IntCounter::new(
-            "cache_discarded_total",
-            "Cache fills dropped because the answer did not end complete",
-        )?;
-        r.register(Box::new(cache_discarded.clone()))?;
         Ok(Metrics {
             cache_requests: counter(
                 &r,
@@ -100,10 +92,31 @@ impl Metrics {
                 "Chat and messages requests by cache result (hit, miss, bypass)",
                 &["tenant", "result"],
             )?,
-            cache_bytes,
-            cache_entries,
-            cache_evictions,
-            cache_discarded,
+            cache_bytes: registered(
+                &r,
+                IntGauge::new(
+                    "cache_bytes",
+                    "Bytes held by the response cache (bounded by cache.max_bytes)",
+                )?,
+            )?,
+            cache_entries: registered(
+                &r,
+                IntGauge::new("cache_entries", "Answers held by the response cache")?,
+            )?,
+            cache_evictions: registered(
+                &r,
+                IntCounter::new(
+                    "cache_evictions_total",
+                    "Answers evicted from the response cache to stay within cache.max_bytes",
+                )?,
+            )?,
+            cache_discarded: registered(
+                &r,
+                IntCounter::new(
+                    "cache_discarded_total",
+                    "Cache fills dropped because the answer did not end complete",
+                )?,
+            )?,
             requests: counter(
                 &r,
                 "requests_total",
