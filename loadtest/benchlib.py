@@ -18,6 +18,21 @@ def sha256(key):
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+def one_model_config(mock_port, key, extra=""):
+    """Providers/models/tenants of a one-model bench: tenant `t1` (API key `key`) on
+    model `m1` served by the mock; `extra` is appended to the tenant (indented) and may
+    add top-level sections after a line without indentation."""
+    return f"""providers:
+  p1: {{ kind: openai_compatible, base_url: "http://127.0.0.1:{mock_port}", region: r1 }}
+models:
+  m1: {{ provider: p1, price: {{ input_per_mtok: 1, output_per_mtok: 2 }}, max_output_tokens: 64 }}
+tenants:
+  t1:
+    api_keys: [ {{ id: k1, sha256: "{sha256(key)}" }} ]
+    models: [m1]
+""" + extra
+
+
 class Stack:
     """`with Stack(bin, mock_args, config_body) as s:` — `config_body(mock_port)` returns
     the providers/models/tenants part of the YAML; listen/admin/audit are added here

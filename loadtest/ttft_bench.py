@@ -10,7 +10,7 @@ machine are noise, the difference and ratio are the result.
 """
 import argparse, http.client, json, os, statistics, time
 
-from benchlib import Stack, pct, sha256
+from benchlib import Stack, one_model_config, pct
 
 
 def stream_once(port, path, headers, body):
@@ -36,15 +36,7 @@ KEY = "sk-bench"
 
 
 def config(mock_port):
-    return f"""providers:
-  p1: {{ kind: openai_compatible, base_url: "http://127.0.0.1:{mock_port}", region: r1 }}
-models:
-  m1: {{ provider: p1, price: {{ input_per_mtok: 1, output_per_mtok: 2 }}, max_output_tokens: 64 }}
-tenants:
-  t1:
-    api_keys: [ {{ id: k1, sha256: "{sha256(KEY)}" }} ]
-    models: [m1]
-"""
+    return one_model_config(mock_port, KEY)
 
 
 def main():

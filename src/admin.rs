@@ -166,6 +166,7 @@ impl Admin {
         m.limits_store_errors
             .set(self.gateway.limits.redis_errors().min(i64::MAX as u64) as i64);
         self.gateway.audit.refresh_gauges().await;
+        m.cache_stats(self.gateway.cache.stats());
     }
 
     /// Ready when a config is loaded, the counter store answers (or is allowed to fail
@@ -288,6 +289,15 @@ impl ServeHttp for Admin {
                     },
                     None => error(404, "no such tenant"),
                 }
+            }
+            ("POST", p) if p.starts_with("/admin/v1/tenants/") && p.ends_with("/cache/purge") => {
+                let id = &p["/admin/v1/tenants/".len()..p.len() - "/cache/purge".len()];
+                if self.gateway.config().tenant(id).is_none() {
+                    return error(404, "no such tenant");
+                }
+                let purged = self.gateway.cache.purge(id);
+                log::info!("cache purged for tenant {id}: {purged} entries");
+                json_reply(200, json!({"tenant": id, "purged": purged}))
             }
             ("POST", "/admin/v1/reload") => {
                 let reloader = self.reloader.clone();

@@ -7,6 +7,7 @@ pub mod admin;
 pub mod audit;
 pub mod auth;
 pub mod breaker;
+pub mod cache;
 pub mod config;
 pub mod demo;
 pub mod error;

@@ -79,6 +79,11 @@ pub struct Metrics {
     pub audit: AuditMetrics,
     /// Failed calls to the shared counter store (Redis) since start.
     pub limits_store_errors: IntGauge,
+    cache_requests: IntCounterVec,
+    pub cache_bytes: IntGauge,
+    pub cache_entries: IntGauge,
+    pub cache_evictions: IntCounter,
+    pub cache_discarded: IntCounter,
 }
 
 fn counter(
@@ -110,6 +115,15 @@ fn histogram(
     Ok(h)
 }
 
+/// Registers a single (unlabelled) metric and hands it back.
+fn registered<M: prometheus::core::Collector + Clone + 'static>(
+    r: &Registry,
+    m: M,
+) -> prometheus::Result<M> {
+    r.register(Box::new(m.clone()))?;
+    Ok(m)
+}
+
 impl Metrics {
     pub fn new() -> prometheus::Result<Metrics> {
         let r = Registry::new_custom(Some("llmgw".into()), None)?;
@@ -123,6 +137,37 @@ impl Metrics {
         )?;
         r.register(Box::new(limits_store_errors.clone()))?;
         Ok(Metrics {
+            cache_requests: counter(
+                &r,
+                "cache_requests_total",
+                "Chat and messages requests by cache result (hit, miss, bypass)",
+                &["tenant", "result"],
+            )?,
+            cache_bytes: registered(
+                &r,
+                IntGauge::new(
+                    "cache_bytes",
+                    "Bytes held by the response cache (bounded by cache.max_bytes)",
+                )?,
+            )?,
+            cache_entries: registered(
+                &r,
+                IntGauge::new("cache_entries", "Answers held by the response cache")?,
+            )?,
+            cache_evictions: registered(
+                &r,
+                IntCounter::new(
+                    "cache_evictions_total",
+                    "Answers evicted from the response cache to stay within cache.max_bytes",
+                )?,
+            )?,
+            cache_discarded: registered(
+                &r,
+                IntCounter::new(
+                    "cache_discarded_total",
+                    "Cache fills dropped because the answer did not end complete",
+                )?,
+            )?,
             requests: counter(
                 &r,
                 "requests_total",
@@ -240,7 +285,8 @@ impl Metrics {
                 .with_label_values(&[&row.tenant, &row.model])
                 .observe(span / 1000.0 / f64::from(row.tokens_out - 1));
         }
-        if !row.model.is_empty() {
+        // A cache hit's row carries the original usage, but nothing was billed.
+        if !row.model.is_empty() && row.cache_hit == 0 {
             self.tokens
                 .with_label_values(&[&row.tenant, &row.model, "in"])
                 .inc_by(row.tokens_in.into());
@@ -267,6 +313,24 @@ impl Metrics {
                 .with_label_values(&[&row.tenant, &row.model])
                 .inc();
         }
+    }
+
+    /// Counts one request's cache result (`hit`, `miss` or `bypass`).
+    pub fn cache_result(&self, tenant: &str, result: &str) {
+        self.cache_requests
+            .with_label_values(&[tenant, result])
+            .inc();
+    }
+
+    /// Brings the cache gauges and counters up to the store's figures (at scrape time).
+    pub fn cache_stats(&self, s: crate::cache::Stats) {
+        self.cache_bytes.set(s.bytes.min(i64::MAX as usize) as i64);
+        self.cache_entries
+            .set(s.entries.min(i64::MAX as usize) as i64);
+        self.cache_evictions
+            .inc_by(s.evictions.saturating_sub(self.cache_evictions.get()));
+        self.cache_discarded
+            .inc_by(s.discarded.saturating_sub(self.cache_discarded.get()));
     }
 
     /// The text exposition format.

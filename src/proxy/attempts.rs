@@ -59,6 +59,7 @@ impl Gateway {
                 o.error = None;
                 o.error_event_sent = false;
                 o.client_error_code = None;
+                o.cache_hit = false;
             }
             let end = self.attempt(session, ctx, &plan, idx).await;
             if let Some(b) = &breaker {
@@ -67,6 +68,8 @@ impl Gateway {
                 match &end {
                     AttemptEnd::Failed(e) if upstream_fault(e) => b.record(false),
                     AttemptEnd::Failed(_) | AttemptEnd::ClientGone => b.release(),
+                    // Served from the cache: says nothing about the provider's health.
+                    AttemptEnd::Delivered if plan.outcome().cache_hit => b.release(),
                     AttemptEnd::Delivered => {
                         // A stream that broke after its first byte counts against health too.
                         let failed = plan.outcome().error.as_ref().is_some_and(upstream_fault);

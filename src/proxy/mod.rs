@@ -10,6 +10,7 @@
 //! that touches it lives in this module.
 
 mod attempts;
+mod cache;
 pub mod dns;
 mod parent;
 mod respond;
@@ -17,6 +18,7 @@ mod upstream;
 
 use crate::audit::AuditLog;
 use crate::breaker::{Breakers, RetryBudget};
+use crate::cache::{Answer, Lookup, ResponseCache};
 use crate::config::{Config, Model, Tenant};
 use crate::error::{ApiFormat, GatewayError};
 use crate::limits::{Limits, RateHeaders, Ticket};
@@ -26,6 +28,7 @@ use crate::routing::Chain;
 use async_trait::async_trait;
 use bytes::Bytes;
 use pingora::prelude::*;
+use pingora_cache::{CacheKey, CacheMeta, ForcedFreshness, HitHandler, RespCacheable};
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
@@ -47,6 +50,7 @@ pub struct Shared {
     retry_budget: RetryBudget,
     pub limits: Limits,
     pub metrics: Metrics,
+    pub cache: ResponseCache,
 }
 
 impl std::ops::Deref for Gateway {
@@ -61,6 +65,7 @@ impl Gateway {
         Gateway {
             inner: Arc::new(Shared {
                 limits: Limits::new(&config.counters),
+                cache: ResponseCache::new(config.cache.max_bytes),
                 config: RwLock::new(config),
                 resolver: dns::Resolver::default(),
                 audit,
@@ -80,6 +85,7 @@ impl Gateway {
     }
 
     pub fn set_config(&self, cfg: Arc<Config>) {
+        self.cache.store.set_max_bytes(cfg.cache.max_bytes);
         match self.config.write() {
             Ok(mut c) => *c = cfg,
             Err(poisoned) => *poisoned.into_inner() = cfg,
@@ -125,6 +131,8 @@ pub struct Plan {
     pub prompt_bytes: usize,
     /// The tenant's limits as of admission, for the `x-ratelimit-*` headers.
     pub rate_headers: RateHeaders,
+    /// The cache key and mode, or `None` when the request bypasses the cache.
+    pub cache: Option<Lookup>,
     /// Written by the subrequest as it goes, read by the parent when the call ends
     /// (also when the client left and the subrequest was cancelled).
     pub outcome: Mutex<Outcome>,
@@ -143,6 +151,8 @@ pub struct Outcome {
     pub error_event_sent: bool,
     /// The `code` of a provider's own error answer as the client got it.
     pub client_error_code: Option<String>,
+    /// The answer came from the cache (completion and model are the original call's).
+    pub cache_hit: bool,
 }
 
 impl Plan {
@@ -184,6 +194,10 @@ pub struct Ctx {
     retry_same: bool,
     /// The response header went to the client: no failover from here on.
     header_sent: bool,
+    /// This subrequest is served from the cache: the stored answer's origin.
+    hit: Option<Arc<Answer>>,
+    /// This subrequest's answer is being stored: its origin and, at the end, usage.
+    fill: Option<Arc<Answer>>,
 }
 
 struct Attempt {
@@ -222,6 +236,48 @@ impl ProxyHttp for Gateway {
         }
         self.handle_parent(session, ctx).await;
         Ok(true)
+    }
+
+    fn request_cache_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<()> {
+        self.enable_cache(session, ctx);
+        Ok(())
+    }
+
+    fn cache_key_callback(&self, _session: &Session, ctx: &mut Ctx) -> Result<CacheKey> {
+        cache::key(ctx)
+    }
+
+    async fn cache_hit_filter(
+        &self,
+        _session: &mut Session,
+        meta: &CacheMeta,
+        _hit_handler: &mut HitHandler,
+        is_fresh: bool,
+        ctx: &mut Ctx,
+    ) -> Result<Option<ForcedFreshness>> {
+        Ok(cache::on_hit(meta, is_fresh, ctx))
+    }
+
+    fn response_cache_filter(
+        &self,
+        _session: &Session,
+        resp: &ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<RespCacheable> {
+        Ok(cache::response_cacheable(resp, ctx))
+    }
+
+    fn response_body_filter(
+        &self,
+        _session: &mut Session,
+        _body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut Ctx,
+    ) -> Result<Option<std::time::Duration>> {
+        if end_of_stream && ctx.hit.is_some() {
+            cache::on_hit_body_end(ctx);
+        }
+        Ok(None)
     }
 
     async fn upstream_peer(&self, session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {

@@ -128,6 +128,7 @@ impl Gateway {
         ctx.rate_headers = Some(ticket.headers.clone());
         let rate_headers = ticket.headers.clone();
         ctx.ticket = Some(ticket);
+        let cache = self.cache_lookup(&cfg, &tenant, endpoint, &chain, &req, session);
         let plan = Arc::new(Plan {
             request_id: ctx.request_id.clone(),
             tenant,
@@ -136,11 +137,21 @@ impl Gateway {
             started: ctx.started.unwrap_or_else(Instant::now),
             prompt_bytes,
             rate_headers,
+            cache,
             outcome: Mutex::new(Outcome::default()),
         });
         ctx.plan = Some(plan.clone());
         normalize_for_subrequest(session);
-        self.run_chain(session, ctx, plan).await
+        match self.run_chain(session, ctx, plan.clone()).await {
+            Err(e) if e.kind.fault() == crate::error::Fault::Upstream && !ctx.client_gone => {
+                // Every provider failed: a stored answer, even expired, beats an error.
+                match plan.cache.as_ref().and_then(|l| self.cache.stale(l)) {
+                    Some(stored) => self.serve_stale(session, ctx, &plan, stored).await,
+                    None => Err(e),
+                }
+            }
+            r => r,
+        }
     }
 
     /// The request is over: bill it and write its audit row, once.
@@ -194,12 +205,24 @@ impl Gateway {
                 row.cached_tokens_in = bill.usage.cached_input;
                 row.usage_estimated = bill.estimated as u8;
                 row.cost_nanousd = bill.cost_nanousd;
+                if o.cache_hit {
+                    // The row keeps the original call's usage; nothing went upstream,
+                    // so nothing is billed and no provider served.
+                    row.cache_hit = 1;
+                    row.cost_nanousd = 0;
+                    row.provider.clear();
+                    row.region.clone_from(&cfg.node.region);
+                }
             }
+            let result = crate::cache::header_value(plan.cache.as_ref(), o.cache_hit);
+            self.metrics.cache_result(&row.tenant, result);
         }
         if let Some(ticket) = ctx.ticket.take() {
+            // A hit counts as a request (rps) but used no upstream tokens or money.
+            let upstream = row.cache_hit == 0;
             let actual = Actual {
-                tokens_in: row.tokens_in.into(),
-                tokens_out: row.tokens_out.into(),
+                tokens_in: if upstream { row.tokens_in.into() } else { 0 },
+                tokens_out: if upstream { row.tokens_out.into() } else { 0 },
                 cost_nanousd: row.cost_nanousd,
             };
             self.limits.settle(ticket, actual).await;
@@ -247,6 +270,48 @@ impl Gateway {
         );
         self.metrics.observe(&row);
         self.audit.emit(row);
+    }
+}
+
+impl Gateway {
+    /// The request's cache key and mode, or `None` when it bypasses the cache.
+    fn cache_lookup(
+        &self,
+        cfg: &crate::config::Config,
+        tenant: &Tenant,
+        endpoint: Endpoint,
+        chain: &routing::Chain,
+        req: &ClientRequest,
+        session: &Session,
+    ) -> Option<crate::cache::Lookup> {
+        if !tenant.cache.enabled {
+            return None;
+        }
+        let names: Vec<(&str, &str)> = chain
+            .models
+            .iter()
+            .map(|m| (m.name.as_str(), m.upstream_model.as_str()))
+            .collect();
+        // Several Cache-Control headers count as one list.
+        let cache_control: Vec<&str> = session
+            .req_header()
+            .headers
+            .get_all("cache-control")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        let cache_control = cache_control.join(",");
+        let facts = crate::cache::RequestFacts {
+            endpoint: endpoint.as_str(),
+            chain: &names,
+            headers: &[
+                req.anthropic_version.as_deref(),
+                req.anthropic_beta.as_deref(),
+            ],
+            cache_control: Some(cache_control.as_str()),
+            body: &req.body,
+        };
+        self.cache.decide(tenant, cfg.cache.max_bytes, &facts)
     }
 }
 

@@ -223,10 +223,6 @@ pub(super) fn on_response_header(resp: &mut ResponseHeader, ctx: &mut Ctx) -> Re
 pub(super) fn decorate_response(resp: &mut ResponseHeader, ctx: &mut Ctx) -> Result<()> {
     ctx.header_sent = true;
     let plan = plan_of(ctx)?;
-    let a = ctx
-        .attempt
-        .as_ref()
-        .ok_or_else(|| Error::explain(ErrorType::InternalError, "no attempt"))?;
     for h in [
         "set-cookie",
         "openai-organization",
@@ -237,27 +233,38 @@ pub(super) fn decorate_response(resp: &mut ResponseHeader, ctx: &mut Ctx) -> Res
     ] {
         resp.remove_header(h);
     }
-    // A translated body (or a provider error re-rendered for the client) has another
-    // length than the upstream's.
-    if a.error_body.is_some()
-        || a.translator
-            .as_ref()
-            .is_some_and(ResponseTranslator::rewrites)
-    {
-        resp.remove_header("content-length");
-        resp.insert_header("transfer-encoding", "chunked")?;
-    }
+    let (model, provider) = match (&ctx.hit, &ctx.attempt) {
+        // Served from the cache: the model and provider of the original call.
+        (Some(h), _) => (h.model.as_str(), h.provider.as_str()),
+        (None, Some(a)) => {
+            // A translated body (or a provider error re-rendered for the client) has
+            // another length than the upstream's.
+            if a.error_body.is_some()
+                || a.translator
+                    .as_ref()
+                    .is_some_and(ResponseTranslator::rewrites)
+            {
+                resp.remove_header("content-length");
+                resp.insert_header("transfer-encoding", "chunked")?;
+            }
+            (a.model.name.as_str(), a.model.provider.name.as_str())
+        }
+        (None, None) => return Error::e_explain(ErrorType::InternalError, "no attempt"),
+    };
     let attempts = plan.outcome().attempts;
     respond::gateway_headers(resp, &plan.request_id)?;
-    resp.insert_header("x-gateway-model", a.model.name.as_str())?;
-    resp.insert_header("x-gateway-provider", a.model.provider.name.as_str())?;
+    resp.insert_header("x-gateway-model", model)?;
+    resp.insert_header("x-gateway-provider", provider)?;
     resp.insert_header("x-gateway-attempts", attempts.to_string())?;
-    let fell_back = a.model.name != plan.chain.first().name;
+    let fell_back = model != plan.chain.first().name;
     resp.insert_header(
         "x-gateway-fallback",
         if fell_back { "true" } else { "false" },
     )?;
-    resp.insert_header("x-gateway-cache", "bypass")?;
+    resp.insert_header(
+        "x-gateway-cache",
+        crate::cache::header_value(plan.cache.as_ref(), ctx.hit.is_some()),
+    )?;
     let mut rate = Vec::with_capacity(3);
     respond::rate_headers(&plan.rate_headers, &mut rate);
     for (k, v) in rate {
@@ -316,6 +323,13 @@ pub(super) fn translate_body(body: &mut Option<Bytes>, end_of_stream: bool, ctx:
         t.snapshot()
     };
     *body = Some(out.freeze());
+    if end_of_stream {
+        if let Some(fill) = &ctx.fill {
+            // Before pingora stores this last chunk: the fill is committed only if the
+            // answer ended complete, and hits report this usage.
+            fill.set_completion(completion);
+        }
+    }
     let mut o = plan.outcome();
     if completion.upstream_error && o.error.is_none() {
         // The provider's own error event went to the client, translated: record it.
