@@ -3,7 +3,7 @@
 20x its rps limit, measured in one run against the same gateway and mock.
 
 Usage: python3 loadtest/noisy_neighbour.py [--bin target/release/llm-gateway]
-       [--seconds 10] [--b-rate 20] [--a-rps 20] [--flood-x 20] [--flooders 4]
+       [--seconds 10] [--b-rate 20] [--a-rps 20] [--flood-x 20] [--flooders 4] [--redis]
 
 B sends non-streamed requests at a fixed rate (one keep-alive connection, paced, the
 latency of each measured). A's limit is `--a-rps` requests a second; its flood is
@@ -11,16 +11,17 @@ latency of each measured). A's limit is `--a-rps` requests a second; its flood i
 flooders' interpreter does not slow B's client down), each on keep-alive connections.
 Reported: B's p50/p99 in both phases and their ratio, A's attempted and achieved rate,
 its refusal rate, and the gateway's CPU time per refused request against its CPU time
-per served request (from /proc/PID/stat, baseline = the B-alone phase).
+per served request (from /proc/PID/stat, baseline = the B-alone phase). With
+`--redis` the counters live in a private `redis-server` (started on a free port).
 """
-import argparse, http.client, json, multiprocessing, os, statistics, time
+import argparse, http.client, json, multiprocessing, os, socket, statistics, subprocess, tempfile, time
 
-from benchlib import Stack, pct, sha256
+from benchlib import Stack, free_port, pct, sha256
 
 TICK = os.sysconf("SC_CLK_TCK")
 
 
-def config(a_rps):
+def config(a_rps, counters):
     def body(mock_port):
         return f"""providers:
   p1: {{ kind: openai_compatible, base_url: "http://127.0.0.1:{mock_port}", region: r1 }}
@@ -35,8 +36,26 @@ tenants:
     api_keys: [ {{ id: kb, sha256: "{sha256('sk-b')}" }} ]
     models: [m1]
     rate: {{ rps: 1000 }}
+counters: {counters}
 """
     return body
+
+
+def start_redis():
+    port, d = free_port(), tempfile.mkdtemp(prefix="llmgw-bench-redis-")
+    p = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                          "--appendonly", "no", "--dir", d], stdout=subprocess.DEVNULL)
+    deadline = time.time() + 10
+    while time.time() < deadline:  # readiness: PING answered
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+                s.sendall(b"PING\r\n")
+                if s.recv(7) == b"+PONG\r\n":
+                    return p, port
+        except OSError:
+            time.sleep(0.05)
+    p.kill()
+    raise SystemExit("redis-server did not start")
 
 
 BODY = json.dumps({"model": "m1", "max_tokens": 16,
@@ -111,8 +130,21 @@ def main():
     ap.add_argument("--a-rps", type=int, default=20)
     ap.add_argument("--flood-x", type=float, default=20)
     ap.add_argument("--flooders", type=int, default=4)
+    ap.add_argument("--redis", action="store_true", help="counters in a private redis-server")
     a = ap.parse_args()
-    with Stack(a.bin, ["--tokens", "8"], config(a.a_rps)) as st:
+    redis, counters = None, "{ backend: memory }"
+    if a.redis:
+        redis, port = start_redis()
+        counters = f"{{ backend: redis, url: 'redis://127.0.0.1:{port}/', on_error: fail_closed }}"
+    try:
+        run(a, counters)
+    finally:
+        if redis:
+            redis.terminate()
+
+
+def run(a, counters):
+    with Stack(a.bin, ["--tokens", "8"], config(a.a_rps, counters)) as st:
         pid = st.gw.pid
         tenant_b(st.port, a.b_rate, 1)  # warm-up
         c0 = gateway_cpu_s(pid)
@@ -141,6 +173,7 @@ def main():
     cpu_per_b = (c1 - c0) / len(alone)
     # Phase 2's CPU beyond what B's and A's served requests cost (at phase 1's rate).
     cpu_refusals = (c3 - c2) - cpu_per_b * (len(flooded) + served_a)
+    print(f"counters: {counters}")
     print(f"tenant B: {a.b_rate:g} req/s, {a.seconds:g} s per phase, non-streamed, 8 tokens from the mock")
     print(f"  alone         p50 {statistics.median(alone):7.2f} ms  p99 {pct(alone, 0.99):7.2f} ms  (n={len(alone)})")
     print(f"  A flooding    p50 {statistics.median(flooded):7.2f} ms  p99 {pct(flooded, 0.99):7.2f} ms  (n={len(flooded)})")

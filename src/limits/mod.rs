@@ -14,8 +14,9 @@
 //!   pre-check that only ever refuses early (a tenant already at its rps or
 //!   concurrency limit on this node alone is over it globally too, and one whose
 //!   rps Redis refused this second stays refused until the second ends), so a
-//!   flooding tenant costs no round trip; it never admits on its own, because budgets must be
-//!   exact and shared, and every admission needs the one round trip anyway.
+//!   flooding tenant costs no round trip; it never admits on its own, because
+//!   budgets must be exact and shared, and every admission needs the one round trip
+//!   anyway.
 //!   Tenants with no limit and no budget at all skip the admission round trip; their
 //!   request is counted when it settles.
 //!
@@ -378,6 +379,9 @@ impl Limits {
     /// the refusal is never wrong; [`Limits::admit`] still does the exact check.
     /// Refused requests are not counted in the rps window.
     pub fn precheck(&self, tenant: &Tenant) -> Result<(), Refusal> {
+        if tenant.rate.rps.is_none() && tenant.rate.concurrency.is_none() {
+            return Ok(()); // nothing to check: not even the store's lock is taken
+        }
         let now = self.inner.now();
         self.inner
             .local
