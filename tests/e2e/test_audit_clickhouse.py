@@ -11,7 +11,8 @@ spool directory), driven through the official SDKs and raw HTTP:
   once even when rows were shipped twice;
 * a ClickHouse that accepts connections and never answers does not slow requests;
 * a torn spool line is skipped with a log line and a metric, the rest ships;
-* a graceful stop ships what is waiting instead of waiting for `flush_ms`.
+* a graceful stop ships what is waiting instead of waiting for `flush_ms`;
+* a graceful upgrade (`serve -u`, SIGQUIT) hands shipping to the new process, no row lost.
 
 Waiting is on readiness signals (rows appearing in ClickHouse or in the spool, metrics,
 process exit), with deadlines; never fixed sleeps.
