@@ -11,7 +11,8 @@ spool directory), driven through the official SDKs and raw HTTP:
   once even when rows were shipped twice;
 * a ClickHouse that accepts connections and never answers does not slow requests;
 * a torn spool line is skipped with a log line and a metric, the rest ships;
-* a graceful stop ships what is waiting instead of waiting for `flush_ms`.
+* a graceful stop ships what is waiting instead of waiting for `flush_ms`;
+* a graceful upgrade (`serve -u`, SIGQUIT) hands shipping to the new process, no row lost.
 
 Waiting is on readiness signals (rows appearing in ClickHouse or in the spool, metrics,
 process exit), with deadlines; never fixed sleeps.
@@ -91,18 +92,27 @@ class PrivateGateway:
     def spool(self) -> Path:
         return self.dir / "spool"
 
-    def start(self) -> Gateway:
+    def start(self, upgrade: bool = False) -> Gateway:
+        """Starts a gateway; with `upgrade`, one that takes the listeners over from the
+        running one (`serve -u`, same config and ports), which is told to hand them over
+        (SIGQUIT) and must exit."""
         self.starts += 1
-        http_port, admin_port = free_ports(2)
-        cfg = deep_merge(base_config(self.mock_url, http_port, admin_port, self.dir), self.overrides)
         cfg_path = self.dir / "gateway.yaml"
-        cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        old = self.gw
+        if upgrade:
+            assert old is not None and old.proc.poll() is None
+            cfg = old.config
+            http_port, admin_port = (int(a.rsplit(":", 1)[1]) for a in (old.base_url, old.admin_url))
+        else:
+            http_port, admin_port = free_ports(2)
+            cfg = deep_merge(base_config(self.mock_url, http_port, admin_port, self.dir), self.overrides)
+            cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
         name = f"{self.dir.name}-{self.starts}"
         log_path = self.dir / f"{name}.log"
         _LOGS[name] = log_path
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(
-                [str(self.bin), "serve", "--config", str(cfg_path)],
+                [str(self.bin), "serve", "--config", str(cfg_path), *(["-u"] if upgrade else [])],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=self.dir,
                 env=gateway_env({"LLM_GATEWAY_PID_FILE": str(self.dir / "llm-gateway.pid"),
                                  "LLM_GATEWAY_UPGRADE_SOCK": str(self.dir / "upgrade.sock"),
@@ -111,6 +121,16 @@ class PrivateGateway:
         self.gw = Gateway(name=name, base_url=f"http://127.0.0.1:{http_port}",
                           admin_url=f"http://127.0.0.1:{admin_port}", proc=proc, log_path=log_path,
                           config_path=cfg_path, config=cfg)
+        if upgrade:
+            sock = self.dir / "upgrade.sock"
+            wait_for("the new process to wait for the listeners", sock.exists, 15, interval=0.05,
+                     log=self.log_text)
+            old.proc.send_signal(signal.SIGQUIT)
+            try:
+                old.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"{old.name} did not exit after handing its listeners over:\n{old.log_text()}",
+                            pytrace=False)
         _wait_ready(self.gw)
         return self.gw
 
@@ -581,3 +601,25 @@ def test_graceful_stop_ships_rows_waiting_for_the_flush_interval(clickhouse, pri
     pg.stop()
     rows = ch_rows(clickhouse, db, ids)
     assert len(rows) == 5, f"rows in ClickHouse after a graceful stop: {len(rows)}\n{pg.log_text()[-3000:]}"
+
+
+# --------------------------------------------------------------------------- graceful upgrade
+
+
+def test_graceful_upgrade_hands_shipping_over_without_loss(clickhouse, private_gateway):
+    db = "audit_upgrade"
+    pg = private_gateway("upgrade", audit_overrides(clickhouse.url, db, batch_rows=10_000, flush_ms=60_000))
+    old = pg.start()
+    # Rows the old process holds back (a minute's flush interval) when told to upgrade.
+    before = [ok_chat(old)[0] for _ in range(5)]
+    wait_for("5 rows in the spool", lambda: len(spool_rows(pg.spool)) >= 5, 10)
+    assert metric(old, "llmgw_audit_rows_shipped_total") == 0
+    new = pg.start(upgrade=True)
+    assert new.proc.poll() is None
+    after = [ok_chat(new)[0] for _ in range(5)]
+    # The old process shipped its rows on the way out; the new one ships its own when
+    # its flush interval is up or it stops.
+    assert len(ch_rows(clickhouse, db, before)) == 5, pg.log_text()[-3000:]
+    pg.stop()
+    rows = ch_rows(clickhouse, db, before + after)
+    assert sorted(r["request_id"] for r in rows) == sorted(before + after)
