@@ -256,12 +256,15 @@ fn request_parsing_and_translation_survive_any_body() {
     }
 }
 
+/// Client format, streamed or not, the serving model, and upstream bodies to start from.
+type Case<'a> = (ApiFormat, bool, &'a Arc<Model>, &'a [&'a [u8]]);
+
 #[test]
 fn response_translators_survive_any_upstream_bytes() {
     let (openai, anthropic) = demo_models();
     let streams_openai = [OPENAI_TEXT, OPENAI_TOOL, OPENAI_ERROR, OPENAI_NO_USAGE];
     let streams_anthropic = [ANTHROPIC_TEXT, ANTHROPIC_TOOL, ANTHROPIC_ERROR];
-    let cases: [(ApiFormat, bool, &Arc<Model>, &[&[u8]]); 8] = [
+    let cases: [Case; 8] = [
         (ApiFormat::OpenAi, true, &openai, &streams_openai),
         (ApiFormat::OpenAi, false, &openai, &[OPENAI_COMPLETION]),
         (ApiFormat::OpenAi, true, &anthropic, &streams_anthropic),
