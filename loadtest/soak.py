@@ -64,7 +64,7 @@ def mix(rng):
     if n < 0.75:
         return KEYS["main"], {**chat("fallback please"), "model": "dead-model"}, {200}
     if n < 0.80:
-        return KEYS["main"], chat("[[mock: fault=cut cut_after=3]] cut me", stream=True), {200, 502, 503}
+        return KEYS["main"], chat("[[mock: fault=cut; cut_after=3]] cut me", stream=True), {200, 502, 503}
     if n < 0.87:
         return f"sk-unknown-{rng.random()}", chat("who am i"), {401}
     if n < 0.94:

@@ -10,8 +10,23 @@ use crate::{accounting, auth, routing};
 use bytes::{Bytes, BytesMut};
 use pingora_proxy::Session;
 use serde_json::json;
-use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+/// How long one write to the client may stay blocked before the client counts as
+/// gone (`LLM_GATEWAY_CLIENT_WRITE_TIMEOUT_MS`, default 30 s): then the upstream call is
+/// cancelled and the request is recorded as `client_closed`.
+fn client_write_timeout() -> Duration {
+    static TIMEOUT: OnceLock<Duration> = OnceLock::new();
+    *TIMEOUT.get_or_init(|| {
+        let ms = std::env::var("LLM_GATEWAY_CLIENT_WRITE_TIMEOUT_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|&ms: &u64| ms > 0)
+            .unwrap_or(30_000);
+        Duration::from_millis(ms)
+    })
+}
 
 /// Above the limit the body is still read (and dropped) up to this much, so that the
 /// client, still busy uploading, gets to read our 413 instead of a reset connection.
@@ -21,6 +36,9 @@ impl Gateway {
     pub(super) async fn handle_parent(&self, session: &mut Session, ctx: &mut Ctx) {
         ctx.started = Some(Instant::now());
         ctx.started_ms = crate::audit::time::now_ms();
+        // A client that stops reading would otherwise block the pipe's write forever,
+        // holding its upstream call open past every deadline.
+        session.set_write_timeout(Some(client_write_timeout()));
         ctx.request_id = auth::request_id(session.req_header());
         let endpoint = Endpoint::of(session.req_header());
         ctx.endpoint = Some(endpoint);

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from helpers import ACME, chat_body, post_chat
+from helpers import ACME, audit_rows, chat_body, post_chat
 
 # A distinct override gives this module its own gateway process.
 OWN = {"node": {"region": "hostile-probes"}}
@@ -207,7 +207,7 @@ def test_slow_body_sender_does_not_hold_up_others(gw):
 def test_client_that_never_reads_its_stream_does_not_stall_others(gw):
     """Streams into a client that stops reading fill the socket buffers; the gateway
     must keep serving everyone else."""
-    body = json.dumps(chat_body("[[mock: tokens=20000 gap_ms=0]] long", stream=True)).encode()
+    body = json.dumps(chat_body("[[mock: tokens=20000; gap_ms=0]] long", stream=True)).encode()
     stuck = []
     try:
         for _ in range(4):
@@ -245,4 +245,26 @@ def test_thousands_of_idle_connections(gw):
     finally:
         for s in socks:
             s.close()
+    assert_still_serving(gw)
+
+
+def test_client_that_never_reads_is_cut_off_and_its_upstream_cancelled(gateway):
+    """A blocked write to the client times out (LLM_GATEWAY_CLIENT_WRITE_TIMEOUT_MS):
+    the request ends as `client_closed` instead of holding its upstream call forever."""
+    gw = gateway(OWN, env={"LLM_GATEWAY_CLIENT_WRITE_TIMEOUT_MS": "1500"})
+    rid = f"never-reads-{time.monotonic_ns()}"
+    body = json.dumps(chat_body("[[mock: tokens=100000; gap_ms=0]] a very long answer", stream=True,
+                                max_tokens=100000)).encode()
+    s = socket.create_connection(addr(gw), timeout=10)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    try:
+        s.sendall(request(body, extra_headers=f"x-request-id: {rid}\r\n"))
+        # Never read. The row appears once the gateway gives up on this client.
+        row = audit_rows(gw, rid, timeout=20)[0]
+    finally:
+        s.close()
+    assert row["error_code"] == "client_closed", json.dumps(row)
+    assert row["latency_ms"] >= 1500, row
+    # The generated part is billed, never zero.
+    assert row["tokens_out"] > 0 and row["cost_nanousd"] > 0, row
     assert_still_serving(gw)
