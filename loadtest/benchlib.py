@@ -25,11 +25,14 @@ def sha256(key):
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def raise_nofile():
-    """Lifts this process's open-file limit to the hard limit; children inherit it (the
-    10,000-stream run needs ~20,000 descriptors in the gateway)."""
+def raise_nofile(want=65536):
+    """Lifts this process's open-file limit to `want` (root may raise the hard limit too),
+    else to the hard limit; children inherit it. 10,000 streams through a proxy take
+    20,000 descriptors in the proxy, more than the usual hard limit of 20,000 allows."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, want), max(hard, want)))
+    except (ValueError, OSError):
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
@@ -135,6 +138,13 @@ def tenants_config(mock_port):
 CONFIGS = {"policy": policy_config, "tenants": tenants_config}
 
 
+def gateway_yaml(config_body, mock_port, port, admin_port, spool):
+    """A whole gateway config: listeners, admin token, audit spool, then `config_body`."""
+    return (f"node: {{ region: r1 }}\nlisten: {{ http: 127.0.0.1:{port} }}\n"
+            f"admin: {{ listen: 127.0.0.1:{admin_port}, token_env: BENCH_ADMIN_TOKEN }}\n"
+            f"audit: {{ spool_dir: {spool} }}\n" + config_body(mock_port))
+
+
 class Stack:
     """`with Stack(bin, mock_args, config_body) as s:` — `config_body(mock_port)` returns
     the providers/models/tenants part of the YAML; listen/admin/audit are added here.
@@ -152,9 +162,7 @@ class Stack:
                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         self.mock_port = int(self.mock.stdout.readline().strip().rsplit(":", 1)[1])
         self.port, self.admin_port = free_port(), free_port()
-        cfg = (f"node: {{ region: r1 }}\nlisten: {{ http: 127.0.0.1:{self.port} }}\n"
-               f"admin: {{ listen: 127.0.0.1:{self.admin_port}, token_env: BENCH_ADMIN_TOKEN }}\naudit: {{ spool_dir: {self.spool} }}\n"
-               + self.config_body(self.mock_port))
+        cfg = gateway_yaml(self.config_body, self.mock_port, self.port, self.admin_port, self.spool)
         with open(f"{tmp}/gw.yaml", "w") as f:
             f.write(cfg)
         env = dict(os.environ, RUST_LOG="error", LLM_GATEWAY_GRACE_PERIOD_S="1",
