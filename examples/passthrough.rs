@@ -63,7 +63,8 @@ fn main() {
     };
     let mut server = Server::new_with_opt_and_conf(Opt::default(), conf);
     server.bootstrap();
-    let mut proxy = pingora_proxy::http_proxy_service(&server.configuration, Passthrough { upstream });
+    let mut proxy =
+        pingora_proxy::http_proxy_service(&server.configuration, Passthrough { upstream });
     proxy.add_tcp(&listen.to_string());
     server.add_service(proxy);
     println!("listening on {listen}");

@@ -148,11 +148,12 @@ def gateway_yaml(config_body, mock_port, port, admin_port, spool):
 class Stack:
     """`with Stack(bin, mock_args, config_body) as s:` — `config_body(mock_port)` returns
     the providers/models/tenants part of the YAML; listen/admin/audit are added here.
-    `mock_cpus`/`gw_cpus` pin the processes with taskset."""
+    `mock_cpus`/`gw_cpus` pin the processes with taskset; `gw_env` adds to the gateway's
+    environment (e.g. LD_PRELOAD of another allocator)."""
 
-    def __init__(self, binary, mock_args, config_body, mock_cpus=None, gw_cpus=None):
+    def __init__(self, binary, mock_args, config_body, mock_cpus=None, gw_cpus=None, gw_env=None):
         self.binary, self.mock_args, self.config_body = binary, mock_args, config_body
-        self.mock_cpus, self.gw_cpus = mock_cpus, gw_cpus
+        self.mock_cpus, self.gw_cpus, self.gw_env = mock_cpus, gw_cpus, gw_env or {}
 
     def __enter__(self):
         self.tmp = tmp = tempfile.mkdtemp(prefix="llmgw-bench-")
@@ -166,7 +167,7 @@ class Stack:
         with open(f"{tmp}/gw.yaml", "w") as f:
             f.write(cfg)
         env = dict(os.environ, RUST_LOG="error", LLM_GATEWAY_GRACE_PERIOD_S="1",
-                   LLM_GATEWAY_PID_FILE=f"{tmp}/pid", LLM_GATEWAY_UPGRADE_SOCK=f"{tmp}/sock", **PROVIDER_ENV)
+                   LLM_GATEWAY_PID_FILE=f"{tmp}/pid", LLM_GATEWAY_UPGRADE_SOCK=f"{tmp}/sock", **PROVIDER_ENV, **self.gw_env)
         self.gw = subprocess.Popen(pinned([self.binary, "serve", "--config", f"{tmp}/gw.yaml"], self.gw_cpus), env=env,
                                    stderr=subprocess.DEVNULL)
         if not wait_http_ok(self.admin_port, "/readyz", proc=self.gw):  # readiness: the admin listener
