@@ -124,36 +124,46 @@ impl BackgroundService for Shipper {
         let Some(mut rx) = taken else {
             return;
         };
+        // Timer-driven on purpose: awaiting the queue would wake this task, which runs
+        // on a thread of its own, for every row sent — a futex wake and two context
+        // switches per request, measured at ~8 % of the gateway's CPU (BENCHMARKS.md).
+        // A row waits at most FLUSH_EVERY; nothing is dropped (a full queue is written
+        // by the request path itself).
         let mut batch = Vec::with_capacity(BATCH_ROWS);
         let mut tick = tokio::time::interval(FLUSH_EVERY);
-        loop {
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut open = true;
+        while open {
             tokio::select! {
-                n = rx.recv_many(&mut batch, BATCH_ROWS) => {
-                    if n == 0 {
-                        break;
-                    }
-                    if batch.len() < BATCH_ROWS {
-                        continue;
-                    }
-                }
                 _ = tick.tick() => {}
                 _ = shutdown.changed() => {
                     // Drain what is queued: graceful shutdown and upgrade lose no row.
                     rx.close();
-                    while let Some(r) = rx.recv().await {
-                        batch.push(r);
+                    open = false;
+                }
+            }
+            loop {
+                while batch.len() < BATCH_ROWS {
+                    match rx.try_recv() {
+                        Ok(r) => batch.push(r),
+                        Err(mpsc::error::TryRecvError::Empty) => break,
+                        Err(mpsc::error::TryRecvError::Disconnected) => {
+                            open = false;
+                            break;
+                        }
                     }
+                }
+                if batch.is_empty() {
+                    break;
+                }
+                let full = batch.len() == BATCH_ROWS;
+                let spool = self.spool.clone();
+                let rows = std::mem::replace(&mut batch, Vec::with_capacity(BATCH_ROWS));
+                let _ = tokio::task::spawn_blocking(move || write_batch(&spool, &rows)).await;
+                if !full {
                     break;
                 }
             }
-            if !batch.is_empty() {
-                let spool = self.spool.clone();
-                let rows = std::mem::take(&mut batch);
-                let _ = tokio::task::spawn_blocking(move || write_batch(&spool, &rows)).await;
-            }
-        }
-        if !batch.is_empty() {
-            write_batch(&self.spool, &batch);
         }
     }
 }
