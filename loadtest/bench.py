@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The bench: one command, one machine, one run, three servers side by side.
 
-    cargo build --release --features bench --bin llm-gateway --example passthrough
+    cargo build --release --features bench,jemalloc --bin llm-gateway --example passthrough
     bash loadtest/install_k6.sh && apt-get install wrk
     python3 loadtest/bench.py [--rounds 3] [--json loadtest/results/bench.json]
 
@@ -238,7 +238,7 @@ def main():
     bins = {"gateway": a.gateway_bin, "passthrough": a.passthrough_bin}
     for what, path in [*bins.items(), ("k6", a.k6)]:
         if not os.access(path, os.X_OK):
-            sys.exit(f"missing {what} at {path}: cargo build --release --features bench --bin llm-gateway --example passthrough; "
+            sys.exit(f"missing {what} at {path}: cargo build --release --features bench,jemalloc --bin llm-gateway --example passthrough; "
                      "bash loadtest/install_k6.sh")
     if not shutil.which("wrk") and "rps" not in skip:
         sys.exit("missing wrk: apt-get install wrk")

@@ -12,7 +12,7 @@ import http from 'k6/http';
 import exec from 'k6/execution';
 import { check } from 'k6';
 import { Counter, Rate } from 'k6/metrics';
-import { GW, chat, chatBody, headers, messagesBody, openLoop, sseData, uniqueKey, TREND_STATS } from './lib.js';
+import { GW, chat, chatBody, droppedUnder, headers, messagesBody, openLoop, sseData, uniqueKey, TREND_STATS } from './lib.js';
 
 const cacheHits = new Counter('cache_hits');
 const cacheLookups = new Counter('cache_lookups');
@@ -29,6 +29,7 @@ export const options = {
     http_req_failed: ['rate<0.001'],
     checks: ['rate>0.999'],
     fallback_served: ['rate>0.999'],
+    dropped_iterations: [droppedUnder(350)],
     'http_req_duration{scenario:alpha_cacheable}': ['p(99)<250'],
     'http_req_duration{scenario:beta_messages_stream}': ['p(99)<250'],
     'http_req_duration{scenario:gamma_fallback}': ['p(99)<250'],
