@@ -14,6 +14,11 @@ use pingora_core::upstreams::peer::HttpPeer;
 use pingora_proxy::{ProxyHttp, Session};
 use std::net::{SocketAddr, TcpListener};
 
+/// The same allocator as the gateway's build, so the comparison is of code, not malloc.
+#[cfg(feature = "jemalloc")]
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 struct Passthrough {
     upstream: SocketAddr,
 }
