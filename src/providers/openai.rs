@@ -348,10 +348,14 @@ data: [DONE]\n\n";
             b.finish(&mut BytesMut::new())
         };
         // No usage: complete, nothing counted (the proxy estimates).
-        let c = finish(br#"{"choices":[{"message":{"content":"hi","tool_calls":[{"a":[1,{"b":null}]}]}}]}"#);
+        let c = finish(
+            br#"{"choices":[{"message":{"content":"hi","tool_calls":[{"a":[1,{"b":null}]}]}}]}"#,
+        );
         assert!(c.complete && c.usage.is_none());
         // Usage before the choices, unknown members around them.
-        let c = finish(br#"{"usage":{"prompt_tokens":7,"completion_tokens":3},"x":{"y":[true]},"choices":[]}"#);
+        let c = finish(
+            br#"{"usage":{"prompt_tokens":7,"completion_tokens":3},"x":{"y":[true]},"choices":[]}"#,
+        );
         assert!(c.complete);
         assert_eq!((c.usage.unwrap().input, c.usage.unwrap().output), (7, 3));
         // Not a completion: no choices, not JSON, not an object.
