@@ -7,6 +7,12 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+/// Less CPU per request than glibc malloc at the same memory per stream (measured:
+/// BENCHMARKS.md, "Allocator"); behind the `jemalloc` feature, which release builds use.
+#[cfg(feature = "jemalloc")]
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser)]
 #[command(
     name = "llm-gateway",

@@ -190,6 +190,26 @@ fn strip_null_usage(data: &[u8]) -> Option<Vec<u8>> {
     None
 }
 
+/// The parts of a non-streamed chat completion the gateway reads.
+#[derive(serde::Deserialize)]
+struct BodyHead {
+    #[serde(default)]
+    usage: Option<Value>,
+    #[serde(default)]
+    choices: Present,
+}
+
+/// Whether a member was there at all (any value, `null` included), parsed without
+/// building it.
+#[derive(Default)]
+struct Present(bool);
+
+impl<'de> serde::Deserialize<'de> for Present {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        serde::de::IgnoredAny::deserialize(d).map(|_| Present(true))
+    }
+}
+
 /// Non-streamed chat completion: forwarded as it arrives, parsed at the end for usage.
 #[derive(Debug, Default)]
 pub struct ChatBody {
@@ -205,9 +225,16 @@ impl ChatBody {
     }
 
     pub fn finish(&mut self, _out: &mut BytesMut) -> Completion {
-        if let Ok(v) = serde_json::from_slice::<Value>(&self.buf) {
-            self.usage = v.get("usage").and_then(parse_usage);
-            self.complete = v.get("choices").is_some();
+        // Only `usage` is kept: the choices (the bulk of the body) are skipped by the
+        // parser without building a tree of them, on every non-streamed answer.
+        // (A derived struct also accepts a JSON array; a completion is an object.)
+        let object = self.buf.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
+        if let Some(head) = object
+            .then(|| serde_json::from_slice::<BodyHead>(&self.buf).ok())
+            .flatten()
+        {
+            self.usage = head.usage.as_ref().and_then(parse_usage);
+            self.complete = head.choices.0;
         }
         self.snapshot()
     }
@@ -310,6 +337,30 @@ data: [DONE]\n\n";
             assert_eq!(&out[..], &body[..]);
             assert_eq!(c.usage.unwrap().input, 5);
             assert!(c.complete);
+        }
+    }
+
+    #[test]
+    fn non_stream_completeness_and_usage_without_a_tree() {
+        let finish = |body: &[u8]| {
+            let mut b = ChatBody::default();
+            b.feed(body, &mut BytesMut::new());
+            b.finish(&mut BytesMut::new())
+        };
+        // No usage: complete, nothing counted (the proxy estimates).
+        let c = finish(
+            br#"{"choices":[{"message":{"content":"hi","tool_calls":[{"a":[1,{"b":null}]}]}}]}"#,
+        );
+        assert!(c.complete && c.usage.is_none());
+        // Usage before the choices, unknown members around them.
+        let c = finish(
+            br#"{"usage":{"prompt_tokens":7,"completion_tokens":3},"x":{"y":[true]},"choices":[]}"#,
+        );
+        assert!(c.complete);
+        assert_eq!((c.usage.unwrap().input, c.usage.unwrap().output), (7, 3));
+        // Not a completion: no choices, not JSON, not an object.
+        for body in [&br#"{"error":{"message":"x"}}"#[..], b"not json", b"[1,2]"] {
+            assert!(!finish(body).complete, "{}", String::from_utf8_lossy(body));
         }
     }
 }
