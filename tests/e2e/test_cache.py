@@ -321,16 +321,18 @@ def test_hit_audit_row_has_original_usage_and_no_cost(gw, mock):
 def test_hits_count_against_rps_but_not_tokens(gateway, mock):
     gw = gateway({"tenants": {"cache-rl": tenant("cache-rl-key", "sk-cache-rl", rate={"rps": 3})}})
     b = body(unique("rps"))
-    assert post_chat(gw, b, key="sk-cache-rl").headers["x-gateway-cache"] == "miss"
+    miss = post_chat(gw, b, key="sk-cache-rl")
+    assert miss.headers["x-gateway-cache"] == "miss"
     time.sleep(1.05 - time.time() % 1.0)  # the start of a fresh rps window (UTC seconds)
     with ThreadPoolExecutor(5) as pool:
         hits = list(pool.map(lambda _: post_chat(gw, b, key="sk-cache-rl"), range(5)))
     codes = sorted(r.status_code for r in hits)
     assert codes == [200, 200, 200, 429, 429], codes
     assert all(r.headers["x-gateway-cache"] == "hit" for r in hits if r.status_code == 200)
+    # Rows are written when each request ends: wait for every one of them.
+    rows = [audit_rows(gw, r.headers["x-request-id"])[0] for r in [miss, *hits] if r.status_code == 200]
+    assert [row["cache_hit"] for row in rows] == [0, 1, 1, 1]
     usage = admin(gw, "GET", "/admin/v1/tenants/cache-rl/usage").json()
-    rows = [row for row in audit_rows(gw) if row["tenant"] == "cache-rl" and row["status"] == 200]
-    assert sum(row["cache_hit"] for row in rows) == len(rows) - 1 == 3
     assert usage["spent_nanousd"] == sum(row["cost_nanousd"] for row in rows) > 0, usage
     assert usage["tokens_out"] == 8, f"hits used no upstream tokens: {usage}"
 
