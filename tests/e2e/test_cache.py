@@ -405,3 +405,24 @@ def test_fresh_entry_is_a_plain_hit_even_when_providers_are_down(gw, mock):
     assert "x-gateway-cache-stale" not in r.headers
     assert r.json() == first.json()
     assert upstream_calls(mock) == 1
+
+
+def test_open_circuits_still_serve_stored_answers(gateway, mock):
+    gw = gateway({"tenants": {"cache-circuit": tenant("cache-circuit-key", "sk-cache-circuit")}})
+    key = "sk-cache-circuit"
+    fresh = body(unique("circuit-fresh"), model="llama-70b")
+    first = post_chat(gw, fresh, key=key)
+    assert first.headers["x-gateway-cache"] == "miss"
+    down = {"x-mock": "status=503"}
+    for i in range(5):  # five consecutive failures open the provider's circuit
+        r = post_chat(gw, chat_body(f"sampled {i}", model="llama-70b"), key=key, headers=down)
+        assert r.status_code == 503
+    mock.reset()
+    r = post_chat(gw, fresh, key=key, headers=down)
+    assert r.status_code == 200, r.text
+    assert r.headers["x-gateway-cache"] == "hit"
+    assert "x-gateway-cache-stale" not in r.headers, "a fresh entry is not stale"
+    assert r.json() == first.json()
+    assert upstream_calls(mock) == 0, "an open circuit is not called"
+    r = post_chat(gw, body(unique("circuit-new"), model="llama-70b"), key=key)
+    assert r.status_code == 503 and "circuit open" in r.text
