@@ -41,6 +41,9 @@ pub struct Stored {
     pub content_type: Option<http::HeaderValue>,
     pub body: Bytes,
     pub answer: Arc<Answer>,
+    /// Past its TTL (a fresh one is read this way when no subrequest could look it up,
+    /// e.g. every circuit of the chain is open).
+    pub expired: bool,
 }
 
 /// A committed answer.
@@ -201,13 +204,15 @@ impl Store {
     /// than `max_stale` ago: for when no provider can answer.
     pub fn stale(&self, key: &CacheKey, max_stale: std::time::Duration) -> Option<Stored> {
         let entry = self.get(&key.combined_bin())?;
-        if &*entry.tenant != key.user_tag() || entry.fresh_until + max_stale < SystemTime::now() {
+        let now = SystemTime::now();
+        if &*entry.tenant != key.user_tag() || entry.fresh_until + max_stale < now {
             return None;
         }
         Some(Stored {
             content_type: entry.header.headers.get("content-type").cloned(),
             body: entry.body.clone(),
             answer: entry.answer.clone(),
+            expired: entry.fresh_until <= now,
         })
     }
 

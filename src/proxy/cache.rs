@@ -115,8 +115,8 @@ pub(super) fn on_hit_body_end(ctx: &Ctx) {
 }
 
 impl Gateway {
-    /// Answers from a stored answer past its TTL because no provider could answer,
-    /// marked `x-gateway-cache-stale: true` and with a `Warning: 110` header.
+    /// Answers from a stored answer because no provider could answer: one past its TTL
+    /// is marked `x-gateway-cache-stale: true` and gets a `Warning: 110` header.
     pub(super) async fn serve_stale(
         &self,
         session: &mut Session,
@@ -160,8 +160,10 @@ impl Gateway {
             if fell_back { "true" } else { "false" },
         )?;
         h(&mut resp, "x-gateway-cache", "hit")?;
-        h(&mut resp, "x-gateway-cache-stale", "true")?;
-        h(&mut resp, "warning", "110 - \"Response is Stale\"")?;
+        if stored.expired {
+            h(&mut resp, "x-gateway-cache-stale", "true")?;
+            h(&mut resp, "warning", "110 - \"Response is Stale\"")?;
+        }
         let mut rate = Vec::with_capacity(3);
         respond::rate_headers(&plan.rate_headers, &mut rate);
         for (k, v) in rate {

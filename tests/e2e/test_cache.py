@@ -329,11 +329,10 @@ def test_hits_count_against_rps_but_not_tokens(gateway, mock):
     codes = sorted(r.status_code for r in hits)
     assert codes == [200, 200, 200, 429, 429], codes
     assert all(r.headers["x-gateway-cache"] == "hit" for r in hits if r.status_code == 200)
+    # Rows are written when each request ends: wait for every one of them.
+    rows = [audit_rows(gw, r.headers["x-request-id"])[0] for r in [miss, *hits] if r.status_code == 200]
+    assert [row["cache_hit"] for row in rows] == [0, 1, 1, 1]
     usage = admin(gw, "GET", "/admin/v1/tenants/cache-rl/usage").json()
-    # Rows reach the spool in batches: wait for each served request's own row.
-    served = [miss] + [r for r in hits if r.status_code == 200]
-    rows = [audit_rows(gw, r.headers["x-request-id"])[0] for r in served]
-    assert sum(row["cache_hit"] for row in rows) == len(rows) - 1 == 3
     assert usage["spent_nanousd"] == sum(row["cost_nanousd"] for row in rows) > 0, usage
     assert usage["tokens_out"] == 8, f"hits used no upstream tokens: {usage}"
 
@@ -406,3 +405,24 @@ def test_fresh_entry_is_a_plain_hit_even_when_providers_are_down(gw, mock):
     assert "x-gateway-cache-stale" not in r.headers
     assert r.json() == first.json()
     assert upstream_calls(mock) == 1
+
+
+def test_open_circuits_still_serve_stored_answers(gateway, mock):
+    gw = gateway({"tenants": {"cache-circuit": tenant("cache-circuit-key", "sk-cache-circuit")}})
+    key = "sk-cache-circuit"
+    fresh = body(unique("circuit-fresh"), model="llama-70b")
+    first = post_chat(gw, fresh, key=key)
+    assert first.headers["x-gateway-cache"] == "miss"
+    down = {"x-mock": "status=503"}
+    for i in range(5):  # five consecutive failures open the provider's circuit
+        r = post_chat(gw, chat_body(f"sampled {i}", model="llama-70b"), key=key, headers=down)
+        assert r.status_code == 503
+    mock.reset()
+    r = post_chat(gw, fresh, key=key, headers=down)
+    assert r.status_code == 200, r.text
+    assert r.headers["x-gateway-cache"] == "hit"
+    assert "x-gateway-cache-stale" not in r.headers, "a fresh entry is not stale"
+    assert r.json() == first.json()
+    assert upstream_calls(mock) == 0, "an open circuit is not called"
+    r = post_chat(gw, body(unique("circuit-new"), model="llama-70b"), key=key)
+    assert r.status_code == 503 and "circuit open" in r.text
