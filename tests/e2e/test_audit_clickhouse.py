@@ -4,7 +4,7 @@ Each test runs its own `clickhouse-server` (Debian's 18.16, see chserver.py) on 
 loopback ports and its own gateway processes (they are stopped and restarted on one
 spool directory), driven through the official SDKs and raw HTTP:
 
-* mixed requests (ok, stream, Anthropic, models, 401, 402, 429, 413, fallback) give
+* mixed requests (ok, stream, Anthropic, models, 401, 402, 429, 413, fallback, cache hit) give
   exactly one row each with the right tenant, status, flags, tokens and nano-USD cost;
 * ClickHouse down during load, the gateway restarted, ClickHouse back: every row
   arrives, and the documented queries (conf/clickhouse/queries.sql) count each request
@@ -47,6 +47,7 @@ QUERIES_SQL = REPO_ROOT / "conf" / "clickhouse" / "queries.sql"
 
 ACME = TENANT_KEYS["acme"]
 BROKE, BUSY, FB = "sk-audit-broke", "sk-audit-busy", "sk-audit-fb"
+CACHY = "sk-audit-cachy"
 MINI_PRICE = {"input_per_mtok": 0.15, "output_per_mtok": 0.60, "cached_input_per_mtok": 0.075}
 HAIKU_PRICE = {"input_per_mtok": 0.80, "output_per_mtok": 4.00}
 MAX_BODY = 100_000
@@ -260,6 +261,8 @@ def mixed_overrides(ch_url: str, closed_port: int) -> dict:
                      "rate": {"rps": 1}},
             "fb": {"api_keys": [{"id": "fb-key", "sha256": sha256_hex(FB)}],
                    "models": ["dead-model", "gpt-4o-mini"], "fallback": ["gpt-4o-mini"]},
+            "cachy": {"api_keys": [{"id": "cachy-key", "sha256": sha256_hex(CACHY)}], "models": ["gpt-4o-mini"],
+                      "cache": {"enabled": True, "ttl_s": 600}},
         },
     )
 
@@ -354,6 +357,21 @@ def test_mixed_requests_give_exactly_one_row_each(clickhouse, private_gateway, c
                          provider="openai", fallback_used=1, attempts=2, tokens_in=u.prompt_tokens,
                          tokens_out=u.completion_tokens,
                          cost_nanousd=cost_nanousd(MINI_PRICE, u.prompt_tokens, u.completion_tokens, cached_of(u)))
+
+    # cache hit: the same deterministic request twice; the second is served from the cache,
+    # costs nothing and carries the original usage.
+    cacheable = json.dumps({"model": "gpt-4o-mini", "temperature": 0,
+                            "messages": [{"role": "user", "content": f"Cache me {rid} [[mock: tokens=5]]"}]}).encode()
+    miss_rid, hit_rid = new_request_id("cache-miss"), new_request_id("cache-hit")
+    miss = raw("/v1/chat/completions", CACHY, cacheable, miss_rid)
+    hit = raw("/v1/chat/completions", CACHY, cacheable, hit_rid)
+    assert (miss.headers["x-gateway-cache"], hit.headers["x-gateway-cache"]) == ("miss", "hit")
+    mu = miss.json()["usage"]
+    miss_cost = cost_nanousd(MINI_PRICE, mu["prompt_tokens"], mu["completion_tokens"])
+    expected[miss_rid] = dict(tenant="cachy", status=200, cache_hit=0, provider="openai",
+                              tokens_out=mu["completion_tokens"], cost_nanousd=miss_cost)
+    expected[hit_rid] = dict(tenant="cachy", status=200, error_code="", cache_hit=1, model="gpt-4o-mini",
+                             tokens_in=mu["prompt_tokens"], tokens_out=mu["completion_tokens"], cost_nanousd=0)
 
     ids = list(expected)
     rows = wait_all_in_clickhouse(clickhouse, "audit_mixed", ids, timeout=30, log=pg.log_text)
