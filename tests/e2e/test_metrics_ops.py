@@ -28,7 +28,8 @@ def tenant(name: str, **extra) -> dict:
 
 
 OVERRIDES = {"tenants": {
-    "ops-a": tenant("ops-a", fallback=["llama-70b"], budget={"monthly_usd": 0.05}),
+    "ops-a": tenant("ops-a", fallback=["llama-70b"], budget={"monthly_usd": 0.05},
+                    cache={"enabled": True, "ttl_s": 60}),
     "ops-b": tenant("ops-b"),
     "ops-tight": tenant("ops-tight", rate={"rps": 1}),
     "ops-broke": tenant("ops-broke", budget={"monthly_usd": 0.000001}),
@@ -83,6 +84,10 @@ def traffic(gw) -> None:
     for rid in rids:
         audit_rows(gw, rid)
     assert call(gw, "ops-broke", "[[mock: tokens=1]]").status_code == 402
+    # A cache miss, then its hit.
+    cacheable = chat_body(f"[[mock: tokens=2]] cache {uuid.uuid4().hex}", temperature=0)
+    results = [post_chat(gw, cacheable, key=KEYS["ops-a"]).headers["x-gateway-cache"] for _ in range(2)]
+    assert results == ["miss", "hit"], results
 
 
 def dashboard_metrics() -> set[str]:
@@ -115,7 +120,8 @@ def test_dashboard_is_valid_and_queries_only_exported_metrics(gw, mock):
     for needed in ("llmgw_spend_velocity_percent", "llmgw_budget_used_ppm", "llmgw_upstream_failures_total",
                    "llmgw_circuit_state", "llmgw_audit_queue_depth", "llmgw_audit_spool_bytes",
                    "llmgw_ttft_seconds_bucket", "llmgw_request_duration_seconds_bucket",
-                   "llmgw_rejections_total", "llmgw_inter_token_seconds_bucket"):
+                   "llmgw_rejections_total", "llmgw_inter_token_seconds_bucket",
+                   "llmgw_cache_requests_total", "llmgw_audit_oldest_unshipped_age_seconds"):
         assert needed in wanted, f"the dashboard has no panel on {needed}"
 
 
