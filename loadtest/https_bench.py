@@ -11,21 +11,13 @@ Reports medians and p95 and ratios against plain HTTP with the same connection p
 """
 import argparse, http.client, json, ssl, statistics, subprocess, tempfile, time
 
-from benchlib import Stack, pct, sha256
+from benchlib import Stack, one_model_config, pct
 
 KEY = "sk-bench"
 
 
 def config(mock_port):
-    return f"""providers:
-  p1: {{ kind: openai_compatible, base_url: "http://127.0.0.1:{mock_port}", region: r1 }}
-models:
-  m1: {{ provider: p1, price: {{ input_per_mtok: 1, output_per_mtok: 2 }}, max_output_tokens: 64 }}
-tenants:
-  t1:
-    api_keys: [ {{ id: k1, sha256: "{sha256(KEY)}" }} ]
-    models: [m1]
-"""
+    return one_model_config(mock_port, KEY)
 
 
 def make_cert(d):
