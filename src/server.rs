@@ -6,7 +6,6 @@ use crate::config::Config;
 use crate::proxy::Gateway;
 use pingora_core::apps::http_app::HttpServer;
 use pingora_core::listeners::tls::TlsSettings;
-use pingora_core::listeners::{L4BufferSettings, ListenerConfig};
 use pingora_core::server::configuration::{Opt, ServerConf};
 use pingora_core::server::Server;
 use pingora_core::services::background::background_service;
@@ -48,16 +47,6 @@ fn server_conf() -> ServerConf {
     conf.upgrade_sock = std::env::var("LLM_GATEWAY_UPGRADE_SOCK")
         .unwrap_or_else(|_| "/tmp/llm-gateway-upgrade.sock".to_string());
     conf
-}
-
-/// Read buffer of each client connection. Pingora's default is 64 KiB, allocated
-/// zeroed (so resident) for every connection for as long as it lives: most of the
-/// memory of 10,000 held streams (BENCHMARKS.md). 16 KiB still takes a whole TLS
-/// record in one read; request bodies of megabytes just take more reads.
-const CLIENT_READ_BUFFER: usize = 16 << 10;
-
-fn client_buffers() -> L4BufferSettings {
-    L4BufferSettings::default().read(CLIENT_READ_BUFFER)
 }
 
 /// Runs the gateway until it is told to stop; never returns.
@@ -102,7 +91,7 @@ pub fn run(config: Config, opts: RunOptions) -> ! {
         "llm-gateway",
     );
     if let Some(addr) = config.listen.http {
-        proxy.add_listener(ListenerConfig::tcp(addr.to_string()).l4_buffer(client_buffers()));
+        proxy.add_tcp(&addr.to_string());
     }
     if let Some(https) = &config.listen.https {
         let tls =
@@ -113,11 +102,7 @@ pub fn run(config: Config, opts: RunOptions) -> ! {
                     t
                 });
         match tls {
-            Ok(t) => proxy.add_listener(
-                ListenerConfig::tcp(https.addr.to_string())
-                    .tls(t)
-                    .l4_buffer(client_buffers()),
-            ),
+            Ok(t) => proxy.add_tls_with_settings(&https.addr.to_string(), None, t),
             Err(e) => {
                 eprintln!("listen.https: cannot load the certificate or key: {e}");
                 std::process::exit(1);
