@@ -14,6 +14,7 @@ import socket
 import threading
 import time
 
+import httpx
 import pytest
 
 from helpers import ACME, audit_rows, chat_body, post_chat
@@ -267,4 +268,19 @@ def test_client_that_never_reads_is_cut_off_and_its_upstream_cancelled(gateway):
     assert row["latency_ms"] >= 1500, row
     # The generated part is billed, never zero.
     assert row["tokens_out"] > 0 and row["cost_nanousd"] > 0, row
+    assert_still_serving(gw)
+
+
+def test_data_plane_exposes_no_admin_path_to_a_tenant(gw):
+    """A tenant key on the client listener reaches no usage, audit, purge, reload or
+    metrics path: those live only on the admin listener, behind the admin token."""
+    headers = {"authorization": f"Bearer {ACME}"}
+    paths = [("GET", "/admin/v1/tenants/globex/usage"), ("GET", "/admin/v1/tenants/globex/audit"),
+             ("POST", "/admin/v1/tenants/globex/cache/purge"), ("POST", "/admin/v1/reload"),
+             ("GET", "/admin/v1/providers"), ("GET", "/metrics"), ("GET", "/v1/../admin/v1/providers")]
+    with httpx.Client(timeout=10) as c:
+        for method, path in paths:
+            r = c.request(method, gw.base_url + path, headers=headers)
+            assert r.status_code in (404, 405), (method, path, r.status_code, r.text[:200])
+            assert "globex" not in r.text and "llmgw_" not in r.text, (path, r.text[:200])
     assert_still_serving(gw)
