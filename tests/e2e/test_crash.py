@@ -17,9 +17,10 @@ from collections import Counter
 import httpx
 import pytest
 
-from conftest import _stop
+from conftest import ADMIN_TOKEN, _stop
 from helpers import ACME, audit_rows, chat_body, new_request_id, post_chat
 from test_audit_clickhouse import PrivateGateway, spool_rows
+from test_limits_shared import RedisServer
 
 # Rows of requests answered this long before the kill must all be there: five flush
 # intervals of the writer (100 ms), so a busy machine's scheduling does not matter.
@@ -34,8 +35,9 @@ def crashing(gateway_bin, mock_provider, tmp_path):
         _stop([pg.gw.proc])
 
 
-def test_kill_9_under_load_keeps_every_settled_row_once(crashing):
-    gw = crashing.start()
+def load_then_kill(gw, key: str = ACME, model: str = "gpt-4o-mini") -> tuple[list[tuple[str, float]], float]:
+    """Four clients keep the gateway busy (streams and not) until at least 300 answers
+    and 2 s; then SIGKILL. Returns (request id, answer time) of every 200 and the kill time."""
     answered: list[tuple[str, float]] = []
     lock = threading.Lock()
     stop = threading.Event()
@@ -45,11 +47,11 @@ def test_kill_9_under_load_keeps_every_settled_row_once(crashing):
         with httpx.Client(timeout=10) as c:
             while not stop.is_set():
                 n += 1
-                rid = f"crash-{worker}-{n}"
+                rid = f"crash-{worker}-{n}-{time.monotonic_ns()}"
                 try:
                     r = c.post(f"{gw.base_url}/v1/chat/completions",
-                               headers={"authorization": f"Bearer {ACME}", "x-request-id": rid},
-                               json=chat_body("[[mock: tokens=3]] crash", stream=n % 2 == 0))
+                               headers={"authorization": f"Bearer {key}", "x-request-id": rid},
+                               json=chat_body("[[mock: tokens=3]] crash", model=model, stream=n % 2 == 0))
                 except httpx.HTTPError:
                     continue  # the kill
                 if r.status_code == 200:
@@ -70,19 +72,61 @@ def test_kill_9_under_load_keeps_every_settled_row_once(crashing):
     stop.set()
     for t in threads:
         t.join(15)
+    return answered, t_kill
 
-    gw = crashing.start()
+
+def restart_and_count(pg, key: str = ACME, model: str = "gpt-4o-mini"):
+    """Restarts on the same spool, serves one request, returns (gateway, rows by id)."""
+    gw = pg.start()
     rid = new_request_id("after-crash")
-    assert post_chat(gw, chat_body("after the crash"), headers={"x-request-id": rid}).status_code == 200
+    r = post_chat(gw, chat_body("after the crash", model=model), key=key, headers={"x-request-id": rid})
+    assert r.status_code == 200, r.text
     audit_rows(gw, rid)
-
-    counts = Counter(r.get("request_id") for r in spool_rows(crashing.spool))
+    rows = spool_rows(pg.spool)
+    counts = Counter(r.get("request_id") for r in rows)
     twice = {k: v for k, v in counts.items() if v > 1}
     assert not twice, f"rows written more than once: {twice}"
+    return gw, {r["request_id"]: r for r in rows}
+
+
+def test_kill_9_under_load_keeps_every_settled_row_once(crashing):
+    answered, t_kill = load_then_kill(crashing.start())
+    _, rows = restart_and_count(crashing)
     settled = [r for r, t in answered if t < t_kill - SETTLED_S]
-    missing = [r for r in settled if r not in counts]
+    missing = [r for r in settled if r not in rows]
     assert settled and not missing, f"{len(missing)} of {len(settled)} settled rows lost: {missing[:5]}"
-    lost = [r for r, t in answered if r not in counts]
-    # Whatever was lost was answered in the last moments before the kill.
+    lost = [r for r, t in answered if r not in rows]
     print(f"answered {len(answered)}, settled {len(settled)}, lost {len(lost)}")
+    # Whatever was lost was answered in the last moments before the kill.
     assert len(lost) <= len(answered) - len(settled), lost
+
+
+def test_kill_9_with_redis_keeps_spend_consistent_with_the_audit(gateway_bin, mock_provider, tmp_path):
+    """Spend is settled in Redis before the row is written, so after a crash the shared
+    counter holds at least what the spool bills and at most that plus the rows lost in
+    the last moments; requests cut by the kill were never settled, so they cost nothing."""
+    redis = RedisServer(tmp_path / "redis")
+    (tmp_path / "redis").mkdir()
+    redis.start()
+    pg = PrivateGateway(gateway_bin, mock_provider.url, tmp_path / "crash-redis", {
+        "audit": {"spool_dir": "spool"},
+        "counters": {"backend": "redis", "url": redis.url, "on_error": "fail_closed"},
+        "tenants": {"acme": {"budget": {"monthly_usd": 1000}}},
+    })
+    try:
+        answered, _ = load_then_kill(pg.start())
+        gw, rows = restart_and_count(pg)
+        acme = [r for r in rows.values() if r["tenant"] == "acme" and r["status"] == 200]
+        billed = sum(r["cost_nanousd"] for r in acme)
+        per_request = max(r["cost_nanousd"] for r in acme)
+        lost = [rid for rid, _ in answered if rid not in rows]
+        with httpx.Client(timeout=10) as c:
+            u = c.get(f"{gw.admin_url}/admin/v1/tenants/acme/usage",
+                      headers={"authorization": f"Bearer {ADMIN_TOKEN}"}).json()
+        spent = u["spent_nanousd"]
+        print(f"billed {billed}, spent {spent}, lost rows {len(lost)}, per request {per_request}")
+        assert billed <= spent <= billed + len(lost) * per_request, (billed, spent, len(lost), per_request)
+    finally:
+        if pg.gw is not None:
+            _stop([pg.gw.proc])
+        redis.stop()
