@@ -164,7 +164,7 @@ impl Admin {
                 .set(velocity);
         }
         m.limits_store_errors
-            .set(self.gateway.limits.redis_errors().min(i64::MAX as u64) as i64);
+            .set(self.gateway.limits.store_errors().min(i64::MAX as u64) as i64);
         self.gateway.audit.refresh_gauges().await;
         m.cache_stats(self.gateway.cache.stats());
     }

@@ -429,11 +429,6 @@ impl Limits {
     pub fn store_errors(&self) -> u64 {
         self.inner.shared.as_ref().map_or(0, |s| s.errors())
     }
-
-    /// The same as [`Limits::store_errors`] (the name the admin metrics use).
-    pub fn redis_errors(&self) -> u64 {
-        self.store_errors()
-    }
 }
 
 /// A tenant with nothing to enforce: no admission round trip is needed.

@@ -89,6 +89,23 @@ pub(super) struct RemoteHold {
     tokens: u64,
 }
 
+impl RemoteHold {
+    /// The hold of a reservation the admit script registered under `id`.
+    fn registered(tenant: &str, id: String, now: Now, tokens: u64) -> RemoteHold {
+        RemoteHold {
+            tenant: tenant.to_string(),
+            id,
+            registered: true,
+            count_request: false,
+            maybe_settled: false,
+            second: now.second,
+            month: now.month,
+            hour: now.hour,
+            tokens,
+        }
+    }
+}
+
 /// The outcome of an admission that could not be decided by Redis.
 pub(super) enum Failure {
     Refused(Refusal),
@@ -252,17 +269,7 @@ impl Shared {
                         // The script may have run with its reply lost (a timeout): the
                         // ticket would hold a slot and a reservation for a request that
                         // is not going ahead here until its lease lapsed. Give it back.
-                        self.release_in_background(RemoteHold {
-                            tenant: t.clone(),
-                            id,
-                            registered: true,
-                            count_request: false,
-                            maybe_settled: false,
-                            second: now.second,
-                            month: now.month,
-                            hour: now.hour,
-                            tokens: d.tokens,
-                        });
+                        self.release_in_background(RemoteHold::registered(t, id, now, d.tokens));
                     }
                     return Err(Failure::Down(e.msg));
                 }
@@ -279,17 +286,7 @@ impl Shared {
                         .entry(t.clone())
                         .or_default()
                         .insert(id.clone());
-                    RemoteHold {
-                        tenant: t.clone(),
-                        id,
-                        registered: true,
-                        count_request: false,
-                        maybe_settled: false,
-                        second: now.second,
-                        month: now.month,
-                        hour: now.hour,
-                        tokens: d.tokens,
-                    }
+                    RemoteHold::registered(t, id, now, d.tokens)
                 });
                 return Ok((hold, headers));
             }

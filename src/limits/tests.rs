@@ -511,7 +511,6 @@ async fn unreachable_redis_fail_closed_refuses_without_panicking() {
     assert!(l.usage(t).await.is_err());
     assert_eq!(l.velocity(t).await, None);
     assert!(l.store_errors() >= 10);
-    assert_eq!(l.redis_errors(), l.store_errors());
     // A tenant with nothing to enforce needs no round trip to be admitted.
     let k = l.admit(cfg.tenant("free").unwrap(), d(1, 1)).await.unwrap();
     l.settle(k, a(1, 1, 1)).await;
