@@ -10,16 +10,13 @@ or a tenant can read is searched for the markers.
 from __future__ import annotations
 
 import json
-import subprocess
 import uuid
 
 import httpx
 import pytest
-import yaml
 
-from conftest import ADMIN_TOKEN, UPSTREAM_ENV, Gateway, _LOGS, _stop, _wait_ready, base_config, free_ports, \
-    gateway_env, sha256_hex
-from helpers import read_audit
+from conftest import ADMIN_TOKEN, UPSTREAM_ENV, sha256_hex
+from helpers import audit_rows, chat_body, new_request_id, post_chat, read_audit, spool_dir
 
 MARK = uuid.uuid4().hex[:12]
 TENANT_KEY = f"sk-tenant-secret-{MARK}"
@@ -28,38 +25,15 @@ PROMPT = f"confidential-prompt-{MARK}"
 
 
 @pytest.fixture(scope="module")
-def gw(gateway_bin, mock_provider, session_tmp):
-    d = session_tmp / "gateway-secrets"
-    d.mkdir()
-    http_port, admin_port = free_ports(2)
-    cfg = base_config(mock_provider.url, http_port, admin_port, d)
-    cfg["tenants"]["leaky"] = {
+def gw(gateway):
+    leaky = {
         "api_keys": [{"id": "leaky-key", "sha256": sha256_hex(TENANT_KEY)}],
         "models": ["gpt-4o-mini", "claude-haiku"],
         "fallback": ["claude-haiku"],
         "rate": {"rps": 1000, "concurrency": 50},
         "budget": {"monthly_usd": 1000},
     }
-    cfg_path = d / "gateway.yaml"
-    cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    log_path = session_tmp / "gateway-secrets.log"
-    _LOGS["gateway-secrets"] = log_path
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(
-            [str(gateway_bin), "serve", "--config", str(cfg_path)],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=d,
-            env=gateway_env({
-                "RUST_LOG": "debug",
-                "LLM_GATEWAY_PID_FILE": str(d / "pid"),
-                "LLM_GATEWAY_UPGRADE_SOCK": str(d / "upgrade.sock"),
-            }),
-        )
-    g = Gateway(name="gateway-secrets", base_url=f"http://127.0.0.1:{http_port}",
-                admin_url=f"http://127.0.0.1:{admin_port}", proc=proc, log_path=log_path,
-                config_path=cfg_path, config=cfg)
-    _wait_ready(g)
-    yield g
-    _stop([proc])
+    return gateway({"tenants": {"leaky": leaky}}, env={"RUST_LOG": "debug"})
 
 
 def traffic(gw) -> list[bytes]:
@@ -105,10 +79,15 @@ def test_no_secret_or_prompt_anywhere(gw):
     bodies = traffic(gw)
     with httpx.Client(timeout=10) as c:
         metrics = c.get(f"{gw.admin_url}/metrics").text
+    # Rows leave the queue in order: once a last request's row is in the spool, every
+    # earlier one is too.
+    last = new_request_id("secrets-last")
+    assert post_chat(gw, chat_body("last"), key=TENANT_KEY, headers={"x-request-id": last}).status_code == 200
+    audit_rows(gw, last)
     rows = read_audit(gw)
     assert any(r["tenant"] == "leaky" for r in rows), "the traffic left no audit rows"
     audit_text = "\n".join(json.dumps(r) for r in rows)
-    spool_raw = "".join(p.read_text() for p in (gw.config_path.parent / "spool").glob("**/*") if p.is_file())
+    spool_raw = "".join(p.read_text() for p in spool_dir(gw).glob("**/*") if p.is_file())
     log = gw.log_path.read_text(errors="replace")
     assert log.strip(), "the debug log is empty: the test would see nothing"
 
