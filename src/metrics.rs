@@ -20,6 +20,8 @@ pub struct AuditMetrics {
     pub rows_shipped: IntCounter,
     pub failed_batches: IntCounter,
     pub corrupt_lines: IntCounter,
+    pub write_errors: IntCounter,
+    pub slow_writes: IntCounter,
 }
 
 impl AuditMetrics {
@@ -56,6 +58,15 @@ impl AuditMetrics {
             corrupt_lines: counter(
                 "audit_corrupt_lines_total",
                 "Unreadable audit spool lines skipped by the shipper",
+            )?,
+            write_errors: counter(
+                "audit_write_errors_total",
+                "Audit spool writes that failed (rows lost: disk full or unwritable)",
+            )?,
+            slow_writes: counter(
+                "audit_slow_writes_total",
+                "Responses that went out before their audit row was written (the disk \
+                 stalled past 2 s; the row stayed queued)",
             )?,
         })
     }

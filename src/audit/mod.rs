@@ -1,9 +1,14 @@
 //! The audit log: one row per request that reached the gateway.
 //!
-//! Rows are what tenants are billed from, so the request path hands each row to a
-//! bounded in-memory queue and never waits on storage; a background service writes
-//! them out in batches. When the queue is full the row is appended to the spool
-//! directly: slower for that one request, but nothing is dropped.
+//! Rows are what tenants are billed from, so a row must survive the gateway being
+//! killed the moment its response has gone out. The request path serialises its row
+//! and hands it to the writer thread, which appends whatever has queued with one
+//! `write(2)` (group commit) and acknowledges; the response's last bytes are only
+//! written after that acknowledgement ([`AuditLog::write`]). A row in the page cache
+//! outlives the process; an fsync every 100 ms, on a thread of its own, covers the
+//! machine going down. Nothing on a worker thread blocks on the disk: the writer is a
+//! thread of its own, and a full queue (the disk far behind) is the one case where the
+//! request path writes the spool itself, slower for that request but losing nothing.
 
 pub mod clickhouse;
 pub mod reader;
@@ -18,10 +23,10 @@ use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{mpsc, oneshot, Notify};
 
 pub use spool::Spool;
 
@@ -57,10 +62,20 @@ pub struct AuditRow {
 
 /// Rows queued in memory before the request path falls back to writing the spool itself.
 const QUEUE_ROWS: usize = 65_536;
-/// Largest batch written (and fsynced) to the spool at once.
+/// Most rows the writer appends with one `write(2)`.
 const BATCH_ROWS: usize = 4096;
-/// How long a row may wait in memory before its batch is written to the spool.
-const FLUSH_EVERY: Duration = Duration::from_millis(100);
+/// How long a written row may wait for its fsync.
+const SYNC_EVERY: Duration = Duration::from_millis(100);
+/// Longest a response waits for its row to be written. Past it (a stalled disk) the
+/// response goes on and the row stays queued: a hung disk must not hang every client,
+/// and the row is only at risk if the process also dies before the disk recovers.
+const WRITE_WAIT: Duration = Duration::from_secs(2);
+
+/// A serialised row, and who waits for it to be written.
+struct Job {
+    line: Vec<u8>,
+    ack: Option<oneshot::Sender<()>>,
+}
 
 /// State the writer, the shipper and the admin listener share.
 pub struct Shared {
@@ -71,21 +86,27 @@ pub struct Shared {
     oldest_unshipped_ms: AtomicU64,
     /// Spool bytes behind the shipper's cursor.
     unshipped_bytes: AtomicU64,
+    /// Rows written since the last fsync.
+    dirty: AtomicBool,
+    /// Shutting down: the writer may be gone, rows are written by their requests.
+    closing: AtomicBool,
     metrics: AuditMetrics,
 }
 
 /// The request path's handle.
 #[derive(Clone)]
 pub struct AuditLog {
-    tx: mpsc::Sender<AuditRow>,
+    tx: mpsc::Sender<Job>,
     shared: Arc<Shared>,
 }
 
-/// The background service: writes queued rows to the spool in fsynced batches and,
-/// with a `clickhouse` section, runs the shipper beside it. Add it to the server as
-/// a background service.
+/// The background service: starts the writer and fsync threads and, with a
+/// `clickhouse` section, runs the shipper beside them. Add it to the server as a
+/// background service (threads are started there, after a `-d` fork, not before).
 pub struct AuditService {
-    rx: Mutex<Option<mpsc::Receiver<AuditRow>>>,
+    rx: Mutex<Option<mpsc::Receiver<Job>>>,
+    /// For the queue's depth while draining at shutdown.
+    log: AuditLog,
     shared: Arc<Shared>,
     shipper: Mutex<Option<shipper::ChShipper>>,
     wake: Arc<Notify>,
@@ -119,6 +140,8 @@ impl AuditLog {
             clickhouse: conf.clickhouse.as_ref().map(clickhouse::ClickHouse::new),
             oldest_unshipped_ms: AtomicU64::new(0),
             unshipped_bytes: AtomicU64::new(0),
+            dirty: AtomicBool::new(false),
+            closing: AtomicBool::new(false),
             metrics: metrics.clone(),
         });
         let wake = Arc::new(Notify::new());
@@ -132,13 +155,15 @@ impl AuditLog {
             metrics,
         });
         let (tx, rx) = mpsc::channel(queue_rows);
+        let log = AuditLog {
+            tx,
+            shared: shared.clone(),
+        };
         Ok((
-            AuditLog {
-                tx,
-                shared: shared.clone(),
-            },
+            log.clone(),
             AuditService {
                 rx: Mutex::new(Some(rx)),
+                log,
                 shared,
                 shipper: Mutex::new(shipper),
                 wake,
@@ -151,14 +176,47 @@ impl AuditLog {
         self.tx.max_capacity() - self.tx.capacity()
     }
 
-    /// Hands a row over without waiting; never drops it.
-    pub fn emit(&self, row: AuditRow) {
-        if let Err(e) = self.tx.try_send(row) {
-            let row = match e {
-                mpsc::error::TrySendError::Full(r) | mpsc::error::TrySendError::Closed(r) => r,
-            };
-            write_batch(&self.shared.spool, &[row]);
+    /// Hands a row over without waiting for it to be written; never drops it. For
+    /// rows whose response did not complete (nothing to hold back).
+    pub fn emit(&self, row: &AuditRow) {
+        self.submit(row, None);
+    }
+
+    /// Returns once `row` is written to the spool (see the module doc), or after
+    /// [`WRITE_WAIT`] with the row still queued. Call it before the response's last
+    /// bytes: a client that got its answer then always has its row.
+    pub async fn write(&self, row: &AuditRow) {
+        let (tx, rx) = oneshot::channel();
+        if self.submit(row, Some(tx)) {
+            // An error means the writer is gone (shutdown): the row was then written
+            // by `submit` or by the writer's drain.
+            if tokio::time::timeout(WRITE_WAIT, rx).await.is_err() {
+                self.shared.metrics.slow_writes.inc();
+            }
         }
+    }
+
+    /// Queues the row, or writes it here when the queue is full or the writer has
+    /// stopped. Returns whether it was queued.
+    fn submit(&self, row: &AuditRow, ack: Option<oneshot::Sender<()>>) -> bool {
+        let mut line = Vec::with_capacity(640);
+        if let Err(e) = serde_json::to_writer(&mut line, row) {
+            // Plain strings and integers: cannot fail, but a row is not dropped silently.
+            log::error!("audit: cannot serialise a row: {e}");
+            self.shared.metrics.write_errors.inc();
+            return false;
+        }
+        line.push(b'\n');
+        if !self.shared.closing.load(Ordering::Acquire) {
+            match self.tx.try_send(Job { line, ack }) {
+                Ok(()) => return true,
+                Err(
+                    mpsc::error::TrySendError::Full(job) | mpsc::error::TrySendError::Closed(job),
+                ) => line = job.line,
+            }
+        }
+        write_lines(&self.shared, &line);
+        false
     }
 
     /// Sets the audit gauges (read at scrape time).
@@ -217,17 +275,75 @@ impl AuditLog {
     }
 }
 
-fn write_batch(spool: &Mutex<Spool>, rows: &[AuditRow]) {
-    let mut s = match spool.lock() {
+fn write_lines(shared: &Shared, lines: &[u8]) {
+    let mut s = match shared.spool.lock() {
         Ok(s) => s,
         Err(p) => p.into_inner(),
     };
-    if let Err(e) = s.append(rows) {
-        log::error!(
-            "audit: writing {} rows to the spool {} failed: {e}",
-            rows.len(),
-            s.dir().display()
-        );
+    match s.append_lines(lines) {
+        Ok(()) => shared.dirty.store(true, Ordering::Release),
+        Err(e) => {
+            shared.metrics.write_errors.inc();
+            log::error!(
+                "audit: writing {} bytes of rows to the spool {} failed: {e}",
+                lines.len(),
+                s.dir().display()
+            );
+        }
+    }
+}
+
+/// The writer thread: appends what has queued with one write, then acknowledges it.
+/// Blocks on the queue (a thread, not a task, so it may block on the disk too); ends
+/// when every sender is gone or the queue is closed and drained.
+fn writer(mut rx: mpsc::Receiver<Job>, shared: Arc<Shared>, wake: Arc<Notify>) {
+    // Fault injection for tests: a disk this slow per write.
+    let delay = std::env::var("LLM_GATEWAY_AUDIT_WRITE_DELAY_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map(Duration::from_millis);
+    let mut buf = Vec::with_capacity(1 << 20);
+    let mut acks = Vec::with_capacity(BATCH_ROWS);
+    while let Some(first) = rx.blocking_recv() {
+        let mut job = Some(first);
+        let mut rows = 0;
+        while let Some(j) = job.take() {
+            buf.extend_from_slice(&j.line);
+            acks.extend(j.ack);
+            rows += 1;
+            if rows < BATCH_ROWS {
+                job = rx.try_recv().ok();
+            }
+        }
+        if let Some(d) = delay {
+            std::thread::sleep(d);
+        }
+        write_lines(&shared, &buf);
+        buf.clear();
+        for a in acks.drain(..) {
+            let _ = a.send(());
+        }
+        wake.notify_one();
+    }
+}
+
+/// The fsync thread: syncs the spool file when rows were written since the last time.
+fn syncer(shared: Arc<Shared>) {
+    loop {
+        std::thread::sleep(SYNC_EVERY);
+        if shared.dirty.swap(false, Ordering::AcqRel) {
+            sync_now(&shared);
+        }
+    }
+}
+
+fn sync_now(shared: &Shared) {
+    let file = match shared.spool.lock() {
+        Ok(s) => s.current_file(),
+        Err(p) => p.into_inner().current_file(),
+    };
+    if let Some(Err(e)) = file.map(|f| f.sync_data()) {
+        log::error!("audit: fsync of the spool failed: {e}");
     }
 }
 
@@ -241,52 +357,35 @@ fn take<T>(m: &Mutex<Option<T>>) -> Option<T> {
 #[async_trait]
 impl BackgroundService for AuditService {
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        let Some(mut rx) = take(&self.rx) else {
+        let Some(rx) = take(&self.rx) else {
             return;
         };
-        let shipper = take(&self.shipper).map(|s| tokio::spawn(s.run(shutdown.clone())));
-        // Timer-driven on purpose: awaiting the queue would wake this task for every row
-        // sent, a futex wake and two context switches per request, measured at ~8 % of
-        // the gateway's CPU (BENCHMARKS.md). A row waits at most FLUSH_EVERY; nothing is
-        // dropped (a full queue is written by the request path itself).
-        let mut tick = tokio::time::interval(FLUSH_EVERY);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut open = true;
-        while open {
-            tokio::select! {
-                _ = tick.tick() => {}
-                _ = shutdown.changed() => {
-                    // Drain what is queued: graceful shutdown and upgrade lose no row.
-                    // Rows of requests still finishing go to the spool directly.
-                    rx.close();
-                    open = false;
-                }
-            }
-            loop {
-                let mut batch = Vec::with_capacity(BATCH_ROWS);
-                while batch.len() < BATCH_ROWS {
-                    match rx.try_recv() {
-                        Ok(r) => batch.push(r),
-                        Err(mpsc::error::TryRecvError::Empty) => break,
-                        Err(mpsc::error::TryRecvError::Disconnected) => {
-                            open = false;
-                            break;
-                        }
-                    }
-                }
-                if batch.is_empty() {
-                    break;
-                }
-                let full = batch.len() == BATCH_ROWS;
-                let shared = self.shared.clone();
-                let _ =
-                    tokio::task::spawn_blocking(move || write_batch(&shared.spool, &batch)).await;
-                self.wake.notify_one();
-                if !full {
-                    break;
-                }
-            }
+        let (shared, wake) = (self.shared.clone(), self.wake.clone());
+        let writer = std::thread::Builder::new()
+            .name("audit-writer".into())
+            .spawn(move || writer(rx, shared, wake));
+        let shared = self.shared.clone();
+        let syncer = std::thread::Builder::new()
+            .name("audit-fsync".into())
+            .spawn(move || syncer(shared));
+        if let Err(e) = writer.as_ref().and(syncer.as_ref()) {
+            // Rows then queue until the queue is full, and are written by the request
+            // path from there: slow, but nothing is lost.
+            log::error!("audit: cannot start the writer threads: {e}");
         }
+        let shipper = take(&self.shipper).map(|s| tokio::spawn(s.run(shutdown.clone())));
+        let _ = shutdown.changed().await;
+        // From here rows are written by their own requests, and what is queued is
+        // drained: graceful shutdown and upgrade lose no row.
+        self.shared.closing.store(true, Ordering::Release);
+        let log = &self.log;
+        let mut waited = Duration::ZERO;
+        while log.queue_depth() > 0 && waited < Duration::from_secs(30) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            waited += Duration::from_millis(10);
+        }
+        let shared = self.shared.clone();
+        let _ = tokio::task::spawn_blocking(move || sync_now(&shared)).await;
         // The shipper keeps shipping through the grace period, until the runtime
         // stops; what it has not shipped by then replays at the next start.
         if let Some(s) = shipper {
@@ -310,7 +409,7 @@ mod tests {
         let metrics = crate::metrics::Metrics::new().unwrap().audit;
         let (log, _service) = AuditLog::with_queue(&conf, metrics, 2).unwrap();
         for i in 0..5 {
-            log.emit(AuditRow {
+            log.emit(&AuditRow {
                 request_id: format!("r{i}"),
                 ..AuditRow::default()
             });

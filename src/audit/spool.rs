@@ -1,6 +1,7 @@
 //! The append-only local spool: JSON lines, one file per UTC hour.
 //!
-//! Every batch is fsynced before it counts as written. With no ClickHouse configured
+//! A row is written (`write(2)`, in the page cache) before the response it records
+//! ends, and fsynced within 100 ms. With no ClickHouse configured
 //! the spool is the audit log itself, readable with standard tools (`jq`, `grep`,
 //! `wc -l`); with ClickHouse it is the durable buffer the shipper reads from
 //! (`reader.rs`), so a row is on disk before anything tries to ship it.
@@ -18,7 +19,6 @@ pub struct Spool {
     /// reopened below it, so a clock stepping back cannot put rows behind the
     /// shipper's cursor.
     floor: String,
-    buf: Vec<u8>,
 }
 
 /// Whether `name` is a spool file (`audit-YYYYMMDDHH.jsonl`).
@@ -89,7 +89,6 @@ impl Spool {
             dir: dir.to_path_buf(),
             current: None,
             floor,
-            buf: Vec::with_capacity(64 << 10),
         })
     }
 
@@ -97,27 +96,53 @@ impl Spool {
         &self.dir
     }
 
-    /// Appends `rows` to the current hour's file and fsyncs it.
+    /// Appends `rows` to the current hour's file and fsyncs it (tests and tools; the
+    /// gateway's writer uses [`Spool::append_lines`] and syncs on its own clock).
     pub fn append(&mut self, rows: &[AuditRow]) -> std::io::Result<()> {
-        self.buf.clear();
+        let mut buf = Vec::with_capacity(rows.len() * 512);
         for r in rows {
-            serde_json::to_writer(&mut self.buf, r)?;
-            self.buf.push(b'\n');
+            serde_json::to_writer(&mut buf, r)?;
+            buf.push(b'\n');
         }
+        self.append_lines(&buf)?;
+        self.sync()
+    }
+
+    /// Appends whole JSON lines to the current hour's file with one `write`, and no
+    /// fsync: once the call returns the bytes are in the kernel's page cache, which
+    /// outlives the process (a crash, `kill -9`, an OOM kill), so the row is safe from
+    /// everything but the machine itself going down; [`Spool::sync`] covers that on a
+    /// timer, off the path a response waits on.
+    pub fn append_lines(&mut self, lines: &[u8]) -> std::io::Result<()> {
         let now = hour_stamp(now_ms());
         if now > self.floor {
             self.floor = now;
         }
         if self.current.as_ref().is_none_or(|(s, _)| *s != self.floor) {
+            // The hour's last rows are made durable before the file is left behind.
+            self.sync()?;
             let path = self.dir.join(format!("audit-{}.jsonl", self.floor));
             let f = OpenOptions::new().create(true).append(true).open(path)?;
             self.current = Some((self.floor.clone(), f));
         }
         if let Some((_, f)) = self.current.as_mut() {
-            f.write_all(&self.buf)?;
-            f.sync_data()?;
+            f.write_all(lines)?;
         }
         Ok(())
+    }
+
+    /// A second handle on the file being appended to, for syncing it without holding
+    /// the spool (an fsync can take milliseconds, and writers wait on the spool).
+    pub fn current_file(&self) -> Option<File> {
+        self.current.as_ref().and_then(|(_, f)| f.try_clone().ok())
+    }
+
+    /// fsyncs the file being appended to.
+    pub fn sync(&mut self) -> std::io::Result<()> {
+        match self.current.as_ref() {
+            Some((_, f)) => f.sync_data(),
+            None => Ok(()),
+        }
     }
 }
 

@@ -180,6 +180,9 @@ impl Gateway {
                         tasks = std::mem::take(&mut held);
                     }
                     self.note_tasks(&tasks, ctx);
+                    if is_end {
+                        self.seal(ctx).await;
+                    }
                     match session.write_response_tasks(tasks).await {
                         Ok(true) => {
                             finished = true;
@@ -257,6 +260,7 @@ impl Gateway {
             }
         };
         let tasks = vec![HttpTask::Body(event.or(Some(Bytes::new())), true)];
+        self.seal(ctx).await;
         if session.write_response_tasks(tasks).await.is_err() {
             ctx.client_gone = true;
             return AttemptEnd::ClientGone;

@@ -170,14 +170,21 @@ impl Gateway {
             h(&mut resp, k, &v)?;
         }
         ctx.status = 200;
-        let write = async {
-            session.write_response_header(Box::new(resp), false).await?;
-            ctx.first_byte = Some(std::time::Instant::now());
-            session
-                .write_response_body(Some(stored.body.clone()), true)
-                .await
-        };
-        if write.await.is_err() {
+        if session
+            .write_response_header(Box::new(resp), false)
+            .await
+            .is_err()
+        {
+            ctx.client_gone = true;
+            return Ok(());
+        }
+        ctx.first_byte = Some(std::time::Instant::now());
+        self.seal(ctx).await;
+        if session
+            .write_response_body(Some(stored.body.clone()), true)
+            .await
+            .is_err()
+        {
             ctx.client_gone = true;
         }
         Ok(())

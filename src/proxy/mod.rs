@@ -16,7 +16,7 @@ mod parent;
 mod respond;
 mod upstream;
 
-use crate::audit::AuditLog;
+use crate::audit::{AuditLog, AuditRow};
 use crate::breaker::{Breakers, RetryBudget};
 use crate::cache::{Answer, Lookup, ResponseCache};
 use crate::config::{Config, Model, Tenant};
@@ -185,6 +185,8 @@ pub struct Ctx {
     status: u16,
     error: Option<GatewayError>,
     first_byte: Option<Instant>,
+    /// The audit row, once written ahead of the response's last bytes.
+    sealed: Option<AuditRow>,
     // --- subrequest ---
     /// Index in the chain of the model this subrequest tries.
     idx: usize,

@@ -60,10 +60,11 @@ impl Gateway {
             if let Some(h) = &ctx.rate_headers {
                 respond::rate_headers(h, &mut extra);
             }
+            ctx.status = ge.status();
+            ctx.error = Some(ge.clone());
+            self.seal(ctx).await;
             let _ =
                 respond::error_with(session, &ge, endpoint.format(), &ctx.request_id, &extra).await;
-            ctx.status = ge.status();
-            ctx.error = Some(ge);
         }
     }
 
@@ -106,6 +107,7 @@ impl Gateway {
             let mut extra = Vec::with_capacity(3);
             respond::rate_headers(&self.limits.peek_headers(&tenant), &mut extra);
             ctx.status = 200;
+            self.seal(ctx).await;
             return respond::json(session, 200, body, &ctx.request_id, &extra)
                 .await
                 .map_err(|_| GatewayError::new(ErrorKind::Internal, "write failed"));
@@ -172,15 +174,90 @@ impl Gateway {
         }
     }
 
-    /// The request is over: bill it and write its audit row, once.
-    pub(super) async fn finish_parent(&self, _session: &mut Session, ctx: &mut Ctx) {
-        let Some(started) = ctx.started else {
+    /// Writes the request's audit row, as things stand, before the response's last
+    /// bytes go out: a client that got its whole answer always has its row, even if
+    /// the gateway is killed right after (the row is in the spool, see `audit`). So
+    /// the row's `latency_ms` runs to just before that last write, and a client that
+    /// drops in the middle of it is still recorded as served (it had everything but
+    /// the terminator).
+    pub(super) async fn seal(&self, ctx: &mut Ctx) {
+        if ctx.sealed.is_some() || ctx.started.is_none() {
             return;
+        }
+        let row = self.audit_row(ctx);
+        // Settled before the row is written: a crash between the two leaves the shared
+        // spend above what the audit bills, never below it (budgets stay conservative).
+        self.settle(ctx, &row).await;
+        self.audit.write(&row).await;
+        ctx.sealed = Some(row);
+    }
+
+    /// Releases the request's hold on its tenant's counters for what it really used.
+    async fn settle(&self, ctx: &mut Ctx, row: &AuditRow) {
+        if let Some(ticket) = ctx.ticket.take() {
+            // A hit counts as a request (rps) but used no upstream tokens or money.
+            let upstream = row.cache_hit == 0;
+            let actual = Actual {
+                tokens_in: if upstream { row.tokens_in.into() } else { 0 },
+                tokens_out: if upstream { row.tokens_out.into() } else { 0 },
+                cost_nanousd: row.cost_nanousd,
+            };
+            self.limits.settle(ticket, actual).await;
+        }
+    }
+
+    /// The request is over: unless [`Self::seal`] did it already (the response did
+    /// not complete), bill it and write its audit row; then log and count it.
+    pub(super) async fn finish_parent(&self, _session: &mut Session, ctx: &mut Ctx) {
+        if ctx.started.is_none() {
+            return;
+        }
+        let row = match ctx.sealed.take() {
+            Some(row) => row,
+            None => {
+                let row = self.audit_row(ctx);
+                self.settle(ctx, &row).await;
+                self.audit.emit(&row);
+                row
+            }
         };
+        if let Some(plan) = &ctx.plan {
+            let hit = plan.outcome().cache_hit;
+            let result = crate::cache::header_value(plan.cache.as_ref(), hit);
+            self.metrics.cache_result(&row.tenant, result);
+        }
+        // One line per request, at warn only when on-call should look at it.
+        let level = if row.status >= 500 {
+            log::Level::Warn
+        } else {
+            log::Level::Debug
+        };
+        crate::logging::request(
+            level,
+            &crate::logging::RequestLine {
+                request_id: &row.request_id,
+                tenant: &row.tenant,
+                endpoint: &row.endpoint,
+                model: &row.model,
+                provider: &row.provider,
+                status: row.status,
+                code: &row.error_code,
+                attempts: row.attempts,
+                tokens_in: row.tokens_in,
+                tokens_out: row.tokens_out,
+                latency_ms: row.latency_ms,
+            },
+        );
+        self.metrics.observe(&row);
+    }
+
+    /// The request's audit row from what is known now.
+    fn audit_row(&self, ctx: &Ctx) -> AuditRow {
         let cfg = self.config();
         let ms = |d: std::time::Duration| d.as_millis().min(u32::MAX as u128) as u32;
+        let started = ctx.started.unwrap_or_else(Instant::now);
         let mut row = AuditRow {
-            request_id: std::mem::take(&mut ctx.request_id),
+            request_id: ctx.request_id.clone(),
             ts: crate::audit::time::datetime(ctx.started_ms),
             ts_ms: ctx.started_ms,
             tenant: ctx
@@ -188,9 +265,9 @@ impl Gateway {
                 .as_ref()
                 .map(|t| t.id.clone())
                 .unwrap_or_default(),
-            api_key_id: std::mem::take(&mut ctx.api_key_id),
+            api_key_id: ctx.api_key_id.clone(),
             endpoint: ctx.endpoint.map(Endpoint::as_str).unwrap_or("").to_string(),
-            model_requested: std::mem::take(&mut ctx.model_requested),
+            model_requested: ctx.model_requested.clone(),
             region: cfg.node.region.clone(),
             stream: ctx.stream as u8,
             status: ctx.status,
@@ -232,21 +309,6 @@ impl Gateway {
                     row.region.clone_from(&cfg.node.region);
                 }
             }
-            let result = crate::cache::header_value(plan.cache.as_ref(), o.cache_hit);
-            self.metrics.cache_result(&row.tenant, result);
-        }
-        if let Some(ticket) = ctx.ticket.take() {
-            // A hit counts as a request (rps) but used no upstream tokens or money.
-            let upstream = row.cache_hit == 0;
-            let actual = Actual {
-                tokens_in: if upstream { row.tokens_in.into() } else { 0 },
-                tokens_out: if upstream { row.tokens_out.into() } else { 0 },
-                cost_nanousd: row.cost_nanousd,
-            };
-            self.limits.settle(ticket, actual).await;
-        }
-        if let Some(plan) = &ctx.plan {
-            let o = plan.outcome();
             if row.error_code.is_empty() {
                 if let Some(e) = &o.error {
                     row.error_code = e.kind.code().to_string();
@@ -264,30 +326,7 @@ impl Gateway {
                 row.error_code = "client_closed".to_string();
             }
         }
-        // One line per request, at warn only when on-call should look at it.
-        let level = if row.status >= 500 {
-            log::Level::Warn
-        } else {
-            log::Level::Debug
-        };
-        crate::logging::request(
-            level,
-            &crate::logging::RequestLine {
-                request_id: &row.request_id,
-                tenant: &row.tenant,
-                endpoint: &row.endpoint,
-                model: &row.model,
-                provider: &row.provider,
-                status: row.status,
-                code: &row.error_code,
-                attempts: row.attempts,
-                tokens_in: row.tokens_in,
-                tokens_out: row.tokens_out,
-                latency_ms: row.latency_ms,
-            },
-        );
-        self.metrics.observe(&row);
-        self.audit.emit(row);
+        row
     }
 }
 

@@ -83,8 +83,10 @@ class PrivateGateway:
     """A gateway this test starts, stops and restarts on one spool directory (new
     listener ports at every start)."""
 
-    def __init__(self, gateway_bin: Path, mock_url: str, directory: Path, overrides: dict):
+    def __init__(self, gateway_bin: Path, mock_url: str, directory: Path, overrides: dict,
+                 env: dict | None = None):
         self.bin, self.mock_url, self.dir, self.overrides = gateway_bin, mock_url, directory, overrides
+        self.env = env or {}
         self.dir.mkdir(parents=True, exist_ok=True)
         self.gw: Gateway | None = None
         self.starts = 0
@@ -117,7 +119,7 @@ class PrivateGateway:
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=self.dir,
                 env=gateway_env({"LLM_GATEWAY_PID_FILE": str(self.dir / "llm-gateway.pid"),
                                  "LLM_GATEWAY_UPGRADE_SOCK": str(self.dir / "upgrade.sock"),
-                                 "LLM_GATEWAY_GRACE_PERIOD_S": "1"}),
+                                 "LLM_GATEWAY_GRACE_PERIOD_S": "1", **self.env}),
             )
         self.gw = Gateway(name=name, base_url=f"http://127.0.0.1:{http_port}",
                           admin_url=f"http://127.0.0.1:{admin_port}", proc=proc, log_path=log_path,
