@@ -256,6 +256,45 @@ fn request_parsing_and_translation_survive_any_body() {
     }
 }
 
+#[test]
+fn cache_key_canonicalisation_survives_any_body_and_keeps_tenants_apart() {
+    use llm_gateway::cache::key::{deterministic, digest, Directive, KeyParts};
+    let corpus: Vec<&[u8]> = CHAT_REQUESTS.iter().map(|s| s.as_bytes()).collect();
+    let chain = [
+        ("gpt-4o-mini", "gpt-4o-mini"),
+        ("claude-haiku", "claude-3-haiku"),
+    ];
+    let parts = |tenant| KeyParts {
+        tenant,
+        generation: 0,
+        endpoint: "chat_completions",
+        chain: &chain,
+        headers: &[None, Some("2023-06-01")],
+    };
+    let mut objects = 0u64;
+    let runs = fuzz("cache-key", &corpus, |_, input| {
+        let _ = Directive::parse(std::str::from_utf8(input).ok());
+        let Ok(serde_json::Value::Object(body)) = serde_json::from_slice(input) else {
+            return;
+        };
+        objects += 1;
+        let _ = deterministic(&body);
+        let a = digest(&parts("acme"), &body);
+        // Stable, blind to how the JSON was spelled, and never shared across tenants.
+        assert_eq!(a, digest(&parts("acme"), &body));
+        let respelled = serde_json::to_string_pretty(&body).expect("a parsed body prints");
+        let again: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_str(&respelled).expect("a printed body parses");
+        assert_eq!(a, digest(&parts("acme"), &again));
+        assert_ne!(a, digest(&parts("globex"), &body));
+    });
+    assert!(runs > corpus.len() as u64);
+    assert!(
+        objects >= corpus.len() as u64,
+        "valid bodies were not parsed"
+    );
+}
+
 /// Client format, streamed or not, the serving model, and upstream bodies to start from.
 type Case<'a> = (ApiFormat, bool, &'a Arc<Model>, &'a [&'a [u8]]);
 
