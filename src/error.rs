@@ -42,6 +42,8 @@ pub enum ErrorKind {
     RegionNotAllowed,
     FallbackOverrideNotAllowed,
     RequestTooLarge,
+    /// The client did not send its whole body within the body deadline.
+    RequestTimeout,
     NotFound,
     MethodNotAllowed,
     BudgetExceeded,
@@ -63,6 +65,7 @@ impl ErrorKind {
             | RegionNotAllowed
             | FallbackOverrideNotAllowed
             | RequestTooLarge
+            | RequestTimeout
             | NotFound
             | MethodNotAllowed => Fault::Client,
             BudgetExceeded | RateLimited => Fault::Policy,
@@ -80,6 +83,7 @@ impl ErrorKind {
             ModelNotAllowed | RegionNotAllowed | FallbackOverrideNotAllowed => 403,
             NotFound => 404,
             MethodNotAllowed => 405,
+            RequestTimeout => 408,
             RequestTooLarge => 413,
             RateLimited => 429,
             Internal => 500,
@@ -100,6 +104,7 @@ impl ErrorKind {
             RegionNotAllowed => "region_not_allowed",
             FallbackOverrideNotAllowed => "fallback_override_not_allowed",
             RequestTooLarge => "request_too_large",
+            RequestTimeout => "request_timeout",
             NotFound => "not_found",
             MethodNotAllowed => "method_not_allowed",
             BudgetExceeded => "budget_exceeded",
@@ -251,6 +256,7 @@ mod tests {
             (BudgetExceeded, 402),
             (ModelNotAllowed, 403),
             (RegionNotAllowed, 403),
+            (RequestTimeout, 408),
             (RequestTooLarge, 413),
             (RateLimited, 429),
             (BadUpstreamResponse, 502),

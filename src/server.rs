@@ -3,6 +3,7 @@
 use crate::admin::{Admin, Listener};
 use crate::audit::AuditLog;
 use crate::config::Config;
+use crate::proxy::head_deadline::HeadDeadline;
 use crate::proxy::Gateway;
 use crate::reload::{ReloadOnHup, Reloader};
 use crate::tls::CertStore;
@@ -93,10 +94,12 @@ pub fn run(config: Config, opts: RunOptions) -> ! {
     };
     server.add_service(background_service("audit log", audit_service));
     let gateway = Gateway::new(config.clone(), audit, metrics);
-    let mut proxy = pingora_proxy::http_proxy_service_with_name(
-        &server.configuration,
-        gateway.clone(),
-        "llm-gateway",
+    let mut proxy = Service::new(
+        "llm-gateway".to_string(),
+        HeadDeadline(Arc::new(pingora_proxy::http_proxy(
+            &server.configuration,
+            gateway.clone(),
+        ))),
     );
     let mut client_listeners = Vec::new();
     if let Some(addr) = config.listen.http {

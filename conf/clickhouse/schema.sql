@@ -13,8 +13,8 @@
 -- acknowledgement lost, or a crash before the shipper's cursor moved). A replayed row
 -- repeats every column, so ReplacingMergeTree collapses it with its original when
 -- parts merge, and queries read with FINAL (see queries.sql) never count it twice.
--- The sorting key holds ts_ms so that two calls that reused one client-chosen
--- x-request-id stay two rows.
+-- The sorting key holds ts_ms and node so that calls that reused one client-chosen
+-- x-request-id stay one row each (a node never gives one such id the same ts_ms twice).
 CREATE TABLE IF NOT EXISTS llm_audit
 (
     request_id       String,
@@ -45,7 +45,7 @@ CREATE TABLE IF NOT EXISTS llm_audit
 )
 ENGINE = ReplacingMergeTree
 PARTITION BY toYYYYMM(ts)
-ORDER BY (tenant, ts, request_id, ts_ms)
+ORDER BY (tenant, ts, request_id, ts_ms, node)
 -- Keep two years and a month of billing history; adjust to your retention policy.
 TTL ts + INTERVAL 25 MONTH DELETE
 SETTINGS index_granularity = 8192;

@@ -81,9 +81,11 @@ impl<'a> From<&'a AuditRow> for ChRow<'a> {
 /// servers. ReplacingMergeTree collapses rows with equal sorting keys when parts
 /// merge, and `FINAL` collapses them at query time: a batch shipped twice (the
 /// insert succeeded but its acknowledgement was lost, or a crash before the cursor
-/// moved) is counted once. The key holds `ts_ms` so that two calls that reused one
-/// client-chosen `x-request-id` stay two rows; a replayed row repeats every column,
-/// so it always matches its original.
+/// moved) is counted once. The key holds `ts_ms` and `node` so that two calls that
+/// reused one client-chosen `x-request-id` stay two rows: on different nodes by
+/// `node`, on one node by `ts_ms`, which a node keeps unique per id
+/// ([`super::AuditLog::unique_start_ms`]). A replayed row repeats every column, so it
+/// always matches its original.
 pub fn create_table_sql(database: &str, table: &str) -> String {
     format!(
         "CREATE TABLE IF NOT EXISTS {database}.{table} (
@@ -113,7 +115,7 @@ pub fn create_table_sql(database: &str, table: &str) -> String {
     node String
 ) ENGINE = ReplacingMergeTree
 PARTITION BY toYYYYMM(ts)
-ORDER BY (tenant, ts, request_id, ts_ms)"
+ORDER BY (tenant, ts, request_id, ts_ms, node)"
     )
 }
 

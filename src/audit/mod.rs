@@ -22,6 +22,7 @@ use async_trait::async_trait;
 use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -64,12 +65,21 @@ pub struct AuditRow {
 const QUEUE_ROWS: usize = 65_536;
 /// Most rows the writer appends with one `write(2)`.
 const BATCH_ROWS: usize = 4096;
+/// Client-chosen request ids remembered before the stale ones are dropped.
+const RECENT_IDS: usize = 4096;
 /// How long a written row may wait for its fsync.
 const SYNC_EVERY: Duration = Duration::from_millis(100);
 /// Longest a response waits for its row to be written. Past it (a stalled disk) the
 /// response goes on and the row stays queued: a hung disk must not hang every client,
 /// and the row is only at risk if the process also dies before the disk recovers.
 const WRITE_WAIT: Duration = Duration::from_secs(2);
+
+/// The start ms last given to each recently seen client-chosen request id (hashed).
+#[derive(Default)]
+struct RecentIds {
+    last: HashMap<u64, u64>,
+    pruned_at: u64,
+}
 
 /// A serialised row, and who waits for it to be written.
 struct Job {
@@ -90,6 +100,8 @@ pub struct Shared {
     dirty: AtomicBool,
     /// Shutting down: the writer may be gone, rows are written by their requests.
     closing: AtomicBool,
+    /// Latest start ms given to each recently seen client-chosen request id (hashed).
+    recent_ids: Mutex<RecentIds>,
     metrics: AuditMetrics,
 }
 
@@ -142,6 +154,7 @@ impl AuditLog {
             unshipped_bytes: AtomicU64::new(0),
             dirty: AtomicBool::new(false),
             closing: AtomicBool::new(false),
+            recent_ids: Mutex::new(RecentIds::default()),
             metrics: metrics.clone(),
         });
         let wake = Arc::new(Notify::new());
@@ -169,6 +182,31 @@ impl AuditLog {
                 wake,
             },
         ))
+    }
+
+    /// The start ms to record for a request carrying the client-chosen id
+    /// `request_id`, which started at `ms`: `ms`, or the first later ms this node has
+    /// not given that id yet. Rows collapse in ClickHouse on (tenant, ts, request_id,
+    /// ts_ms, node), so without this two calls reusing one id within a millisecond on
+    /// one node would be billed as one. Costs a lock only for requests that bring
+    /// their own id; the shift is at most the number of such same-ms reuses.
+    pub fn unique_start_ms(&self, request_id: &str, ms: u64) -> u64 {
+        use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+        let h = BuildHasherDefault::<DefaultHasher>::default().hash_one(request_id);
+        let mut recent = match self.shared.recent_ids.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        if recent.last.len() >= RECENT_IDS && ms >= recent.pruned_at + 1000 {
+            // Ids last used over a second ago cannot collide with a start from now on.
+            // At most once a second, so a flood of fresh ids costs no scan per request.
+            recent.last.retain(|_, last| *last + 1000 > ms);
+            recent.pruned_at = ms;
+        }
+        let slot = recent.last.entry(h).or_insert(0);
+        let start = if *slot >= ms { *slot + 1 } else { ms };
+        *slot = start;
+        start
     }
 
     /// Rows waiting in memory for the writer.
@@ -397,6 +435,36 @@ impl BackgroundService for AuditService {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reused_request_id_never_gets_the_same_start_ms_twice() {
+        let dir = std::env::temp_dir().join(format!("llmgw-audit-ids-{}", std::process::id()));
+        let conf = AuditConf {
+            spool_dir: dir.clone(),
+            clickhouse: None,
+        };
+        let metrics = crate::metrics::Metrics::new().unwrap().audit;
+        let (log, _service) = AuditLog::new(&conf, metrics).unwrap();
+        let t = 1_700_000_000_000;
+        assert_eq!(log.unique_start_ms("a", t), t);
+        assert_eq!(log.unique_start_ms("a", t), t + 1);
+        assert_eq!(log.unique_start_ms("a", t), t + 2);
+        assert_eq!(log.unique_start_ms("b", t), t, "another id is not shifted");
+        assert_eq!(log.unique_start_ms("a", t + 1), t + 3);
+        assert_eq!(
+            log.unique_start_ms("a", t + 10),
+            t + 10,
+            "a later start is kept"
+        );
+        // Many ids: once a second the old ones are dropped; recent ones still shift.
+        for i in 0..2 * RECENT_IDS {
+            log.unique_start_ms(&format!("x{i}"), t + 5_000);
+        }
+        assert_eq!(log.unique_start_ms("x1", t + 5_000), t + 5_001);
+        log.unique_start_ms("y", t + 7_000);
+        assert_eq!(log.shared.recent_ids.lock().unwrap().last.len(), 1);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn a_full_queue_sends_rows_straight_to_the_spool() {

@@ -12,6 +12,7 @@
 mod attempts;
 mod cache;
 pub mod dns;
+pub mod head_deadline;
 mod parent;
 mod respond;
 mod upstream;
@@ -228,6 +229,11 @@ impl ProxyHttp for Gateway {
 
     fn allow_spawning_subrequest(&self, session: &Session, _ctx: &Ctx) -> bool {
         session.subrequest_ctx.is_none()
+    }
+
+    async fn early_request_filter(&self, _session: &mut Session, _ctx: &mut Ctx) -> Result<()> {
+        head_deadline::head_read();
+        Ok(())
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {

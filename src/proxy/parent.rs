@@ -18,14 +18,24 @@ use std::time::{Duration, Instant};
 /// cancelled and the request is recorded as `client_closed`.
 fn client_write_timeout() -> Duration {
     static TIMEOUT: OnceLock<Duration> = OnceLock::new();
-    *TIMEOUT.get_or_init(|| {
-        let ms = std::env::var("LLM_GATEWAY_CLIENT_WRITE_TIMEOUT_MS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .filter(|&ms: &u64| ms > 0)
-            .unwrap_or(30_000);
-        Duration::from_millis(ms)
-    })
+    *TIMEOUT.get_or_init(|| env_ms("LLM_GATEWAY_CLIENT_WRITE_TIMEOUT_MS", 30_000))
+}
+
+/// How long a client may take to send its whole body, from the end of its headers
+/// (`LLM_GATEWAY_CLIENT_BODY_TIMEOUT_MS`, default 60 s): a sender trickling a byte per
+/// read timeout would otherwise hold its connection, and its admission, for hours.
+fn client_body_timeout() -> Duration {
+    static TIMEOUT: OnceLock<Duration> = OnceLock::new();
+    *TIMEOUT.get_or_init(|| env_ms("LLM_GATEWAY_CLIENT_BODY_TIMEOUT_MS", 60_000))
+}
+
+fn env_ms(name: &str, default: u64) -> Duration {
+    let ms = std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&ms: &u64| ms > 0)
+        .unwrap_or(default);
+    Duration::from_millis(ms)
 }
 
 /// Above the limit the body is still read (and dropped) up to this much, so that the
@@ -40,10 +50,14 @@ impl Gateway {
         // holding its upstream call open past every deadline.
         session.set_write_timeout(Some(client_write_timeout()));
         ctx.request_id = auth::request_id(session.req_header());
+        if session.req_header().headers.contains_key("x-request-id") {
+            ctx.started_ms = self.audit.unique_start_ms(&ctx.request_id, ctx.started_ms);
+        }
         let endpoint = Endpoint::of(session.req_header());
         ctx.endpoint = Some(endpoint);
         if let Err(ge) = self.serve(session, ctx, endpoint).await {
-            if !session.is_body_done() {
+            // A body too slow to wait for is not waited for after the answer either.
+            if !session.is_body_done() && ge.kind != ErrorKind::RequestTimeout {
                 refused_unread(session, self.config().max_body_bytes);
             }
             let mut extra = Vec::with_capacity(4);
@@ -490,8 +504,25 @@ fn too_large(max: usize) -> GatewayError {
     )
 }
 
-/// Reads the whole body, refusing anything over `max` bytes.
+/// Reads the whole body, refusing anything over `max` bytes or slower than the body
+/// deadline (408, and the connection closes: what is left of the body is unread).
 async fn read_body(session: &mut Session, max: usize) -> Result<Bytes, GatewayError> {
+    match tokio::time::timeout(client_body_timeout(), read_body_within(session, max)).await {
+        Ok(r) => r,
+        Err(_) => {
+            session.set_keepalive(None);
+            Err(GatewayError::new(
+                ErrorKind::RequestTimeout,
+                format!(
+                    "the request body was not received within {} s",
+                    client_body_timeout().as_secs_f32()
+                ),
+            ))
+        }
+    }
+}
+
+async fn read_body_within(session: &mut Session, max: usize) -> Result<Bytes, GatewayError> {
     let declared = session
         .req_header()
         .headers

@@ -29,6 +29,7 @@ import statistics
 import subprocess
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -40,7 +41,7 @@ from openai import OpenAI
 from chserver import ClickHouse, ClickHouseError
 from conftest import (ADMIN_TOKEN, TENANT_KEYS, Gateway, _LOGS, _stop, _wait_ready, base_config, deep_merge,
                       free_ports, gateway_env, sha256_hex)
-from helpers import cost_nanousd, new_request_id
+from helpers import chat_body, cost_nanousd, new_request_id
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 QUERIES_SQL = REPO_ROOT / "conf" / "clickhouse" / "queries.sql"
@@ -621,6 +622,45 @@ def test_graceful_stop_ships_rows_waiting_for_the_flush_interval(clickhouse, pri
     pg.stop()
     rows = ch_rows(clickhouse, db, ids)
     assert len(rows) == 5, f"rows in ClickHouse after a graceful stop: {len(rows)}\n{pg.log_text()[-3000:]}"
+
+
+def test_calls_reusing_one_request_id_are_each_billed(clickhouse, private_gateway):
+    """A tenant sending many calls with one `x-request-id` at once (a buggy retry loop,
+    or someone hoping to be billed once) gets one row per call in `FINAL` queries: the
+    node never gives one id the same start millisecond twice."""
+    db = "audit_reuse"
+    pg = private_gateway("reuse", audit_overrides(clickhouse.url, db, batch_rows=10, flush_ms=100))
+    gw = pg.start()
+    rid = new_request_id("reused")
+    n = 40
+    barrier = threading.Barrier(8)
+
+    def burst(_: int) -> list[int]:
+        codes = []
+        with httpx.Client(timeout=15) as c:
+            barrier.wait()
+            for _ in range(n // 8):
+                r = c.post(f"{gw.base_url}/v1/chat/completions",
+                           headers={"authorization": f"Bearer {ACME}", "x-request-id": rid},
+                           json=chat_body("[[mock: tokens=2]] again"))
+                codes.append(r.status_code)
+        return codes
+
+    with ThreadPoolExecutor(8) as pool:
+        codes = [c for cs in pool.map(burst, range(8)) for c in cs]
+    assert codes == [200] * n, codes
+    spooled = [r for r in spool_rows(pg.spool) if r["request_id"] == rid]
+    assert len({r["ts_ms"] for r in spooled}) == n, sorted(r["ts_ms"] for r in spooled)
+
+    def billed():
+        try:
+            got = clickhouse.rows(f"SELECT count() AS n, sum(cost_nanousd) AS c FROM llm_audit FINAL "
+                                  f"WHERE request_id = '{rid}'", database=db)
+        except (ClickHouseError, httpx.HTTPError):
+            return None
+        return got if got and int(got[0]["n"]) == n else None
+    got = wait_for(f"{n} rows for one reused id in ClickHouse", billed, 30, log=pg.log_text)
+    assert int(got[0]["c"]) == n * int(spooled[0]["cost_nanousd"]), got
 
 
 # --------------------------------------------------------------------------- graceful upgrade

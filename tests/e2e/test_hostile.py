@@ -8,6 +8,7 @@ still answered promptly.
 
 from __future__ import annotations
 
+import http.client
 import json
 import resource
 import socket
@@ -205,6 +206,103 @@ def test_slow_body_sender_does_not_hold_up_others(gw):
         s.close()
 
 
+# Short client deadlines for the slow-sender probes (defaults: 60 s each).
+DEADLINES = {"LLM_GATEWAY_CLIENT_HEADER_TIMEOUT_MS": "1500", "LLM_GATEWAY_CLIENT_BODY_TIMEOUT_MS": "1500"}
+
+
+def trickle_until_closed(s: socket.socket, data: bytes, every_s: float, limit_s: float) -> tuple[bytes, float]:
+    """Sends `data` a byte every `every_s` (far inside Pingora's 60 s per-read timeout)
+    until the server answers or closes; returns (what came back, seconds it took)."""
+    t0 = time.monotonic()
+    out = b""
+    s.settimeout(every_s)
+    for b in data:
+        if time.monotonic() - t0 > limit_s:
+            pytest.fail(f"still trickling after {limit_s}s: no deadline cut the sender off")
+        try:
+            s.sendall(bytes([b]))
+        except OSError:
+            break
+        try:
+            chunk = s.recv(65536)
+        except socket.timeout:
+            continue
+        except OSError:
+            break
+        if not chunk:
+            break
+        out += chunk
+    else:
+        pytest.fail("the whole slow request went through: no deadline cut the sender off")
+    s.settimeout(2)
+    try:
+        while chunk := s.recv(65536):
+            out += chunk
+    except OSError:
+        pass
+    return out, time.monotonic() - t0
+
+
+def test_slowloris_head_is_cut_off_at_the_head_deadline(gateway):
+    """Headers trickled a byte every 0.1 s: each read is prompt, so only a deadline on the
+    whole head (LLM_GATEWAY_CLIENT_HEADER_TIMEOUT_MS) ends it; the connection closes."""
+    gw = gateway(OWN, env=DEADLINES)
+    head = request(b"{}").split(b"\r\n\r\n")[0] + b"\r\nX-Pad: " + b"a" * 400
+    s = socket.create_connection(addr(gw), timeout=10)
+    try:
+        out, took = trickle_until_closed(s, head, 0.1, limit_s=15)
+    finally:
+        s.close()
+    assert out == b"", out[:200]
+    assert 1.0 <= took < 10, took
+    assert_still_serving(gw)
+
+
+def test_slow_body_is_a_408_at_the_body_deadline(gateway):
+    """A body trickled a byte every 0.1 s is answered 408 `request_timeout` once the body
+    deadline passes, the connection closes, and the request has its audit row."""
+    gw = gateway(OWN, env=DEADLINES)
+    rid = f"slow-body-{time.monotonic_ns()}"
+    body = json.dumps(chat_body("slow " * 100)).encode()
+    s = socket.create_connection(addr(gw), timeout=10)
+    try:
+        s.sendall(request(body, extra_headers=f"x-request-id: {rid}\r\n")[: -len(body)])
+        out, took = trickle_until_closed(s, body, 0.1, limit_s=15)
+    finally:
+        s.close()
+    assert_openai_error(out, 408, "request_timeout")
+    assert 1.0 <= took < 10, took
+    row = audit_rows(gw, rid)[0]
+    assert (row["status"], row["error_code"]) == (408, "request_timeout"), row
+    assert_still_serving(gw)
+
+
+def test_head_deadline_spares_slow_answers_and_kept_alive_clients(gateway):
+    """The head deadline is on the head only: an answer slower than it, and a kept-alive
+    connection whose next request comes within it, are served."""
+    gw = gateway(OWN, env=DEADLINES)
+    host, port = addr(gw)
+    conn = http.client.HTTPConnection(host, port, timeout=15)
+    headers = {"authorization": f"Bearer {ACME}", "content-type": "application/json"}
+    try:
+        t0 = time.monotonic()
+        conn.request("POST", "/v1/chat/completions", headers=headers,
+                     body=json.dumps(chat_body("[[mock: ttft_ms=2500]] slow answer")))
+        r = conn.getresponse()
+        assert r.status == 200, r.read()
+        r.read()
+        assert time.monotonic() - t0 >= 2.5
+        sock = conn.sock
+        time.sleep(0.5)  # idle, inside the head deadline, on the same connection
+        conn.request("POST", "/v1/chat/completions", headers=headers, body=json.dumps(chat_body("next")))
+        r = conn.getresponse()
+        assert r.status == 200, r.read()
+        r.read()
+        assert conn.sock is sock, "the kept-alive connection was not reused"
+    finally:
+        conn.close()
+
+
 def test_client_that_never_reads_its_stream_does_not_stall_others(gw):
     """Streams into a client that stops reading fill the socket buffers; the gateway
     must keep serving everyone else."""
@@ -225,10 +323,10 @@ def test_client_that_never_reads_its_stream_does_not_stall_others(gw):
 
 
 def test_thousands_of_idle_connections(gw):
-    """Idle connections cost a socket each, not a worker: with 3,000 open, a normal
+    """Idle connections cost a socket each, not a worker: with 10,000 open, a normal
     request is still answered promptly."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = 3_000
+    want = 10_000
     if soft < want + 200:
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, want + 1000), hard))

@@ -1,0 +1,100 @@
+//! A total deadline for a request's head, which Pingora does not have.
+//!
+//! Pingora times out each read of a request head (60 s), not the head as a whole, so a
+//! client sending one byte every 59 s could hold a connection for as long as its
+//! headers may grow (1 MiB): a slowloris sender ties up descriptors for days. This
+//! wrapper around the proxy gives every request head, from the moment the connection
+//! waits for it (a new connection, or a kept-alive one after its last response), a
+//! deadline (`LLM_GATEWAY_CLIENT_HEADER_TIMEOUT_MS`, default 60 s) and closes the
+//! connection when it passes. The head counts as arrived when the first proxy hook
+//! runs, which marks a task-local flag; a kept-alive connection idle past the deadline
+//! is closed the same way, as a keep-alive timeout would. The body has its own
+//! deadline (`parent.rs`).
+
+use async_trait::async_trait;
+use pingora_core::apps::{HttpServerApp, HttpServerOptions, ReusedHttpStream};
+use pingora_core::protocols::http::ServerSession;
+use pingora_core::protocols::Stream;
+use pingora_core::server::ShutdownWatch;
+use std::cell::Cell;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+tokio::task_local! {
+    /// Set once the current request's head has been read.
+    static HEAD_READ: Cell<bool>;
+}
+
+/// Marks the current request's head as read; outside a connection task (a
+/// subrequest) it does nothing.
+pub(super) fn head_read() {
+    let _ = HEAD_READ.try_with(|h| h.set(true));
+}
+
+fn header_timeout() -> Duration {
+    static TIMEOUT: OnceLock<Duration> = OnceLock::new();
+    *TIMEOUT.get_or_init(|| {
+        let ms = std::env::var("LLM_GATEWAY_CLIENT_HEADER_TIMEOUT_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|&ms: &u64| ms > 0)
+            .unwrap_or(60_000);
+        Duration::from_millis(ms)
+    })
+}
+
+/// The proxy app, with a deadline on every request head.
+pub struct HeadDeadline<A>(pub Arc<A>);
+
+#[async_trait]
+impl<A> HttpServerApp for HeadDeadline<A>
+where
+    A: HttpServerApp + Send + Sync + 'static,
+{
+    async fn process_new_http(
+        self: &Arc<Self>,
+        session: ServerSession,
+        shutdown: &ShutdownWatch,
+    ) -> Option<ReusedHttpStream> {
+        let app = self.0.clone();
+        HEAD_READ
+            .scope(Cell::new(false), async move {
+                tokio::select! {
+                    reused = app.process_new_http(session, shutdown) => reused,
+                    _ = expired() => None,
+                }
+            })
+            .await
+    }
+
+    fn h2_options(&self) -> Option<pingora_core::protocols::http::v2::server::H2Options> {
+        self.0.h2_options()
+    }
+
+    fn server_options(&self) -> Option<&HttpServerOptions> {
+        self.0.server_options()
+    }
+
+    async fn http_cleanup(&self) {
+        self.0.http_cleanup().await
+    }
+
+    async fn process_custom_session(
+        self: Arc<Self>,
+        stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        self.0
+            .clone()
+            .process_custom_session(stream, shutdown)
+            .await
+    }
+}
+
+/// Resolves when the deadline passed without the head read; never once it was read.
+async fn expired() {
+    tokio::time::sleep(header_timeout()).await;
+    if HEAD_READ.try_with(Cell::get).unwrap_or(true) {
+        std::future::pending::<()>().await;
+    }
+}
