@@ -10,12 +10,21 @@ open fds (/proc/PID/fd) are recorded; after `--warmup` of the run, the largest s
 may exceed the warm-up level by at most `--rss-slack-mib` and `--fd-slack`. Not run in
 CI (it takes 30 minutes by default); figures go to BENCHMARKS.md.
 
+With `--clickhouse` the audit rows are also shipped to a private ClickHouse (Debian's
+18.16, started by tests/e2e/chserver.py on a free loopback port), and at the end
+every answered request must have exactly one row there (`FINAL`); that needs httpx,
+so run it with the test suite's interpreter: `.venv/bin/python loadtest/soak.py
+--clickhouse` (after `bash tests/run.sh` made `.venv`).
+
 Usage: python3 loadtest/soak.py [--bin target/release/llm-gateway] [--duration 1800]
-                                [--workers 8] [--json soak.json]
+                                [--workers 8] [--clickhouse] [--json soak.json]
 """
-import argparse, http.client, json, os, random, threading, time
+import argparse, http.client, json, os, random, sys, tempfile, threading, time
+from pathlib import Path
 
 from benchlib import Stack, free_port, sha256
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "e2e"))
 
 KEYS = {"main": "sk-soak-main", "tiny": "sk-soak-tiny", "broke": "sk-soak-broke"}
 
@@ -89,6 +98,8 @@ def worker(port, stop, stats, lock, seed):
             status = "conn-error"
         with lock:
             stats["requests"] += 1
+            if status != "conn-error":
+                stats["answered"] += 1
             if status not in ok:
                 stats["unexpected"][str(status)] = stats["unexpected"].get(str(status), 0) + 1
 
@@ -109,12 +120,30 @@ def main():
     ap.add_argument("--sample-s", type=float, default=10)
     ap.add_argument("--rss-slack-mib", type=float, default=32)
     ap.add_argument("--fd-slack", type=int, default=32)
+    ap.add_argument("--clickhouse", action="store_true", help="also ship audit rows to a private ClickHouse")
     ap.add_argument("--json")
     a = ap.parse_args()
 
-    with Stack(a.bin, [], config) as s:
+    ch, audit_extra = None, ""
+    if a.clickhouse:
+        from chserver import ClickHouse
+        ch = ClickHouse(Path(tempfile.mkdtemp(prefix="llmgw-soak-ch-"))).start()
+        audit_extra = (f"  clickhouse: {{ url: \"{ch.url}\", database: default, table: llm_audit, "
+                       "batch_rows: 5000, flush_ms: 1000 }\n")
+    try:
+        result = run(a, audit_extra, ch)
+    finally:
+        if ch is not None:
+            ch.stop()
+    ok = result["flat"] and result["gateway_alive"] and not result["unexpected_statuses"] \
+        and result.get("clickhouse_rows_match", True)
+    raise SystemExit(0 if ok else 1)
+
+
+def run(a, audit_extra, ch):
+    with Stack(a.bin, [], config, audit_extra=audit_extra) as s:
         stop, lock = threading.Event(), threading.Lock()
-        stats = {"requests": 0, "unexpected": {}}
+        stats = {"requests": 0, "answered": 0, "unexpected": {}}
         threads = [threading.Thread(target=worker, args=(s.port, stop, stats, lock, i), daemon=True)
                    for i in range(a.workers)]
         for t in threads:
@@ -133,6 +162,17 @@ def main():
         for t in threads:
             t.join(35)
         alive = s.gw.poll() is None
+        ch_rows = None
+        if ch is not None:
+            # Every answered request has one row; requests cut by a connection error may
+            # have one too. Wait for the shipper to catch up (flush_ms 1 s).
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                got = ch.rows("SELECT count() AS n FROM llm_audit FINAL")
+                ch_rows = int(got[0]["n"]) if got else 0
+                if stats["answered"] <= ch_rows <= stats["requests"]:
+                    break
+                time.sleep(1)
 
     warm = [x for x in samples if x["t_s"] <= a.duration * a.warmup] or samples[:1]
     after = [x for x in samples if x["t_s"] > a.duration * a.warmup] or samples[-1:]
@@ -140,18 +180,21 @@ def main():
     peak_rss, peak_fds = max(x["rss_mib"] for x in after), max(x["fds"] for x in after)
     result = {
         "duration_s": a.duration, "workers": a.workers, "requests": stats["requests"],
-        "rps": round(stats["requests"] / a.duration, 1), "unexpected_statuses": stats["unexpected"],
+        "rps": round(stats["requests"] / a.duration, 1), "answered": stats["answered"],
+        "unexpected_statuses": stats["unexpected"],
         "rss_mib_warm": base_rss, "rss_mib_peak_after": peak_rss,
         "fds_warm": base_fds, "fds_peak_after": peak_fds, "gateway_alive": alive,
         "flat": peak_rss <= base_rss + a.rss_slack_mib and peak_fds <= base_fds + a.fd_slack,
         "samples": samples,
     }
+    if ch is not None:
+        result["clickhouse_rows"] = ch_rows
+        result["clickhouse_rows_match"] = ch_rows is not None and stats["answered"] <= ch_rows <= stats["requests"]
     print(json.dumps({k: v for k, v in result.items() if k != "samples"}, indent=2))
     if a.json:
         with open(a.json, "w") as f:
             json.dump(result, f, indent=2)
-    ok = result["flat"] and alive and not stats["unexpected"]
-    raise SystemExit(0 if ok else 1)
+    return result
 
 
 if __name__ == "__main__":
