@@ -18,7 +18,7 @@ import pytest
 
 from conftest import ADMIN_TOKEN, _stop
 from helpers import ACME, audit_rows, chat_body, new_request_id, post_chat
-from test_audit_clickhouse import PrivateGateway, spool_rows
+from test_audit_clickhouse import PrivateGateway, metric, spool_rows
 from test_limits_shared import RedisServer
 
 # The audit writer is slowed down like a busy disk (each write waits this long), so
@@ -137,3 +137,19 @@ def test_kill_9_with_redis_keeps_spend_consistent_with_the_audit(gateway_bin, mo
         if pg.gw is not None:
             _stop([pg.gw.proc])
         redis.stop()
+
+
+def test_a_stalled_disk_delays_a_response_by_at_most_the_write_wait(gateway):
+    """A response waits for its row, but not for ever: a disk stalled past 2 s lets the
+    response go with its row still queued (counted), and the row is written when the
+    disk is back."""
+    gw = gateway({"node": {"region": "stalled-disk"}}, env={"LLM_GATEWAY_AUDIT_WRITE_DELAY_MS": "4000"})
+    rid = new_request_id("stalled")
+    before = metric(gw, "llmgw_audit_slow_writes_total")
+    t0 = time.monotonic()
+    r = post_chat(gw, chat_body("[[mock: tokens=2]] stalled"), headers={"x-request-id": rid})
+    took = time.monotonic() - t0
+    assert r.status_code == 200, r.text
+    assert 1.9 <= took < 3.8, took
+    assert metric(gw, "llmgw_audit_slow_writes_total") >= before + 1
+    assert audit_rows(gw, rid, timeout=15)[0]["status"] == 200
