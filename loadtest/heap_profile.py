@@ -15,8 +15,10 @@ its RSS is sampled idle and while holding; then the streams are closed and the p
 stopped with SIGTERM so heaptrack writes its data. Per target it writes the
 heaptrack files, `peaks-N.txt` (heaptrack_print --print-peaks of the N-stream run),
 `diff.txt` (the same, relative to the idle run: what the streams added, per
-allocation site) and `flame-N.txt` (peak bytes by stack, flamegraph.pl input), and
-prints peak heap and RSS per stream.
+allocation site), `sites-N.txt` (every full backtrace's peak, one line each, in KiB
+per stream) and `flame-N.txt` (peak bytes by stack, flamegraph.pl input), and prints
+peak heap and RSS per stream, the largest sites and the sums per holder (CATEGORIES).
+`--prompt-bytes` sends longer prompts than the bench's ~100 bytes.
 """
 import argparse, asyncio, os, re, signal, subprocess, sys, time
 
