@@ -36,6 +36,18 @@ PATH = "/v1/chat/completions"
 BODY = json.dumps({"model": "m1", "max_tokens": 16, "messages": [{"role": "user", "content": "benchmark prompt"}]})
 STREAM_BODY = json.dumps({"model": "m1", "max_tokens": 4, "stream": True,
                           "messages": [{"role": "user", "content": "benchmark stream"}]})
+
+
+def stream_body(prompt_bytes=0):
+    """The slow streams' request: the bench's short prompt, or one of about
+    `prompt_bytes` bytes (words, so a tokenizer-free mock still counts something)."""
+    if prompt_bytes <= 0:
+        return STREAM_BODY
+    words = ("benchmark stream " * (prompt_bytes // 17 + 1))[:prompt_bytes]
+    return json.dumps({"model": "m1", "max_tokens": 4, "stream": True,
+                       "messages": [{"role": "user", "content": words}]})
+
+
 HEADERS = {"content-type": "application/json", "authorization": f"Bearer {BENCH_KEY}"}
 
 
@@ -151,10 +163,10 @@ SLOW_REQ = ("POST {path} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: applicatio
             "content-length: {n}\r\n\r\n{body}")
 
 
-async def hold_streams(port, n, batch=250):
+async def hold_streams(port, n, batch=250, body=STREAM_BODY):
     """Opens n streams and waits for each one's first token; returns the (reader, writer)
     pairs of those that got it (still open: the caller closes them) and how many failed."""
-    req = SLOW_REQ.format(path=PATH, key=BENCH_KEY, n=len(STREAM_BODY), body=STREAM_BODY).encode()
+    req = SLOW_REQ.format(path=PATH, key=BENCH_KEY, n=len(body.encode()), body=body).encode()
 
     async def one():
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -178,7 +190,7 @@ async def hold_streams(port, n, batch=250):
     return writers, failed
 
 
-def memory_round(bins, streams, cpus):
+def memory_round(bins, streams, cpus, prompt_bytes=0):
     """Fresh mock + passthrough + gateway; RSS of each proxy idle and holding `streams`."""
     out = {}
     with Stack(bins["gateway"], [], policy_config, mock_cpus=cpus["client"], gw_cpus=cpus["server"]) as st:
@@ -188,7 +200,7 @@ def memory_round(bins, streams, cpus):
                 idle = proc_rss_bytes(pid)
 
                 async def run():
-                    writers, failed = await hold_streams(port, streams)
+                    writers, failed = await hold_streams(port, streams, body=stream_body(prompt_bytes))
                     rss = proc_rss_bytes(pid)
                     for _, w in writers:
                         w.close()
@@ -231,12 +243,15 @@ def main():
     ap.add_argument("--rate-duration", type=int, default=10, help="seconds per fixed-rate run")
     ap.add_argument("--ttft-n", type=int, default=300, help="streams per target per round")
     ap.add_argument("--streams", type=int, default=10000, help="concurrent slow streams (capped by the fd limit)")
+    ap.add_argument("--prompt-bytes", type=int, default=0,
+                    help="prompt size of the slow streams (default: the bench's short prompt)")
     ap.add_argument("--skip", default="", help="comma list of: rps,latency,ttft,memory")
     ap.add_argument("--json", default=None, help="write every figure here (default loadtest/results/bench-TIME.json)")
     a = ap.parse_args()
     skip = set(filter(None, a.skip.split(",")))
     bins = {"gateway": a.gateway_bin, "passthrough": a.passthrough_bin}
-    for what, path in [*bins.items(), ("k6", a.k6)]:
+    needed = [*bins.items()] + ([("k6", a.k6)] if "latency" not in skip else [])
+    for what, path in needed:
         if not os.access(path, os.X_OK):
             sys.exit(f"missing {what} at {path}: cargo build --release --features bench,jemalloc --bin llm-gateway --example passthrough; "
                      "bash loadtest/install_k6.sh")
@@ -256,7 +271,7 @@ def main():
     meta = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "cpus": ncpu, "pinning": cpus,
             "loadavg_start": os.getloadavg(), "rounds": a.rounds, "conns": a.conns, "duration_s": a.duration,
             "rates": rates, "rate_duration_s": a.rate_duration, "ttft_n": a.ttft_n, "streams": streams,
-            "nofile": nofile}
+            "nofile": nofile, "prompt_bytes": a.prompt_bytes}
     log(f"bench: {ncpu} CPUs, pinning {cpus}, {a.rounds} rounds, load average {os.getloadavg()[0]:.2f}")
     rounds = []
     with Stack(bins["gateway"], [], policy_config, mock_cpus=cpus["client"], gw_cpus=cpus["server"]) as st:
@@ -294,7 +309,7 @@ def main():
     if "memory" not in skip:
         for rnd in range(a.rounds):
             log(f"memory round {rnd + 1}/{a.rounds}: {streams} slow streams")
-            rounds[rnd]["memory"] = memory_round(bins, streams, cpus)
+            rounds[rnd]["memory"] = memory_round(bins, streams, cpus, a.prompt_bytes)
     meta["loadavg_end"] = os.getloadavg()
     report(meta, rounds, rates)
     path = a.json or f"{HERE}/results/bench-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}.json"

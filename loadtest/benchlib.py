@@ -172,19 +172,23 @@ class Stack:
     `spool_dir`: an existing spool to start on instead of a fresh one;
     `https=(cert_path, key_path)` adds a `listen.https` listener (`self.https_port`);
     `mock_cpus`/`gw_cpus` pin the processes with taskset; `gw_env` adds to the gateway's
-    environment (e.g. LD_PRELOAD of another allocator)."""
+    environment (e.g. LD_PRELOAD of another allocator); `gw_wrap` is a command prefix for
+    the gateway only (e.g. `["heaptrack", "-o", FILE]`: `self.gw` is then the wrapper);
+    `mock_bin` runs the mock from another build than the gateway's."""
 
     def __init__(self, binary, mock_args, config_body, audit_extra="", spool_dir=None, https=None,
-                 mock_cpus=None, gw_cpus=None, gw_env=None):
+                 mock_cpus=None, gw_cpus=None, gw_env=None, gw_wrap=None, mock_bin=None):
         self.binary, self.mock_args, self.config_body = binary, mock_args, config_body
         self.audit_extra, self.spool_dir, self.https = audit_extra, spool_dir, https
         self.mock_cpus, self.gw_cpus, self.gw_env = mock_cpus, gw_cpus, gw_env or {}
+        self.gw_wrap = gw_wrap or []
+        self.mock_bin = mock_bin or binary
 
     def __enter__(self):
         self.tmp = tmp = tempfile.mkdtemp(prefix="llmgw-bench-")
         self.spool = self.spool_dir = self.spool_dir or f"{tmp}/spool"
         self.gw = None
-        self.mock = subprocess.Popen(pinned([self.binary, "mock-provider", "--listen", "127.0.0.1:0", *self.mock_args], self.mock_cpus),
+        self.mock = subprocess.Popen(pinned([self.mock_bin, "mock-provider", "--listen", "127.0.0.1:0", *self.mock_args], self.mock_cpus),
                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         self.mock_port = int(self.mock.stdout.readline().strip().rsplit(":", 1)[1])
         self.port, self.admin_port = free_port(), free_port()
@@ -198,7 +202,7 @@ class Stack:
             f.write(cfg)
         env = dict(os.environ, RUST_LOG="error", LLM_GATEWAY_GRACE_PERIOD_S="1",
                    LLM_GATEWAY_PID_FILE=f"{tmp}/pid", LLM_GATEWAY_UPGRADE_SOCK=f"{tmp}/sock", **PROVIDER_ENV, **self.gw_env)
-        self.gw = subprocess.Popen(pinned([self.binary, "serve", "--config", f"{tmp}/gw.yaml"], self.gw_cpus), env=env,
+        self.gw = subprocess.Popen(pinned([*self.gw_wrap, self.binary, "serve", "--config", f"{tmp}/gw.yaml"], self.gw_cpus), env=env,
                                    stderr=subprocess.DEVNULL)
         if not wait_http_ok(self.admin_port, "/readyz", proc=self.gw):  # readiness: the admin listener
             self.__exit__(None, None, None)

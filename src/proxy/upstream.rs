@@ -171,12 +171,17 @@ pub(super) fn rewrite_request_header(
 }
 
 /// Gives the attempt its body: the subrequest itself has none.
+///
+/// The body is handed over, not copied: once Pingora has written it the stream would
+/// otherwise hold a copy of the whole prompt for as long as it lasts (a heap profile of
+/// held streams, BENCHMARKS.md). A retry of this candidate calls `choose_peer`
+/// again, which prepares the body afresh; `content-length` was set from it before.
 pub(super) fn inject_body(body: &mut Option<Bytes>, end_of_stream: bool, ctx: &mut Ctx) {
     let Some(a) = ctx.attempt.as_mut() else {
         return;
     };
-    if end_of_stream && body.as_ref().is_none_or(Bytes::is_empty) {
-        *body = Some(a.upstream.body.clone());
+    if end_of_stream && body.as_ref().is_none_or(Bytes::is_empty) && !a.body_sent {
+        *body = Some(std::mem::take(&mut a.upstream.body));
         a.body_sent = true;
     }
 }
