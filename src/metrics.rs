@@ -72,6 +72,13 @@ impl AuditMetrics {
     }
 }
 
+/// A request's timings, exact (the audit row has them in whole milliseconds).
+pub struct Timing {
+    pub latency: std::time::Duration,
+    /// Until the first content byte, when one was sent.
+    pub ttft: Option<std::time::Duration>,
+}
+
 pub struct Metrics {
     registry: Registry,
     requests: IntCounterVec,
@@ -268,8 +275,8 @@ impl Metrics {
         })
     }
 
-    /// Accounts for one finished request, from its audit row.
-    pub fn observe(&self, row: &AuditRow) {
+    /// Accounts for one finished request, from its audit row and its timings.
+    pub fn observe(&self, row: &AuditRow, timing: &Timing) {
         let status = row.status.to_string();
         self.requests
             .with_label_values(&[
@@ -282,19 +289,20 @@ impl Metrics {
             .inc();
         self.latency
             .with_label_values(&[&row.tenant, &row.endpoint])
-            .observe(f64::from(row.latency_ms) / 1000.0);
-        if row.ttft_ms > 0 {
+            .observe(timing.latency.as_secs_f64());
+        if let Some(ttft) = timing.ttft {
             self.ttft
                 .with_label_values(&[&row.tenant, &row.model])
-                .observe(f64::from(row.ttft_ms) / 1000.0);
-        }
-        // Streams only: the span from the first to the last byte shared by the tokens
-        // after the first (per-request mean; per-chunk timing would cost the hot path).
-        if row.stream == 1 && row.ttft_ms > 0 && row.tokens_out > 1 && !row.model.is_empty() {
-            let span = f64::from(row.latency_ms.saturating_sub(row.ttft_ms));
-            self.inter_token
-                .with_label_values(&[&row.tenant, &row.model])
-                .observe(span / 1000.0 / f64::from(row.tokens_out - 1));
+                .observe(ttft.as_secs_f64());
+            // Streams only: the span from the first to the last byte shared by the
+            // tokens after the first (per-request mean; per-chunk timing would cost the
+            // hot path).
+            if row.stream == 1 && row.tokens_out > 1 && !row.model.is_empty() {
+                let span = timing.latency.saturating_sub(ttft).as_secs_f64();
+                self.inter_token
+                    .with_label_values(&[&row.tenant, &row.model])
+                    .observe(span / f64::from(row.tokens_out - 1));
+            }
         }
         // A cache hit's row carries the original usage, but nothing was billed.
         if !row.model.is_empty() && row.cache_hit == 0 {

@@ -202,8 +202,26 @@ impl Gateway {
         // Settled before the row is written: a crash between the two leaves the shared
         // spend above what the audit bills, never below it (budgets stay conservative).
         self.settle(ctx, &row).await;
+        // Counted before the row is written too: whoever sees the row sees the counters.
+        self.count(ctx, &row);
         self.audit.write(&row).await;
         ctx.sealed = Some(row);
+    }
+
+    /// The request's metrics, from its row and its exact timings (the row's are in
+    /// whole milliseconds: a fast first byte there is 0).
+    fn count(&self, ctx: &Ctx, row: &AuditRow) {
+        let started = ctx.started.unwrap_or_else(Instant::now);
+        let timing = crate::metrics::Timing {
+            latency: started.elapsed(),
+            ttft: ctx.first_byte.map(|t| t.duration_since(started)),
+        };
+        self.metrics.observe(row, &timing);
+        if let Some(plan) = &ctx.plan {
+            let hit = plan.outcome().cache_hit;
+            let result = crate::cache::header_value(plan.cache.as_ref(), hit);
+            self.metrics.cache_result(&row.tenant, result);
+        }
     }
 
     /// Releases the request's hold on its tenant's counters for what it really used.
@@ -221,7 +239,7 @@ impl Gateway {
     }
 
     /// The request is over: unless [`Self::seal`] did it already (the response did
-    /// not complete), bill it and write its audit row; then log and count it.
+    /// not complete), bill, count and write its audit row; then log it.
     pub(super) async fn finish_parent(&self, _session: &mut Session, ctx: &mut Ctx) {
         if ctx.started.is_none() {
             return;
@@ -231,15 +249,11 @@ impl Gateway {
             None => {
                 let row = self.audit_row(ctx);
                 self.settle(ctx, &row).await;
+                self.count(ctx, &row);
                 self.audit.emit(&row);
                 row
             }
         };
-        if let Some(plan) = &ctx.plan {
-            let hit = plan.outcome().cache_hit;
-            let result = crate::cache::header_value(plan.cache.as_ref(), hit);
-            self.metrics.cache_result(&row.tenant, result);
-        }
         // One line per request, at warn only when on-call should look at it.
         let level = if row.status >= 500 {
             log::Level::Warn
@@ -262,7 +276,6 @@ impl Gateway {
                 latency_ms: row.latency_ms,
             },
         );
-        self.metrics.observe(&row);
     }
 
     /// The request's audit row from what is known now.
