@@ -177,6 +177,7 @@ impl Gateway {
                             break Some(AttemptEnd::Failed(e));
                         }
                         delivered = true;
+                        plan.release_request();
                         tasks = std::mem::take(&mut held);
                     }
                     self.note_tasks(&tasks, ctx);

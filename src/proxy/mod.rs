@@ -125,7 +125,13 @@ impl Endpoint {
 pub struct Plan {
     pub request_id: String,
     pub tenant: Arc<Tenant>,
+    /// The client's request without its body: what every phase reads (`stream`,
+    /// `format`, ...).
     pub req: ClientRequest,
+    /// The whole request, body included, for building each attempt's upstream request;
+    /// released once the answer has started to reach the client (no attempt can follow
+    /// then), so a long stream does not hold its prompt for its whole life.
+    full: Mutex<Option<Arc<ClientRequest>>>,
     pub chain: Chain,
     pub started: Instant,
     /// Size of the client's body, for estimating input tokens when none are reported.
@@ -157,6 +163,32 @@ pub struct Outcome {
 }
 
 impl Plan {
+    /// `req` without its body (for [`Plan::req`]) and whole (for `Plan::full`).
+    fn split(mut req: ClientRequest) -> (ClientRequest, Mutex<Option<Arc<ClientRequest>>>) {
+        let body = std::mem::take(&mut req.body);
+        let meta = req.clone();
+        req.body = body;
+        (meta, Mutex::new(Some(Arc::new(req))))
+    }
+
+    /// The whole request, until [`Plan::release_request`].
+    fn full_request(&self) -> Option<Arc<ClientRequest>> {
+        match self.full.lock() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// Drops the request's body: the answer is reaching the client, nothing will be
+    /// sent upstream again.
+    fn release_request(&self) {
+        let taken = match self.full.lock() {
+            Ok(mut g) => g.take(),
+            Err(p) => p.into_inner().take(),
+        };
+        drop(taken);
+    }
+
     pub fn outcome(&self) -> std::sync::MutexGuard<'_, Outcome> {
         match self.outcome.lock() {
             Ok(g) => g,

@@ -163,10 +163,12 @@ impl Gateway {
         let rate_headers = ticket.headers.clone();
         ctx.ticket = Some(ticket);
         let cache = self.cache_lookup(&cfg, &tenant, endpoint, &chain, &req, session);
+        let (req, full) = Plan::split(req);
         let plan = Arc::new(Plan {
             request_id: ctx.request_id.clone(),
             tenant,
             req,
+            full,
             chain,
             started: ctx.started.unwrap_or_else(Instant::now),
             prompt_bytes,

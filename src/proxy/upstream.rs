@@ -58,7 +58,13 @@ impl Gateway {
             .cloned()
             .ok_or_else(|| Error::explain(ErrorType::InternalError, "no such candidate"))?;
         ctx.error = None;
-        let upstream = match providers::prepare(&plan.req, &model) {
+        let req = plan.full_request().ok_or_else(|| {
+            Error::explain(
+                ErrorType::InternalError,
+                "the request was released: its answer already reached the client",
+            )
+        })?;
+        let upstream = match providers::prepare(&req, &model) {
             Ok(u) => u,
             Err(ge) => {
                 let mut e = Error::explain(ErrorType::InternalError, ge.message.clone());
@@ -67,7 +73,7 @@ impl Gateway {
                 return Err(e);
             }
         };
-        let translator = Some(ResponseTranslator::new(&plan.req, &upstream, &model));
+        let translator = Some(ResponseTranslator::new(&req, &upstream, &model));
         ctx.attempt = Some(Attempt {
             model: model.clone(),
             upstream,
