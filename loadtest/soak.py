@@ -90,7 +90,7 @@ def worker(port, stop, stats, lock, seed):
             conn.request("POST", "/v1/chat/completions", body=json.dumps(body),
                          headers={"content-type": "application/json", "authorization": f"Bearer {key}"})
             r = conn.getresponse()
-            r.read()
+            text = r.read()
             status = r.status
         except (OSError, http.client.HTTPException):
             conn.close()
@@ -102,6 +102,10 @@ def worker(port, stop, stats, lock, seed):
                 stats["answered"] += 1
             if status not in ok:
                 stats["unexpected"][str(status)] = stats["unexpected"].get(str(status), 0) + 1
+                if len(stats["samples"]) < 10:  # what was asked and what came back, for the report
+                    answer = text[:400].decode(errors="replace") if status != "conn-error" else ""
+                    stats["samples"].append({"status": status, "key": key[:12], "model": body.get("model"),
+                                             "stream": body.get("stream", False), "body": answer})
 
 
 def sample(pid):
@@ -143,7 +147,7 @@ def main():
 def run(a, audit_extra, ch):
     with Stack(a.bin, [], config, audit_extra=audit_extra) as s:
         stop, lock = threading.Event(), threading.Lock()
-        stats = {"requests": 0, "answered": 0, "unexpected": {}}
+        stats = {"requests": 0, "answered": 0, "unexpected": {}, "samples": []}
         threads = [threading.Thread(target=worker, args=(s.port, stop, stats, lock, i), daemon=True)
                    for i in range(a.workers)]
         for t in threads:
@@ -181,7 +185,7 @@ def run(a, audit_extra, ch):
     result = {
         "duration_s": a.duration, "workers": a.workers, "requests": stats["requests"],
         "rps": round(stats["requests"] / a.duration, 1), "answered": stats["answered"],
-        "unexpected_statuses": stats["unexpected"],
+        "unexpected_statuses": stats["unexpected"], "unexpected_samples": stats["samples"],
         "rss_mib_warm": base_rss, "rss_mib_peak_after": peak_rss,
         "fds_warm": base_fds, "fds_peak_after": peak_fds, "gateway_alive": alive,
         "flat": peak_rss <= base_rss + a.rss_slack_mib and peak_fds <= base_fds + a.fd_slack,

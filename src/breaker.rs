@@ -10,8 +10,15 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// Consecutive failures that open a closed circuit.
+/// Consecutive failures that open a closed circuit, provided that at least half of the
+/// last `RECENT_CALLS` calls in the window failed too. Without that condition a busy
+/// provider with a modest error rate (a few % of streams cut) trips on chance alone:
+/// five failures in a row among thousands of calls a minute are routine, and an open
+/// circuit turns a few % of errors into 100 % for every tenant without a fallback
+/// (the soak found exactly that). A real outage fails every call, so it still trips
+/// within `RECENT_CALLS / 2` failures at the most, and within five on a quiet provider.
 const CONSECUTIVE_FAILURES: u32 = 5;
+const RECENT_CALLS: u32 = 20;
 /// Error rate (percent) over the window that opens it, once enough calls were seen.
 const ERROR_RATE_PCT: u32 = 50;
 const MIN_CALLS: u32 = 20;
@@ -38,6 +45,8 @@ struct State {
     window_start: Instant,
     calls: u32,
     failures: u32,
+    /// Outcomes of the window's latest calls, newest in bit 0, a set bit a failure.
+    recent: u32,
 }
 
 #[derive(Debug)]
@@ -65,6 +74,7 @@ impl Default for Breaker {
                 window_start: Instant::now(),
                 calls: 0,
                 failures: 0,
+                recent: 0,
             }),
         }
     }
@@ -107,8 +117,10 @@ impl Breaker {
             s.window_start = now;
             s.calls = 0;
             s.failures = 0;
+            s.recent = 0;
         }
         s.calls += 1;
+        s.recent = (s.recent << 1) | u32::from(!success);
         if success {
             s.consecutive = 0;
             if s.mode == Mode::HalfOpen {
@@ -116,6 +128,7 @@ impl Breaker {
                 s.open_for = BASE_OPEN;
                 s.calls = 0;
                 s.failures = 0;
+                s.recent = 0;
             }
             return;
         }
@@ -127,7 +140,9 @@ impl Breaker {
                 true
             }
             Mode::Closed => {
-                s.consecutive >= CONSECUTIVE_FAILURES
+                let seen = s.calls.min(RECENT_CALLS);
+                let recent_failures = (s.recent & ((1u32 << seen) - 1)).count_ones();
+                (s.consecutive >= CONSECUTIVE_FAILURES && recent_failures * 2 >= seen)
                     || (s.calls >= MIN_CALLS && s.failures * 100 >= s.calls * ERROR_RATE_PCT)
             }
             Mode::Open { .. } => false,
@@ -276,6 +291,26 @@ mod tests {
         b.record_at(true, much_later);
         assert!(b.try_acquire_at(much_later).is_ok());
         assert_eq!(b.view().state, "closed");
+    }
+
+    #[test]
+    fn a_chance_run_of_failures_on_a_busy_provider_does_not_open_it() {
+        let b = Breaker::default();
+        let t0 = Instant::now();
+        for _ in 0..100 {
+            b.record_at(true, t0);
+        }
+        // Five in a row among mostly successes: noise, not an outage.
+        for _ in 0..CONSECUTIVE_FAILURES {
+            b.record_at(false, t0);
+        }
+        assert!(b.try_acquire_at(t0).is_ok());
+        assert_eq!(b.view().state, "closed");
+        // A real outage keeps failing: open within half the recent calls.
+        for _ in CONSECUTIVE_FAILURES..RECENT_CALLS / 2 {
+            b.record_at(false, t0);
+        }
+        assert!(b.try_acquire_at(t0).is_err());
     }
 
     #[test]
