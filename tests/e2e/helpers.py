@@ -272,7 +272,8 @@ def cost_nanousd(price: dict, tokens_in: int, tokens_out: int, cached_in: int = 
 def keep_circuit_closed(gw, model: str, n: int = 2) -> None:
     """Sends `n` successful one-token requests to `model`, so the failures a test is about to
     inject cannot add up, with earlier tests' failures, to the gateway's circuit-breaker
-    thresholds (5 consecutive failures, or >= 50% of >= 20 calls in 10 s, per provider).
+    thresholds (5 consecutive failures among mostly failing recent calls, or >= 50% of >= 20
+    calls in 10 s, per provider).
     Call it before a test that makes a provider fail, then reset the mock's request log."""
     for _ in range(n):
         r = post_chat(gw, chat_body("warm-up [[mock: tokens=1]]", model=model))
