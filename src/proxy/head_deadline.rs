@@ -17,6 +17,8 @@ use pingora_core::protocols::http::ServerSession;
 use pingora_core::protocols::Stream;
 use pingora_core::server::ShutdownWatch;
 use std::cell::Cell;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -51,20 +53,27 @@ impl<A> HttpServerApp for HeadDeadline<A>
 where
     A: HttpServerApp + Send + Sync + 'static,
 {
-    async fn process_new_http(
-        self: &Arc<Self>,
+    // Written out rather than `async fn`: an async body would keep its own copy of the
+    // session argument (680 bytes) beside the one the inner future holds, for the
+    // connection's whole life; this way the session moves straight into the proxy's
+    // (boxed) future and this one holds a pointer, the flag and the timer.
+    fn process_new_http<'a, 'b, 'async_trait>(
+        self: &'a Arc<Self>,
         session: ServerSession,
-        shutdown: &ShutdownWatch,
-    ) -> Option<ReusedHttpStream> {
-        let app = self.0.clone();
-        HEAD_READ
-            .scope(Cell::new(false), async move {
-                tokio::select! {
-                    reused = app.process_new_http(session, shutdown) => reused,
-                    _ = expired() => None,
-                }
-            })
-            .await
+        shutdown: &'b ShutdownWatch,
+    ) -> Pin<Box<dyn Future<Output = Option<ReusedHttpStream>> + Send + 'async_trait>>
+    where
+        'a: 'async_trait,
+        'b: 'async_trait,
+        Self: 'async_trait,
+    {
+        let inner = self.0.process_new_http(session, shutdown);
+        Box::pin(HEAD_READ.scope(Cell::new(false), async move {
+            tokio::select! {
+                reused = inner => reused,
+                _ = expired() => None,
+            }
+        }))
     }
 
     fn h2_options(&self) -> Option<pingora_core::protocols::http::v2::server::H2Options> {

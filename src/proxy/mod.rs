@@ -219,7 +219,7 @@ pub struct Ctx {
     error: Option<GatewayError>,
     first_byte: Option<Instant>,
     /// The audit row, once written ahead of the response's last bytes.
-    sealed: Option<AuditRow>,
+    sealed: Option<Box<AuditRow>>,
     // --- subrequest ---
     /// Index in the chain of the model this subrequest tries.
     idx: usize,

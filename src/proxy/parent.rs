@@ -207,7 +207,8 @@ impl Gateway {
         // Counted before the row is written too: whoever sees the row sees the counters.
         self.count(ctx, &row);
         self.audit.write(&row).await;
-        ctx.sealed = Some(row);
+        // Boxed: the context lives in both proxy state machines of every stream.
+        ctx.sealed = Some(Box::new(row));
     }
 
     /// The request's metrics, from its row and its exact timings (the row's are in
@@ -247,7 +248,7 @@ impl Gateway {
             return;
         }
         let row = match ctx.sealed.take() {
-            Some(row) => row,
+            Some(row) => *row,
             None => {
                 let row = self.audit_row(ctx);
                 self.settle(ctx, &row).await;
