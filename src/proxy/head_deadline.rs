@@ -35,14 +35,7 @@ pub(super) fn head_read() {
 
 fn header_timeout() -> Duration {
     static TIMEOUT: OnceLock<Duration> = OnceLock::new();
-    *TIMEOUT.get_or_init(|| {
-        let ms = std::env::var("LLM_GATEWAY_CLIENT_HEADER_TIMEOUT_MS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .filter(|&ms: &u64| ms > 0)
-            .unwrap_or(60_000);
-        Duration::from_millis(ms)
-    })
+    *TIMEOUT.get_or_init(|| super::env_ms("LLM_GATEWAY_CLIENT_HEADER_TIMEOUT_MS", 60_000))
 }
 
 /// The proxy app, with a deadline on every request head.

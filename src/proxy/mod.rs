@@ -34,7 +34,7 @@ use pingora_core::upstreams::peer::HttpPeer;
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// The proxy service; cheap to clone, so the admin listener shares the same state.
 #[derive(Clone)]
@@ -119,6 +119,17 @@ impl Endpoint {
             _ => ApiFormat::OpenAi,
         }
     }
+}
+
+/// A duration in milliseconds from the environment variable `name`, or `default`
+/// when it is unset, unparsable or zero.
+fn env_ms(name: &str, default: u64) -> Duration {
+    let ms = std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&ms: &u64| ms > 0)
+        .unwrap_or(default);
+    Duration::from_millis(ms)
 }
 
 /// Everything decided in the parent that every attempt of the subrequest needs.

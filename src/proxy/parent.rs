@@ -1,6 +1,6 @@
 //! The parent side: everything decided before the first upstream byte, then the pipe.
 
-use super::{respond, Ctx, Endpoint, Gateway, Outcome, Plan};
+use super::{env_ms, respond, Ctx, Endpoint, Gateway, Outcome, Plan};
 use crate::audit::AuditRow;
 use crate::config::Tenant;
 use crate::error::{ErrorKind, GatewayError};
@@ -27,15 +27,6 @@ fn client_write_timeout() -> Duration {
 fn client_body_timeout() -> Duration {
     static TIMEOUT: OnceLock<Duration> = OnceLock::new();
     *TIMEOUT.get_or_init(|| env_ms("LLM_GATEWAY_CLIENT_BODY_TIMEOUT_MS", 60_000))
-}
-
-fn env_ms(name: &str, default: u64) -> Duration {
-    let ms = std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .filter(|&ms: &u64| ms > 0)
-        .unwrap_or(default);
-    Duration::from_millis(ms)
 }
 
 /// Above the limit the body is still read (and dropped) up to this much, so that the
