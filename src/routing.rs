@@ -3,7 +3,7 @@
 //! The chain is decided once, before anything goes upstream, so every later step
 //! (reservation, attempts, audit) works from the same list.
 
-use crate::config::{Config, Model, Tenant};
+use crate::config::{ApiKey, Config, Model, Tenant};
 use crate::error::{ErrorKind, GatewayError};
 use std::sync::Arc;
 
@@ -27,11 +27,22 @@ impl Chain {
 pub fn plan(
     cfg: &Config,
     tenant: &Tenant,
+    key: &ApiKey,
     requested: Option<&str>,
     override_header: Option<&str>,
 ) -> Result<Chain, GatewayError> {
-    let allowed = |m: &Model| tenant.models.iter().any(|a| a.name == m.name);
+    // A key narrows its tenant's models; it never widens them (validated at load).
+    let allowed = |m: &Model| key.allows(&m.name) && tenant.models.iter().any(|a| a.name == m.name);
     let first = match (&tenant.pin_model, requested) {
+        (Some(pin), _) if !key.allows(&pin.name) => {
+            return Err(GatewayError::new(
+                ErrorKind::ModelNotAllowed,
+                format!(
+                    "The tenant's pinned model '{}' is not enabled for this API key",
+                    pin.name
+                ),
+            ))
+        }
         (Some(pin), _) => pin.clone(),
         (None, Some(name)) => {
             let model = cfg.model(name).ok_or_else(|| {
@@ -48,7 +59,12 @@ pub fn plan(
             }
             model.clone()
         }
-        (None, None) => tenant.models[0].clone(),
+        (None, None) => tenant
+            .models
+            .iter()
+            .find(|m| key.allows(&m.name))
+            .unwrap_or(&tenant.models[0])
+            .clone(),
     };
 
     let fallback: Vec<Arc<Model>> = match override_header {
@@ -156,11 +172,11 @@ tenants:
     fn client_choice_then_fallback_deduplicated_and_allowed_only() {
         let cfg = cfg();
         let t = cfg.tenant("open").unwrap();
-        let c = plan(&cfg, t, Some("b"), None).unwrap();
+        let c = plan(&cfg, t, &t.api_keys[0], Some("b"), None).unwrap();
         // z is not allowed for the tenant; b appears once.
         assert_eq!(names(&c), ["b", "c", "a"]);
         assert_eq!(c.requested, "b");
-        let d = plan(&cfg, t, None, None).unwrap();
+        let d = plan(&cfg, t, &t.api_keys[0], None, None).unwrap();
         assert_eq!(names(&d), ["a", "c", "b"]);
     }
 
@@ -168,7 +184,7 @@ tenants:
     fn pin_ignores_the_client_model() {
         let cfg = cfg();
         let t = cfg.tenant("pinned").unwrap();
-        let c = plan(&cfg, t, Some("c"), None).unwrap();
+        let c = plan(&cfg, t, &t.api_keys[0], Some("c"), None).unwrap();
         assert_eq!(names(&c), ["b", "a"]);
         assert_eq!(c.requested, "c");
     }
@@ -177,9 +193,9 @@ tenants:
     fn unknown_and_disallowed_models() {
         let cfg = cfg();
         let t = cfg.tenant("open").unwrap();
-        let e = plan(&cfg, t, Some("nope"), None).unwrap_err();
+        let e = plan(&cfg, t, &t.api_keys[0], Some("nope"), None).unwrap_err();
         assert_eq!(e.kind, ErrorKind::ModelNotFound);
-        let e = plan(&cfg, t, Some("z"), None).unwrap_err();
+        let e = plan(&cfg, t, &t.api_keys[0], Some("z"), None).unwrap_err();
         assert_eq!(e.kind, ErrorKind::ModelNotAllowed);
     }
 
@@ -187,11 +203,11 @@ tenants:
     fn region_pin_filters_every_candidate() {
         let cfg = cfg();
         let t = cfg.tenant("euonly").unwrap();
-        let c = plan(&cfg, t, Some("a"), None).unwrap();
+        let c = plan(&cfg, t, &t.api_keys[0], Some("a"), None).unwrap();
         // a and b are on a us provider: never tried, not even as fallbacks.
         assert_eq!(names(&c), ["c"]);
         let t = cfg.tenant("usonly").unwrap();
-        let e = plan(&cfg, t, None, None).unwrap_err();
+        let e = plan(&cfg, t, &t.api_keys[0], None, None).unwrap_err();
         assert_eq!(e.kind, ErrorKind::RegionNotAllowed);
         assert_eq!(e.status(), 403);
     }
@@ -200,12 +216,12 @@ tenants:
     fn override_header_replaces_fallback() {
         let cfg = cfg();
         let t = cfg.tenant("open").unwrap();
-        let c = plan(&cfg, t, Some("a"), Some("b, a")).unwrap();
+        let c = plan(&cfg, t, &t.api_keys[0], Some("a"), Some("b, a")).unwrap();
         assert_eq!(names(&c), ["a", "b"]);
-        let e = plan(&cfg, t, Some("a"), Some("b,nope")).unwrap_err();
+        let e = plan(&cfg, t, &t.api_keys[0], Some("a"), Some("b,nope")).unwrap_err();
         assert_eq!((e.kind, e.status()), (ErrorKind::ModelNotFound, 400));
         let t = cfg.tenant("pinned").unwrap();
-        let e = plan(&cfg, t, None, Some("a")).unwrap_err();
+        let e = plan(&cfg, t, &t.api_keys[0], None, Some("a")).unwrap_err();
         assert_eq!(e.status(), 403);
     }
 }

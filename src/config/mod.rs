@@ -45,6 +45,11 @@ pub struct Config {
     pub counters: Counters,
     pub cache: CacheConf,
     pub audit: AuditConf,
+    /// The tenant and key store, when tenants may also come from a database.
+    pub store: Option<StoreConf>,
+    /// How many of `tenants` (the first ones) come from this file; the rest are the
+    /// store's, merged in by [`Config::with_store_tenants`].
+    pub file_tenants: usize,
     /// Things that work but are probably not what the operator meant; printed by
     /// `check-config` and logged at start-up.
     pub warnings: Vec<String>,
@@ -57,6 +62,33 @@ struct Index {
     providers: HashMap<String, usize>,
     models: HashMap<String, usize>,
     tenants: HashMap<String, usize>,
+    /// sha256 of a key -> (tenant, key within it, is it the key's rotated-out secret).
+    keys: HashMap<[u8; 32], KeySlot>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct KeySlot {
+    tenant: u32,
+    key: u32,
+    previous: bool,
+}
+
+/// Why a presented key does not authenticate; each is a 401 `invalid_api_key`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthFailure {
+    Unknown,
+    Expired,
+    Disabled,
+}
+
+impl AuthFailure {
+    pub fn message(self) -> &'static str {
+        match self {
+            AuthFailure::Unknown => "invalid API key",
+            AuthFailure::Expired => "invalid API key: the key has expired",
+            AuthFailure::Disabled => "invalid API key: the key is disabled or revoked",
+        }
+    }
 }
 
 impl Config {
@@ -80,8 +112,11 @@ impl Config {
                     providers: index_of(&p.providers, |x| &x.name),
                     models: index_of(&p.models, |x| &x.name),
                     tenants: index_of(&p.tenants, |x| &x.id),
+                    keys: key_index(&p.tenants),
                 };
                 Ok(Config {
+                    file_tenants: p.tenants.len(),
+                    store: p.store,
                     node: p.node,
                     listen: p.listen,
                     admin: p.admin,
@@ -121,19 +156,117 @@ impl Config {
             .and_then(|&i| self.tenants.get(i))
     }
 
-    /// Compares against every stored hash without stopping at a match, so the time
-    /// taken says nothing about which tenant (if any) a key belongs to.
-    pub fn authenticate(&self, presented_key: &str) -> Option<(&Arc<Tenant>, &str)> {
+    /// Looks the key up by its sha256. The map is keyed by the digest, not the key,
+    /// so lookup timing can at most reveal something about a hash of a secret the
+    /// caller already holds; the final comparison is constant-time anyway. A disabled
+    /// tenant, a disabled, expired or revoked key, and a rotated-out secret past its
+    /// grace period do not authenticate.
+    pub fn authenticate(
+        &self,
+        presented_key: &str,
+        now_ms: u64,
+    ) -> Result<(&Arc<Tenant>, &Arc<ApiKey>), AuthFailure> {
         let digest: [u8; 32] = Sha256::digest(presented_key.as_bytes()).into();
-        let mut found = None;
-        for tenant in &self.tenants {
-            for key in &tenant.api_keys {
-                if bool::from(key.sha256.ct_eq(&digest)) && found.is_none() {
-                    found = Some((tenant, key.id.as_str()));
-                }
+        let slot = self.index.keys.get(&digest).ok_or(AuthFailure::Unknown)?;
+        let tenant = self
+            .tenants
+            .get(slot.tenant as usize)
+            .ok_or(AuthFailure::Unknown)?;
+        let key = tenant
+            .api_keys
+            .get(slot.key as usize)
+            .ok_or(AuthFailure::Unknown)?;
+        let stored = if slot.previous {
+            match &key.previous {
+                Some((hash, until_ms)) if now_ms < *until_ms => hash,
+                _ => return Err(AuthFailure::Unknown),
             }
+        } else {
+            &key.sha256
+        };
+        if !bool::from(stored.ct_eq(&digest)) {
+            return Err(AuthFailure::Unknown);
         }
-        found
+        if tenant.disabled || key.disabled {
+            return Err(AuthFailure::Disabled);
+        }
+        if key.expires_at_ms.is_some_and(|t| now_ms >= t) {
+            return Err(AuthFailure::Expired);
+        }
+        Ok((tenant, key))
+    }
+
+    /// This file's tenants plus the store's, as one config: what a store change (or a
+    /// reload, with the store's last state) swaps in. A store tenant whose id the file
+    /// also has, or one of whose key hashes the file already uses, is left out (the
+    /// store API never lets either happen; this guards against a hand-edited
+    /// database).
+    pub fn with_store_tenants(&self, store: &[Arc<Tenant>]) -> (Config, Vec<String>) {
+        let mut out = self.clone();
+        let mut skipped = Vec::new();
+        out.tenants.truncate(self.file_tenants);
+        out.tenants.reserve(store.len());
+        let mut ids: HashMap<String, usize> = index_of(&out.tenants, |x| &x.id);
+        let mut keys = key_index(&out.tenants);
+        for t in store {
+            if ids.contains_key(&t.id) {
+                skipped.push(format!(
+                    "store tenant `{}`: the config file has this id",
+                    t.id
+                ));
+                continue;
+            }
+            let hashes = t
+                .api_keys
+                .iter()
+                .flat_map(|k| std::iter::once(&k.sha256).chain(k.previous.as_ref().map(|p| &p.0)));
+            if let Some(clash) = hashes.clone().find(|h| keys.contains_key(*h)) {
+                let _ = clash;
+                skipped.push(format!(
+                    "store tenant `{}`: a key hash is already used by another tenant",
+                    t.id
+                ));
+                continue;
+            }
+            let at = out.tenants.len();
+            ids.insert(t.id.clone(), at);
+            add_keys(&mut keys, at, t);
+            out.tenants.push(t.clone());
+        }
+        out.index.tenants = ids;
+        out.index.keys = keys;
+        (out, skipped)
+    }
+
+    /// The tenants from this file (read-only through the admin API).
+    pub fn file_tenant(&self, id: &str) -> Option<&Arc<Tenant>> {
+        self.index
+            .tenants
+            .get(id)
+            .filter(|&&i| i < self.file_tenants)
+            .and_then(|&i| self.tenants.get(i))
+    }
+}
+
+fn key_index(tenants: &[Arc<Tenant>]) -> HashMap<[u8; 32], KeySlot> {
+    let mut keys = HashMap::with_capacity(tenants.iter().map(|t| t.api_keys.len()).sum());
+    for (i, t) in tenants.iter().enumerate() {
+        add_keys(&mut keys, i, t);
+    }
+    keys
+}
+
+fn add_keys(keys: &mut HashMap<[u8; 32], KeySlot>, tenant: usize, t: &Tenant) {
+    for (k, key) in t.api_keys.iter().enumerate() {
+        let slot = |previous| KeySlot {
+            tenant: tenant as u32,
+            key: k as u32,
+            previous,
+        };
+        keys.insert(key.sha256, slot(false));
+        if let Some((hash, _)) = &key.previous {
+            keys.entry(*hash).or_insert(slot(true));
+        }
     }
 }
 
@@ -291,10 +424,29 @@ pub struct Price {
     pub cached_input_nanousd_per_mtok: u64,
 }
 
+/// Where a tenant is defined.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TenantSource {
+    File,
+    Store,
+}
+
+impl TenantSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TenantSource::File => "file",
+            TenantSource::Store => "store",
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Tenant {
     pub id: String,
-    pub api_keys: Vec<ApiKey>,
+    pub source: TenantSource,
+    /// A store tenant that was deleted: its keys answer 401, its usage stays readable.
+    pub disabled: bool,
+    pub api_keys: Vec<Arc<ApiKey>>,
     /// Allowed models; the first is used when the client names none.
     pub models: Vec<Arc<Model>>,
     pub pin_model: Option<Arc<Model>>,
@@ -311,6 +463,31 @@ pub struct ApiKey {
     /// Names the key in audit rows; the key itself is never stored.
     pub id: String,
     pub sha256: [u8; 32],
+    pub name: Option<String>,
+    /// Narrows the tenant's models to these (names, validated to be the tenant's);
+    /// `None`: all of the tenant's.
+    pub models: Option<Vec<String>>,
+    /// The key's own limits, enforced together with the tenant's.
+    pub rate: Rate,
+    pub budget: Budget,
+    /// Unix ms from which the key answers 401.
+    pub expires_at_ms: Option<u64>,
+    pub disabled: bool,
+    /// A rotated-out secret's hash and the Unix ms until which it is still accepted.
+    pub previous: Option<([u8; 32], u64)>,
+}
+
+impl ApiKey {
+    /// Whether the key narrows the tenant's models, limits or budget at all.
+    pub fn has_limits(&self) -> bool {
+        self.rate != Rate::default() || self.budget != Budget::default()
+    }
+
+    pub fn allows(&self, model: &str) -> bool {
+        self.models
+            .as_ref()
+            .is_none_or(|m| m.iter().any(|n| n == model))
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -355,6 +532,28 @@ pub struct CacheConf {
 pub struct AuditConf {
     pub spool_dir: PathBuf,
     pub clickhouse: Option<ClickHouseConf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreConf {
+    pub backend: StoreBackend,
+    /// Postgres: the longest a change made on one node takes to reach the others
+    /// (the version poll's period, behind LISTEN/NOTIFY).
+    pub sync_ms: u64,
+    /// The last state seen, written after every change; a node that starts while the
+    /// database is down serves from it.
+    pub snapshot: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreBackend {
+    Sqlite {
+        path: PathBuf,
+    },
+    /// The URL holds the password: never logged (see `Debug` of the store).
+    Postgres {
+        url: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -23,6 +23,7 @@ const SECTIONS: &[&str] = &[
     "counters",
     "cache",
     "audit",
+    "store",
 ];
 
 /// A section's state after parsing. `Invalid` is kept apart from `Absent` so that a
@@ -56,6 +57,7 @@ pub(super) struct RawConfig {
     pub counters: Sec<RawCounters>,
     pub cache: Sec<RawCache>,
     pub audit: Sec<RawAudit>,
+    pub store: Sec<RawStore>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -162,7 +164,7 @@ pub(super) struct RawPrice {
 /// saying why they are needed, and the rest of the tenant is still checked.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, expecting = "a mapping")]
-pub(super) struct RawTenant {
+pub(crate) struct RawTenant {
     #[serde(default)]
     pub api_keys: Vec<RawApiKey>,
     #[serde(default)]
@@ -180,14 +182,27 @@ pub(super) struct RawTenant {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, expecting = "a mapping")]
-pub(super) struct RawApiKey {
+pub(crate) struct RawApiKey {
     pub id: String,
     pub sha256: String,
+    pub name: Option<String>,
+    /// A subset of the tenant's models; absent: all of them.
+    pub models: Option<Vec<String>>,
+    pub rate: Option<RawRate>,
+    pub budget: Option<RawBudget>,
+    /// RFC 3339; from then on the key answers 401.
+    pub expires_at: Option<String>,
+    #[serde(default)]
+    pub disabled: bool,
+    /// A rotated-out secret's hash, still accepted until `previous_until` (RFC 3339).
+    /// Written by the key store only; a file has no use for it but may carry it.
+    pub previous_sha256: Option<String>,
+    pub previous_until: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, expecting = "a mapping")]
-pub(super) struct RawRate {
+pub(crate) struct RawRate {
     pub rps: Option<u32>,
     pub tpm: Option<u64>,
     pub concurrency: Option<u32>,
@@ -195,14 +210,14 @@ pub(super) struct RawRate {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, expecting = "a mapping")]
-pub(super) struct RawBudget {
+pub(crate) struct RawBudget {
     pub monthly_usd: Option<f64>,
     pub hourly_usd: Option<f64>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, expecting = "a mapping")]
-pub(super) struct RawTenantCache {
+pub(crate) struct RawTenantCache {
     #[serde(default)]
     pub enabled: bool,
     #[serde(default = "default_ttl_s")]
@@ -276,6 +291,36 @@ pub(super) struct RawCache {
 
 fn default_cache_max_bytes() -> u64 {
     256 * 1024 * 1024
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub(super) enum RawStoreBackend {
+    Sqlite,
+    Postgres,
+}
+
+impl TryFrom<String> for RawStoreBackend {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        variant(
+            &s,
+            &[
+                ("sqlite", RawStoreBackend::Sqlite),
+                ("postgres", RawStoreBackend::Postgres),
+            ],
+        )
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a mapping")]
+pub(super) struct RawStore {
+    pub backend: RawStoreBackend,
+    pub path: Option<PathBuf>,
+    pub url_env: Option<String>,
+    pub sync_ms: Option<u64>,
+    pub snapshot: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -363,6 +408,7 @@ pub(super) fn parse(text: &str, report: &mut Report) -> Option<RawConfig> {
         counters: Sec::Absent,
         cache: Sec::Absent,
         audit: Sec::Absent,
+        store: Sec::Absent,
     };
     for (pos, (key, value)) in top.into_iter().enumerate() {
         let Some(name) = key_string(&key) else {
@@ -385,6 +431,7 @@ pub(super) fn parse(text: &str, report: &mut Report) -> Option<RawConfig> {
             "counters" => raw.counters = section(value, &at, report),
             "cache" => raw.cache = section(value, &at, report),
             "audit" => raw.audit = section(value, &at, report),
+            "store" => raw.store = section(value, &at, report),
             _ => {
                 let expected: Vec<String> = SECTIONS.iter().map(|s| format!("`{s}`")).collect();
                 report.error(

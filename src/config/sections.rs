@@ -5,11 +5,16 @@
 
 use super::net::{base_url, socket_addr};
 use super::raw::{
-    RawAdmin, RawAudit, RawBackend, RawCache, RawCounters, RawListen, RawNode, RawOnError, Sec,
+    RawAdmin, RawAudit, RawBackend, RawCache, RawCounters, RawListen, RawNode, RawOnError,
+    RawStore, RawStoreBackend, Sec,
 };
 use super::report::{child, Report};
-use super::{Admin, AuditConf, CacheConf, ClickHouseConf, Counters, Https, Listen, Node, OnError};
+use super::{
+    Admin, AuditConf, CacheConf, ClickHouseConf, Counters, Https, Listen, Node, OnError,
+    StoreBackend, StoreConf,
+};
 use std::env::VarError;
+use std::path::PathBuf;
 
 const DEFAULT_MAX_BODY_BYTES: u64 = 4 * 1024 * 1024;
 const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
@@ -335,4 +340,62 @@ fn is_identifier(s: &str) -> bool {
     let mut chars = s.chars();
     matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+pub(super) fn store(sec: Sec<RawStore>, report: &mut Report) -> Option<Option<StoreConf>> {
+    let raw = match sec {
+        Sec::Valid(r) => r,
+        Sec::Invalid => return None,
+        Sec::Absent => return Some(None),
+    };
+    let sync_ms = raw.sync_ms.unwrap_or(1_000);
+    if sync_ms == 0 {
+        report.error("store.sync_ms", "must be greater than 0");
+        return None;
+    }
+    let backend = match raw.backend {
+        RawStoreBackend::Sqlite => {
+            if raw.url_env.is_some() {
+                report.warn("store.url_env", "ignored: backend is sqlite");
+            }
+            StoreBackend::Sqlite {
+                path: raw
+                    .path
+                    .unwrap_or_else(|| PathBuf::from("./data/tenants.db")),
+            }
+        }
+        RawStoreBackend::Postgres => {
+            if raw.path.is_some() {
+                report.warn("store.path", "ignored: backend is postgres");
+            }
+            let Some(var) = raw.url_env else {
+                report.error(
+                    "store.url_env",
+                    "backend postgres needs url_env: the environment variable holding postgres://user:pass@host:port/db",
+                );
+                return None;
+            };
+            match env_secret(&var) {
+                Ok(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+                    StoreBackend::Postgres { url }
+                }
+                Ok(_) => {
+                    report.error(
+                        "store.url_env",
+                        format!("environment variable {var} does not hold a postgres:// URL"),
+                    );
+                    return None;
+                }
+                Err(e) => {
+                    report.error("store.url_env", e);
+                    return None;
+                }
+            }
+        }
+    };
+    Some(Some(StoreConf {
+        backend,
+        sync_ms,
+        snapshot: raw.snapshot,
+    }))
 }

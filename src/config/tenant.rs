@@ -5,10 +5,10 @@
 //! already explains it.
 
 use super::money::usd_to_nanousd;
-use super::raw::RawTenant;
+use super::raw::{RawApiKey, RawTenant};
 use super::report::{child, item, Report};
 use super::validate::{sub, Named, Ref};
-use super::{ApiKey, Budget, Model, Provider, Rate, Tenant, TenantCache};
+use super::{ApiKey, Budget, Model, Provider, Rate, Tenant, TenantCache, TenantSource};
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -37,6 +37,8 @@ fn resolve_models(
     ok.then_some(out)
 }
 
+/// Where a tenant comes from decides what it must have: a file tenant without keys
+/// is a mistake, a store tenant gets its keys issued after it is created.
 pub(super) fn build_tenant(
     id: &str,
     raw: RawTenant,
@@ -46,8 +48,31 @@ pub(super) fn build_tenant(
     key_owners: &mut HashMap<[u8; 32], String>,
     report: &mut Report,
 ) -> Option<Tenant> {
+    build_tenant_from(
+        id,
+        raw,
+        at,
+        TenantSource::File,
+        models,
+        providers,
+        key_owners,
+        report,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn build_tenant_from(
+    id: &str,
+    raw: RawTenant,
+    at: &str,
+    source: TenantSource,
+    models: &Named<Model>,
+    providers: &Named<Provider>,
+    key_owners: &mut HashMap<[u8; 32], String>,
+    report: &mut Report,
+) -> Option<Tenant> {
     let mut ok = true;
-    let api_keys = tenant_keys(&raw, at, key_owners, report);
+    let api_keys = tenant_keys(&raw, at, source, key_owners, report);
     ok &= api_keys.is_some();
 
     let models_at = child(at, "models");
@@ -143,43 +168,21 @@ pub(super) fn build_tenant(
         }
     }
 
-    let rate = raw.rate.unwrap_or_default();
-    let positive = [
-        ("rps", rate.rps.map(u64::from)),
-        ("tpm", rate.tpm),
-        ("concurrency", rate.concurrency.map(u64::from)),
-    ];
-    for (key, v) in positive {
-        if v == Some(0) {
-            report.error(
-                sub(at, "rate", key),
-                "must be greater than 0 (leave it out for no limit)",
-            );
-            ok = false;
+    let rate = build_rate(raw.rate.as_ref(), at, &mut ok, report);
+    let budget = build_budget(raw.budget.as_ref(), at, &mut ok, report);
+    if let (Some(keys), Some(allowed)) = (&api_keys, &allowed) {
+        for (i, key) in keys.iter().enumerate() {
+            for (j, name) in key.models.iter().flatten().enumerate() {
+                if !allowed.iter().any(|m| &m.name == name) {
+                    report.error(
+                        item(&child(&item(&child(at, "api_keys"), i), "models"), j),
+                        format!("`{name}` is not in this tenant's models"),
+                    );
+                    ok = false;
+                }
+            }
         }
     }
-
-    let budget = raw.budget.unwrap_or_default();
-    let mut nanos = |key: &str, usd: Option<f64>| -> Option<u64> {
-        let usd = usd?;
-        let path = sub(at, "budget", key);
-        match usd_to_nanousd(usd) {
-            Ok(0) => {
-                report.warn(path, "a budget of 0 refuses every request with 402");
-                Some(0)
-            }
-            Ok(n) => Some(n),
-            Err(e) => {
-                report.error(path, e);
-                ok = false;
-                None
-            }
-        }
-    };
-    let budget = Budget {
-        monthly_nanousd: nanos("monthly_usd", budget.monthly_usd),
-        hourly_nanousd: nanos("hourly_usd", budget.hourly_usd),
-    };
 
     let cache = raw.cache.unwrap_or_default();
     if cache.ttl_s == 0 {
@@ -192,17 +195,15 @@ pub(super) fn build_tenant(
     }
     Some(Tenant {
         id: id.to_string(),
+        source,
+        disabled: false,
         api_keys: api_keys?,
         models: allowed?,
         pin_model: pin,
         fallback: fallback?,
         allow_fallback_override: raw.allow_fallback_override,
         region,
-        rate: Rate {
-            rps: rate.rps,
-            tpm: rate.tpm,
-            concurrency: rate.concurrency,
-        },
+        rate,
         budget,
         cache: TenantCache {
             enabled: cache.enabled,
@@ -216,11 +217,12 @@ pub(super) fn build_tenant(
 fn tenant_keys(
     raw: &RawTenant,
     at: &str,
+    source: TenantSource,
     key_owners: &mut HashMap<[u8; 32], String>,
     report: &mut Report,
-) -> Option<Vec<ApiKey>> {
+) -> Option<Vec<Arc<ApiKey>>> {
     let keys_at = child(at, "api_keys");
-    if raw.api_keys.is_empty() {
+    if raw.api_keys.is_empty() && source == TenantSource::File {
         report.error(
             &keys_at,
             "a tenant needs at least one API key (`llm-gateway hash-key KEY` prints its sha256)",
@@ -228,7 +230,7 @@ fn tenant_keys(
         return None;
     }
     let mut ok = true;
-    let mut out: Vec<ApiKey> = Vec::with_capacity(raw.api_keys.len());
+    let mut out: Vec<Arc<ApiKey>> = Vec::with_capacity(raw.api_keys.len());
     for (i, key) in raw.api_keys.iter().enumerate() {
         let key_at = item(&keys_at, i);
         let id = key.id.trim();
@@ -246,16 +248,10 @@ fn tenant_keys(
             ok = false;
         }
         let hash_at = child(&key_at, "sha256");
-        let text = key.sha256.trim();
-        let mut sha256 = [0u8; 32];
-        if text.len() != 64 || hex::decode_to_slice(text, &mut sha256).is_err() {
-            report.error(
-                &hash_at,
-                "must be exactly 64 hex characters (the output of `llm-gateway hash-key KEY`)",
-            );
+        let Some(sha256) = parse_hash(&key.sha256, &hash_at, report) else {
             ok = false;
             continue;
-        }
+        };
         if let Some(owner) = key_owners.get(&sha256) {
             report.error(
                 &hash_at,
@@ -265,10 +261,150 @@ fn tenant_keys(
         } else {
             key_owners.insert(sha256, hash_at);
         }
-        out.push(ApiKey {
-            id: id.to_string(),
-            sha256,
-        });
+        match key_policy(key, &key_at, report) {
+            Some(policy) => out.push(Arc::new(ApiKey {
+                id: id.to_string(),
+                sha256,
+                ..policy
+            })),
+            None => ok = false,
+        }
     }
     ok.then_some(out)
+}
+
+fn parse_hash(text: &str, at: &str, report: &mut Report) -> Option<[u8; 32]> {
+    let text = text.trim();
+    let mut sha256 = [0u8; 32];
+    if text.len() != 64 || hex::decode_to_slice(text, &mut sha256).is_err() {
+        report.error(
+            at,
+            "must be exactly 64 hex characters (the output of `llm-gateway hash-key KEY`)",
+        );
+        return None;
+    }
+    Some(sha256)
+}
+
+/// A key's own fields besides its id and hash (which the caller sets).
+fn key_policy(key: &RawApiKey, at: &str, report: &mut Report) -> Option<ApiKey> {
+    let mut ok = true;
+    let rate = build_rate(key.rate.as_ref(), at, &mut ok, report);
+    let budget = build_budget(key.budget.as_ref(), at, &mut ok, report);
+    let time = |field: &str, v: &Option<String>, report: &mut Report, ok: &mut bool| {
+        let v = v.as_deref()?;
+        let parsed = crate::audit::time::parse_rfc3339(v.trim());
+        if parsed.is_none() {
+            report.error(
+                child(at, field),
+                format!("`{v}` is not an RFC 3339 time (e.g. 2027-01-31T00:00:00Z)"),
+            );
+            *ok = false;
+        }
+        parsed
+    };
+    let expires_at_ms = time("expires_at", &key.expires_at, report, &mut ok);
+    let previous_until = time("previous_until", &key.previous_until, report, &mut ok);
+    let previous = match (&key.previous_sha256, previous_until) {
+        (Some(h), Some(until)) => {
+            let hash = parse_hash(h, &child(at, "previous_sha256"), report);
+            ok &= hash.is_some();
+            hash.map(|h| (h, until))
+        }
+        (None, None) => None,
+        (Some(_), None) if key.previous_until.is_none() => {
+            report.error(
+                child(at, "previous_until"),
+                "a rotated-out secret needs the time until which it is accepted",
+            );
+            ok = false;
+            None
+        }
+        _ => None,
+    };
+    if let Some(name) = &key.name {
+        if name.len() > 256 {
+            report.error(child(at, "name"), "must be at most 256 bytes");
+            ok = false;
+        }
+    }
+    if key.models.as_ref().is_some_and(|m| m.is_empty()) {
+        report.error(
+            child(at, "models"),
+            "must name at least one model (leave it out for all of the tenant's)",
+        );
+        ok = false;
+    }
+    ok.then(|| ApiKey {
+        id: String::new(),
+        sha256: [0; 32],
+        name: key.name.clone(),
+        models: key.models.clone(),
+        rate,
+        budget,
+        expires_at_ms,
+        disabled: key.disabled,
+        previous,
+    })
+}
+
+fn build_rate(
+    raw: Option<&super::raw::RawRate>,
+    at: &str,
+    ok: &mut bool,
+    report: &mut Report,
+) -> Rate {
+    let Some(rate) = raw else {
+        return Rate::default();
+    };
+    let positive = [
+        ("rps", rate.rps.map(u64::from)),
+        ("tpm", rate.tpm),
+        ("concurrency", rate.concurrency.map(u64::from)),
+    ];
+    for (key, v) in positive {
+        if v == Some(0) {
+            report.error(
+                sub(at, "rate", key),
+                "must be greater than 0 (leave it out for no limit)",
+            );
+            *ok = false;
+        }
+    }
+    Rate {
+        rps: rate.rps,
+        tpm: rate.tpm,
+        concurrency: rate.concurrency,
+    }
+}
+
+fn build_budget(
+    raw: Option<&super::raw::RawBudget>,
+    at: &str,
+    ok: &mut bool,
+    report: &mut Report,
+) -> Budget {
+    let Some(budget) = raw else {
+        return Budget::default();
+    };
+    let mut nanos = |key: &str, usd: Option<f64>| -> Option<u64> {
+        let usd = usd?;
+        let path = sub(at, "budget", key);
+        match usd_to_nanousd(usd) {
+            Ok(0) => {
+                report.warn(path, "a budget of 0 refuses every request with 402");
+                Some(0)
+            }
+            Ok(n) => Some(n),
+            Err(e) => {
+                report.error(path, e);
+                *ok = false;
+                None
+            }
+        }
+    };
+    Budget {
+        monthly_nanousd: nanos("monthly_usd", budget.monthly_usd),
+        hourly_nanousd: nanos("hourly_usd", budget.hourly_usd),
+    }
 }

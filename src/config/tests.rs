@@ -167,9 +167,9 @@ fn contract_example_parses_into_exact_values() {
         .iter()
         .any(|w| w.starts_with("listen.https.cert:")));
 
-    let (tenant, key_id) = cfg.authenticate("sk-acme-test").unwrap();
-    assert_eq!((tenant.id.as_str(), key_id), ("acme", "acme-prod"));
-    assert!(cfg.authenticate("sk-acme-tes").is_none());
+    let (tenant, key) = cfg.authenticate("sk-acme-test", 0).unwrap();
+    assert_eq!((tenant.id.as_str(), key.id.as_str()), ("acme", "acme-prod"));
+    assert!(cfg.authenticate("sk-acme-tes", 0).is_err());
     assert!(cfg.model("gpt-4").is_none() && cfg.tenant("nobody").is_none());
 }
 
@@ -211,8 +211,8 @@ fn demo_yaml_loads_with_env_vars_set() {
         cfg.model("claude-haiku").unwrap().upstream_model,
         "claude-3-5-haiku-20241022"
     );
-    let (demo, key) = cfg.authenticate("sk-demo-key").unwrap();
-    assert_eq!((demo.id.as_str(), key), ("demo", "demo-key"));
+    let (demo, key) = cfg.authenticate("sk-demo-key", 0).unwrap();
+    assert_eq!((demo.id.as_str(), key.id.as_str()), ("demo", "demo-key"));
     assert_eq!(demo.models[0].name, "gpt-4o-mini");
     assert_eq!(demo.budget.monthly_nanousd, Some(100_000_000_000));
     assert_eq!(demo.rate.tpm, Some(1_000_000));

@@ -13,7 +13,7 @@ use super::sections::{self, env_secret};
 use super::tenant;
 use super::{
     Admin, AuditConf, BaseUrl, CacheConf, Counters, Listen, Model, Node, Price, Provider,
-    ProviderKind, Tenant, Timeouts,
+    ProviderKind, StoreConf, Tenant, Timeouts,
 };
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -30,6 +30,7 @@ pub(super) struct Parts {
     pub counters: Counters,
     pub cache: CacheConf,
     pub audit: AuditConf,
+    pub store: Option<StoreConf>,
 }
 
 pub(super) fn build(raw: RawConfig, report: &mut Report) -> Option<Parts> {
@@ -48,6 +49,7 @@ pub(super) fn build(raw: RawConfig, report: &mut Report) -> Option<Parts> {
     let counters = sections::counters(raw.counters, report);
     let cache = sections::cache(raw.cache);
     let audit = sections::audit(raw.audit, report);
+    let store = sections::store(raw.store, report);
 
     if let (Some(listen), Some(admin)) = (&listen, &admin) {
         let taken = [listen.http, listen.https.as_ref().map(|h| h.addr)];
@@ -89,6 +91,7 @@ pub(super) fn build(raw: RawConfig, report: &mut Report) -> Option<Parts> {
         counters: counters?,
         cache: cache?,
         audit: audit?,
+        store: store?,
     })
 }
 

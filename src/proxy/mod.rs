@@ -20,7 +20,7 @@ mod upstream;
 use crate::audit::{AuditLog, AuditRow};
 use crate::breaker::{Breakers, RetryBudget};
 use crate::cache::{Answer, Lookup, ResponseCache};
-use crate::config::{Config, Model, Tenant};
+use crate::config::{ApiKey, Config, Model, Tenant};
 use crate::error::{ApiFormat, GatewayError};
 use crate::limits::{Limits, RateHeaders, Ticket};
 use crate::metrics::Metrics;
@@ -225,7 +225,9 @@ pub struct Ctx {
     request_id: String,
     endpoint: Option<Endpoint>,
     tenant: Option<Arc<Tenant>>,
-    api_key_id: String,
+    /// The key that authenticated the request: its id goes into the audit row, its
+    /// models and limits narrow the tenant's.
+    api_key: Option<Arc<ApiKey>>,
     status: u16,
     error: Option<GatewayError>,
     first_byte: Option<Instant>,

@@ -100,11 +100,12 @@ impl Gateway {
                 "missing API key: send 'Authorization: Bearer <key>' or 'x-api-key'",
             )
         })?;
-        let (tenant, key_id) = cfg
-            .authenticate(key)
-            .ok_or_else(|| GatewayError::new(ErrorKind::InvalidApiKey, "invalid API key"))?;
+        let (tenant, api_key) = cfg
+            .authenticate(key, ctx.started_ms)
+            .map_err(|f| GatewayError::new(ErrorKind::InvalidApiKey, f.message()))?;
         let tenant = tenant.clone();
-        ctx.api_key_id = key_id.to_string();
+        let api_key = api_key.clone();
+        ctx.api_key = Some(api_key.clone());
         ctx.tenant = Some(tenant.clone());
 
         if endpoint == Endpoint::Models {
@@ -144,7 +145,13 @@ impl Gateway {
             .headers
             .get("x-gateway-fallback")
             .map(|v| v.to_str().unwrap_or("\u{0}"));
-        let chain = routing::plan(&cfg, &tenant, req.model.as_deref(), override_header)?;
+        let chain = routing::plan(
+            &cfg,
+            &tenant,
+            &api_key,
+            req.model.as_deref(),
+            override_header,
+        )?;
         let ticket = self
             .limits
             .admit(&tenant, demand(&req, &chain, prompt_bytes))
@@ -286,7 +293,11 @@ impl Gateway {
                 .as_ref()
                 .map(|t| t.id.clone())
                 .unwrap_or_default(),
-            api_key_id: ctx.api_key_id.clone(),
+            api_key_id: ctx
+                .api_key
+                .as_ref()
+                .map(|k| k.id.clone())
+                .unwrap_or_default(),
             endpoint: ctx.endpoint.map(Endpoint::as_str).unwrap_or("").to_string(),
             model_requested: ctx.model_requested.clone(),
             region: cfg.node.region.clone(),
