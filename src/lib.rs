@@ -20,4 +20,5 @@ pub mod proxy;
 pub mod reload;
 pub mod routing;
 pub mod server;
+pub mod store;
 pub mod tls;

@@ -30,6 +30,8 @@ pub struct Reloader {
     tls: Option<Arc<CertStore>>,
     /// One reload at a time (SIGHUP and the admin API may race).
     busy: Mutex<()>,
+    /// The tenant store, whose tenants are merged into every config installed.
+    store: Option<Arc<crate::store::Store>>,
 }
 
 impl Reloader {
@@ -37,12 +39,14 @@ impl Reloader {
         gateway: Gateway,
         config_path: Option<PathBuf>,
         tls: Option<Arc<CertStore>>,
+        store: Option<Arc<crate::store::Store>>,
     ) -> Arc<Reloader> {
         Arc::new(Reloader {
             gateway,
             config_path,
             tls,
             busy: Mutex::new(()),
+            store,
         })
     }
 
@@ -86,7 +90,11 @@ impl Reloader {
             log::warn!("config: {w}");
         }
         let tenants = new.tenants.len();
-        self.gateway.set_config(Arc::new(new));
+        match &self.store {
+            // The store's tenants are rebuilt against the new file's models.
+            Some(store) => store.install_file_config(new, &old)?,
+            None => self.gateway.set_config(Arc::new(new)),
+        }
         Ok(Reloaded {
             tenants,
             needs_restart,
@@ -111,6 +119,9 @@ fn bound_at_start(old: &Config, new: &Config) -> Vec<&'static str> {
     }
     if old.audit != new.audit {
         out.push("audit");
+    }
+    if old.store != new.store {
+        out.push("store");
     }
     out
 }

@@ -54,6 +54,41 @@ fn server_conf() -> ServerConf {
     conf
 }
 
+impl crate::store::Host for Gateway {
+    fn config(&self) -> Arc<Config> {
+        Gateway::config(self)
+    }
+
+    fn install(&self, cfg: Arc<Config>) {
+        self.set_config(cfg);
+    }
+}
+
+/// The store's state before the node serves: from the database, else the snapshot;
+/// with neither the node starts not ready and the sync task keeps trying. On a
+/// runtime of its own, since Pingora's do not run yet.
+fn load_store(store: &Arc<crate::store::Store>) {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("store: cannot start a runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    let timeout = std::time::Duration::from_millis(
+        std::env::var("LLM_GATEWAY_STORE_START_TIMEOUT_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(5_000),
+    );
+    if let Err(e) = rt.block_on(store.initial_load(timeout)) {
+        log::error!("{e}");
+    }
+}
+
 /// Runs the gateway until it is told to stop; never returns.
 pub fn run(config: Config, opts: RunOptions) -> ! {
     // Absolute, so that a reload after `-d` (which may change directory) finds the file.
@@ -139,10 +174,31 @@ pub fn run(config: Config, opts: RunOptions) -> ! {
     }
     server.add_service(proxy);
 
-    let reloader = Reloader::new(gateway.clone(), config_path, cert_store);
+    let store = config.store.as_ref().map(|conf| {
+        let store = match crate::store::Store::open(conf, Arc::new(gateway.clone())) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("store: {e}");
+                std::process::exit(1);
+            }
+        };
+        load_store(&store);
+        server.add_service(background_service(
+            "tenant store sync",
+            crate::store::sync::StoreSync(store.clone()),
+        ));
+        store
+    });
+
+    let reloader = Reloader::new(gateway.clone(), config_path, cert_store, store.clone());
     let mut admin = Service::new(
         "llm-gateway admin".to_string(),
-        HttpServer::new_app(Admin::new(gateway, reloader.clone(), client_listeners)),
+        HttpServer::new_app(Admin::new(
+            gateway,
+            reloader.clone(),
+            client_listeners,
+            store,
+        )),
     );
     admin.add_tcp(&config.admin.listen.to_string());
     server.add_service(admin);

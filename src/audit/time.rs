@@ -28,6 +28,15 @@ pub fn datetime(ts_ms: u64) -> String {
     )
 }
 
+/// RFC 3339 in UTC with milliseconds (`2026-12-03T08:40:50.123Z`), for JSON answers.
+pub fn rfc3339(ts_ms: u64) -> String {
+    format!(
+        "{}.{:03}Z",
+        datetime(ts_ms).replacen(' ', "T", 1),
+        ts_ms % 1000
+    )
+}
+
 /// `YYYYMMDDhh`, the hour a spool file covers.
 pub fn hour_stamp(ts_ms: u64) -> String {
     let secs = (ts_ms / 1000) as i64;

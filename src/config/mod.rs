@@ -19,6 +19,7 @@ mod validate;
 mod tests;
 
 pub use money::{sha256_hex, usd_to_nanousd};
+pub use tenant::StoreTenantBuilder;
 
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
@@ -565,4 +566,9 @@ pub struct ClickHouseConf {
     pub password: Option<String>,
     pub batch_rows: usize,
     pub flush_ms: u64,
+}
+
+/// The path of a tenant's `index`th key in validation messages (`api_keys[3]`).
+pub fn api_key_path(index: usize) -> String {
+    report::item("api_keys", index)
 }

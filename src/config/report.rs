@@ -105,7 +105,17 @@ pub(super) fn deserialize<T: DeserializeOwned>(
     at: &str,
     report: &mut Report,
 ) -> Option<T> {
-    match serde_path_to_error::deserialize::<_, T>(value) {
+    deserialize_from(value, at, report)
+}
+
+/// [`deserialize`] from any format: the key store's JSON gets the same messages and
+/// paths as the file's YAML.
+pub(super) fn deserialize_from<'de, D: serde::Deserializer<'de>, T: DeserializeOwned>(
+    de: D,
+    at: &str,
+    report: &mut Report,
+) -> Option<T> {
+    match serde_path_to_error::deserialize::<_, T>(de) {
         Ok(v) => Some(v),
         Err(e) => {
             let mut path = at.to_string();
@@ -117,7 +127,7 @@ pub(super) fn deserialize<T: DeserializeOwned>(
                     Segment::Unknown => child(&path, "?"),
                 };
             }
-            report.error(path, e.into_inner().to_string());
+            report.error(path, strip_position(&e.into_inner().to_string()));
             None
         }
     }
@@ -133,5 +143,20 @@ pub(super) fn describe(v: &Value) -> &'static str {
         Value::Sequence(_) => "a list",
         Value::Mapping(_) => "a mapping",
         Value::Tagged(_) => "a tagged value",
+    }
+}
+
+/// serde_json ends its messages with the position in the JSON text (`at line 1 column
+/// 14`), which says nothing to someone who sent a field: the path already names it.
+fn strip_position(msg: &str) -> String {
+    match msg.rfind(" at line ") {
+        Some(i)
+            if msg[i + 9..]
+                .split(" column ")
+                .all(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())) =>
+        {
+            msg[..i].to_string()
+        }
+        _ => msg.to_string(),
     }
 }

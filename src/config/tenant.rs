@@ -408,3 +408,80 @@ fn build_budget(
         hourly_nanousd: nanos("hourly_usd", budget.hourly_usd),
     }
 }
+
+/// Builds the key store's tenants against a running config's models and providers,
+/// with the file's rules and messages: the store keeps each tenant as the JSON of a
+/// file tenant's fields, and each key as the JSON of an `api_keys` entry.
+pub struct StoreTenantBuilder {
+    models: Named<Model>,
+    providers: Named<Provider>,
+}
+
+impl StoreTenantBuilder {
+    pub fn new(cfg: &super::Config) -> Self {
+        StoreTenantBuilder {
+            models: Named::from_built(&cfg.models, |m| &m.name),
+            providers: Named::from_built(&cfg.providers, |p| &p.name),
+        }
+    }
+
+    /// `spec` is a JSON object of tenant fields (no `api_keys`); `keys` are JSON
+    /// objects of `api_keys` entries. Paths in errors are relative to the tenant
+    /// (`rate.rps`, `api_keys[0].budget.monthly_usd`), as the admin API reports them.
+    pub fn build(
+        &self,
+        id: &str,
+        spec: &str,
+        keys: &[&str],
+        disabled: bool,
+    ) -> Result<Tenant, super::ConfigErrors> {
+        let mut report = Report::default();
+        if super::validate::check_name("tenants", id, "id", &mut report) {
+            let mut de = serde_json::Deserializer::from_str(spec);
+            let raw: Option<RawTenant> = super::report::deserialize_from(&mut de, "", &mut report);
+            let mut parsed_keys = Vec::with_capacity(keys.len());
+            for (i, k) in keys.iter().enumerate() {
+                let mut de = serde_json::Deserializer::from_str(k);
+                let at = item("api_keys", i);
+                if let Some(key) =
+                    super::report::deserialize_from::<_, RawApiKey>(&mut de, &at, &mut report)
+                {
+                    parsed_keys.push(key);
+                }
+            }
+            if let Some(mut raw) = raw {
+                if !raw.api_keys.is_empty() {
+                    report.error(
+                        "api_keys",
+                        "keys are issued with POST /admin/v1/tenants/{id}/keys, not set on the tenant",
+                    );
+                }
+                raw.api_keys = parsed_keys;
+                let mut owners = HashMap::new();
+                if let Some(mut t) = build_tenant_from(
+                    id,
+                    raw,
+                    "",
+                    TenantSource::Store,
+                    &self.models,
+                    &self.providers,
+                    &mut owners,
+                    &mut report,
+                ) {
+                    if !report.has_errors() {
+                        t.disabled = disabled;
+                        return Ok(t);
+                    }
+                }
+            }
+        }
+        let mut errors = report.into_errors();
+        if errors.is_empty() {
+            errors.push(super::ConfigError {
+                path: String::new(),
+                message: "invalid tenant".into(),
+            });
+        }
+        Err(super::ConfigErrors(errors))
+    }
+}

@@ -112,6 +112,22 @@ pub(super) enum Ref<'a, T> {
 }
 
 impl<T> Named<T> {
+    /// Already-built entries (a running config's), for validating store tenants.
+    pub fn from_built(values: &[Arc<T>], name: impl Fn(&T) -> &String) -> Named<T> {
+        Named {
+            section_ok: true,
+            index: values
+                .iter()
+                .enumerate()
+                .map(|(i, v)| (name(v).clone(), i))
+                .collect(),
+            items: values
+                .iter()
+                .map(|v| (name(v).clone(), Some(v.clone())))
+                .collect(),
+        }
+    }
+
     pub fn get(&self, name: &str) -> Ref<'_, T> {
         match self.index.get(name).and_then(|&i| self.items.get(i)) {
             Some((_, Some(x))) => Ref::Found(x),
@@ -172,7 +188,7 @@ fn named<R, T>(
 
 /// Names travel in response headers, the comma-separated `x-gateway-fallback` header
 /// and (for tenants) admin URL paths, so they are limited to what survives all three.
-fn check_name(section: &str, name: &str, at: &str, report: &mut Report) -> bool {
+pub(super) fn check_name(section: &str, name: &str, at: &str, report: &mut Report) -> bool {
     let printable = name.bytes().all(|b| (0x21..=0x7e).contains(&b));
     let bad_char = if section == "tenants" {
         name.contains([',', '/', '?', '#', '%'])

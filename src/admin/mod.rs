@@ -4,6 +4,8 @@
 //! network only. `/healthz`, `/readyz` and `/metrics` are open (load balancers and
 //! Prometheus scrape them); every `/admin/*` path needs the admin bearer token.
 
+mod tenants;
+
 use crate::config::{Counters, OnError};
 use crate::proxy::Gateway;
 use crate::reload::Reloader;
@@ -32,10 +34,20 @@ pub struct Admin {
     counters: Counters,
     /// One `/metrics` refresh-and-render at a time.
     scrape: tokio::sync::Mutex<()>,
+    /// The tenant and key store, when configured.
+    store: Option<Arc<crate::store::Store>>,
 }
 
+/// Admin request bodies are small JSON documents.
+const MAX_ADMIN_BODY: usize = 1 << 20;
+
 impl Admin {
-    pub fn new(gateway: Gateway, reloader: Arc<Reloader>, listeners: Vec<Listener>) -> Self {
+    pub fn new(
+        gateway: Gateway,
+        reloader: Arc<Reloader>,
+        listeners: Vec<Listener>,
+        store: Option<Arc<crate::store::Store>>,
+    ) -> Self {
         let counters = gateway.config().counters.clone();
         Admin {
             gateway,
@@ -43,8 +55,35 @@ impl Admin {
             listeners,
             counters,
             scrape: tokio::sync::Mutex::new(()),
+            store,
         }
     }
+}
+
+/// The request body as JSON (`null` when empty), or the 400 that says why not.
+async fn json_body(session: &mut ServerSession) -> Result<serde_json::Value, Response<Vec<u8>>> {
+    let mut body = Vec::new();
+    loop {
+        match session.read_request_body().await {
+            Ok(Some(chunk)) => {
+                if body.len() + chunk.len() > MAX_ADMIN_BODY {
+                    return Err(error(413, "admin request bodies are limited to 1 MiB"));
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok(None) => break,
+            Err(e) => return Err(error(400, &format!("cannot read the request body: {e}"))),
+        }
+    }
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(serde_json::Value::Null);
+    }
+    serde_json::from_slice(&body).map_err(|e| {
+        json_reply(
+            400,
+            json!({"error": {"message": format!("the body is not valid JSON: {e}"), "code": "invalid_request", "status": 400}}),
+        )
+    })
 }
 
 fn reply(status: u16, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
@@ -192,6 +231,34 @@ impl Admin {
                 }
             },
         }
+        if let Some(store) = &self.store {
+            let h = store.health();
+            let since = |ms: u64| crate::audit::time::rfc3339(ms);
+            match (h.loaded, h.stale_since_ms) {
+                (false, _) => {
+                    ready = false;
+                    body.push_str(&format!(
+                        "store: {} unreachable and no usable snapshot: store tenants not loaded ({})\n",
+                        store.backend(),
+                        h.last_error.unwrap_or_default()
+                    ));
+                }
+                (true, Some(ms)) => body.push_str(&format!(
+                    "store: stale since {} ({} unreachable: {}); serving version {} from {}\n",
+                    since(ms),
+                    store.backend(),
+                    h.last_error.unwrap_or_default(),
+                    store.version(),
+                    h.source
+                )),
+                (true, None) => body.push_str(&format!(
+                    "store: ok ({}, version {}, {} tenants)\n",
+                    store.backend(),
+                    store.version(),
+                    store.tenant_ids().len()
+                )),
+            }
+        }
         for l in &self.listeners {
             let probe = loopback_of(l.addr);
             let result = tokio::time::timeout(Duration::from_secs(1), async {
@@ -272,6 +339,37 @@ impl ServeHttp for Admin {
         }
         if !self.authorized(session) {
             return error(401, "admin token required");
+        }
+        if let Some(rest) = path.strip_prefix("/admin/v1/") {
+            let parts: Vec<&str> = rest.split('/').collect();
+            if matches!(parts.first(), Some(&"tenants") | Some(&"changes")) {
+                let body = if matches!(method.as_str(), "POST" | "PATCH" | "PUT") {
+                    match json_body(session).await {
+                        Ok(b) => b,
+                        Err(r) => return r,
+                    }
+                } else {
+                    serde_json::Value::Null
+                };
+                let actor = session
+                    .req_header()
+                    .headers
+                    .get("x-admin-actor")
+                    .and_then(|v| v.to_str().ok())
+                    .filter(|v| v.len() <= 128 && v.bytes().all(|b| (0x20..0x7f).contains(&b)))
+                    .map(str::to_string);
+                let query = session.req_header().uri.query().unwrap_or("").to_string();
+                let call = tenants::Call {
+                    method: method.as_str(),
+                    parts: parts.clone(),
+                    query: &query,
+                    body,
+                    actor,
+                };
+                if let Some(r) = self.tenant_api(call).await {
+                    return r;
+                }
+            }
         }
         match (method.as_str(), path.as_str()) {
             ("GET", "/admin/v1/providers") => self.providers(),

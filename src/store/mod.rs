@@ -1,0 +1,460 @@
+//! The tenant and key store: tenants and keys managed through the admin API, in
+//! SQLite (one node) or PostgreSQL (shared by every edge node).
+//!
+//! The request path never touches the database. Every node holds the whole state in
+//! memory ([`State`]) and publishes it as part of the one `Arc<Config>` requests read:
+//! file tenants first, then the store's (see `Config::with_store_tenants`), swapped in
+//! one pointer store per change set, as a reload does. Changes arrive by a version
+//! number: every write bumps `gw_meta.version` and stamps the rows it touched with
+//! it, so a node asks for "rows above the version I have" and gets exactly what
+//! changed. Postgres writers also `NOTIFY`; a version poll every `sync_ms` catches a
+//! lost notification (or a write made while this node's listener was reconnecting).
+//!
+//! Database down: the node keeps serving what it last saw and reports itself stale
+//! (readiness stays up); writes fail fast with 503 `store_unavailable`. A node that
+//! starts while the database is down loads the snapshot file instead, and without
+//! one is not ready. Stored forms are the file's own: a tenant is the JSON of a file
+//! tenant's fields, a key the JSON of an `api_keys` entry (hash only), so one
+//! validator (`config::StoreTenantBuilder`) and one set of messages serve both.
+
+pub mod db;
+pub mod ops;
+pub mod snapshot;
+pub mod sync;
+
+use crate::config::{Config, StoreBackend, StoreConf, StoreTenantBuilder, Tenant};
+use db::{Db, DbError, Val};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// The longest an admin write waits on the database before answering 503, unless
+/// `LLM_GATEWAY_STORE_WRITE_TIMEOUT_MS` says otherwise.
+const WRITE_TIMEOUT_MS: u64 = 800;
+
+/// A stored tenant as read from the database.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TenantRec {
+    pub id: String,
+    /// JSON object of the tenant's fields, as a file tenant has them (no `api_keys`).
+    pub spec: String,
+    pub disabled: bool,
+    pub created_ms: i64,
+    pub updated_ms: i64,
+    pub keys: Vec<KeyRec>,
+}
+
+/// A stored key: its `api_keys` entry as JSON (hash only, never the secret).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct KeyRec {
+    pub id: String,
+    pub spec: String,
+    pub created_ms: i64,
+    pub updated_ms: i64,
+    /// Revoked keys stay listed (who had which key, until when) but never
+    /// authenticate.
+    pub revoked_ms: Option<i64>,
+}
+
+/// Everything the store holds, at one version.
+#[derive(Debug, Clone, Default)]
+pub struct State {
+    pub version: i64,
+    pub tenants: HashMap<String, TenantRec>,
+}
+
+/// What changed above a version: whole rows, to be laid over the state.
+#[derive(Debug, Default)]
+pub struct Changes {
+    pub version: i64,
+    pub tenants: Vec<TenantRec>,
+    /// `(tenant, key)`.
+    pub keys: Vec<(String, KeyRec)>,
+}
+
+impl State {
+    pub fn apply(&mut self, ch: Changes) -> Vec<String> {
+        let mut touched = Vec::with_capacity(ch.tenants.len() + ch.keys.len());
+        for mut t in ch.tenants {
+            if let Some(old) = self.tenants.remove(&t.id) {
+                t.keys = old.keys;
+            }
+            touched.push(t.id.clone());
+            self.tenants.insert(t.id.clone(), t);
+        }
+        for (tenant, k) in ch.keys {
+            if let Some(t) = self.tenants.get_mut(&tenant) {
+                match t.keys.iter_mut().find(|x| x.id == k.id) {
+                    Some(slot) => *slot = k,
+                    None => t.keys.push(k),
+                }
+                touched.push(tenant);
+            }
+        }
+        self.version = self.version.max(ch.version);
+        touched.sort();
+        touched.dedup();
+        touched
+    }
+}
+
+/// What a node uses the store for: the config it serves, to swap in a new one.
+pub trait Host: Send + Sync {
+    fn config(&self) -> Arc<Config>;
+    fn install(&self, cfg: Arc<Config>);
+}
+
+/// How fresh this node's copy is, for `/readyz` and the admin API.
+#[derive(Debug, Clone, Default)]
+pub struct Health {
+    /// A state was loaded (from the database or the snapshot): the node can serve
+    /// its store tenants.
+    pub loaded: bool,
+    /// `database` or `snapshot`: where the state in memory came from.
+    pub source: &'static str,
+    /// Unix ms since which the database could not be read, while it cannot.
+    pub stale_since_ms: Option<u64>,
+    pub last_error: Option<String>,
+    pub last_sync_ms: u64,
+}
+
+/// A store failure as the admin API reports it.
+#[derive(Debug, Clone)]
+pub enum StoreError {
+    /// 503 `store_unavailable`: the database cannot be reached or timed out.
+    Unavailable(String),
+    /// 404.
+    NotFound(&'static str),
+    /// 409 with a code (`tenant_exists`, `tenant_in_config_file`, `key_exists`,
+    /// `tenant_disabled`, `key_revoked`).
+    Conflict(&'static str, String),
+    /// 400 naming each field.
+    Invalid(Vec<crate::config::ConfigError>),
+}
+
+impl From<DbError> for StoreError {
+    fn from(e: DbError) -> Self {
+        StoreError::Unavailable(e.0)
+    }
+}
+
+pub struct Store {
+    db: Db,
+    conf: StoreConf,
+    host: Arc<dyn Host>,
+    /// The state and its built tenants; held while a new config is published, so
+    /// store changes and reloads are installed one at a time.
+    inner: Mutex<Inner>,
+    health: Mutex<Health>,
+    /// Wakes the sync task (a write on this node, a NOTIFY).
+    pub(crate) wake: tokio::sync::Notify,
+    write_timeout: Duration,
+}
+
+#[derive(Default)]
+struct Inner {
+    state: State,
+    /// Built tenants by id; a tenant whose stored form no longer validates against
+    /// the running config (a model it names was removed from the file) is left out.
+    built: HashMap<String, Arc<Tenant>>,
+    /// Why a stored tenant is left out, for the admin API and the log.
+    broken: HashMap<String, String>,
+    snapshot_dirty: bool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+impl Store {
+    /// Opens the database handle; no I/O on Postgres until first use.
+    pub fn open(conf: &StoreConf, host: Arc<dyn Host>) -> Result<Arc<Store>, String> {
+        let write_timeout = Duration::from_millis(
+            std::env::var("LLM_GATEWAY_STORE_WRITE_TIMEOUT_MS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .filter(|&ms: &u64| ms > 0)
+                .unwrap_or(WRITE_TIMEOUT_MS),
+        );
+        let db = match &conf.backend {
+            StoreBackend::Sqlite { path } => Db::sqlite(path).map_err(|e| e.0)?,
+            StoreBackend::Postgres { url } => Db::postgres(url, write_timeout).map_err(|e| e.0)?,
+        };
+        Ok(Arc::new(Store {
+            db,
+            conf: conf.clone(),
+            host,
+            inner: Mutex::new(Inner::default()),
+            health: Mutex::new(Health::default()),
+            wake: tokio::sync::Notify::new(),
+            write_timeout,
+        }))
+    }
+
+    pub fn backend(&self) -> &'static str {
+        self.db.backend()
+    }
+
+    pub fn health(&self) -> Health {
+        lock(&self.health).clone()
+    }
+
+    pub fn version(&self) -> i64 {
+        lock(&self.inner).state.version
+    }
+
+    /// Migrates and loads the whole state; on failure, the snapshot (if configured and
+    /// sound). Called once before the node serves.
+    pub async fn initial_load(&self, timeout: Duration) -> Result<(), String> {
+        let result = tokio::time::timeout(timeout, async {
+            self.db.migrate().await?;
+            ops::read_changes(&self.db, 0).await
+        })
+        .await
+        .unwrap_or_else(|_| Err(DbError("timed out".into())));
+        match result {
+            Ok(changes) => {
+                let mut state = State::default();
+                state.apply(changes);
+                let n = state.tenants.len();
+                self.replace_state(state, "database");
+                log::info!(
+                    "store: loaded {n} tenants from {} (version {})",
+                    self.backend(),
+                    self.version()
+                );
+                Ok(())
+            }
+            Err(e) => {
+                self.mark_stale(&e.0);
+                let Some(path) = &self.conf.snapshot else {
+                    return Err(format!(
+                        "store: the {} database is unreachable ({e}) and no snapshot is configured: store tenants are not served until it answers",
+                        self.backend()
+                    ));
+                };
+                match snapshot::read(path) {
+                    Ok(state) => {
+                        let n = state.tenants.len();
+                        self.replace_state(state, "snapshot");
+                        log::warn!(
+                            "store: the {} database is unreachable ({e}); serving {n} tenants from the snapshot {} (version {})",
+                            self.backend(),
+                            path.display(),
+                            self.version()
+                        );
+                        Ok(())
+                    }
+                    Err(se) => Err(format!(
+                        "store: the {} database is unreachable ({e}) and the snapshot cannot be used: {se}",
+                        self.backend()
+                    )),
+                }
+            }
+        }
+    }
+
+    fn replace_state(&self, state: State, source: &'static str) {
+        {
+            let mut inner = lock(&self.inner);
+            inner.state = state;
+            inner.built.clear();
+            inner.broken.clear();
+            let ids: Vec<String> = inner.state.tenants.keys().cloned().collect();
+            let cfg = self.host.config();
+            rebuild(&mut inner, &cfg, &ids);
+            inner.snapshot_dirty = source == "database";
+            self.publish(&inner, &cfg);
+        }
+        let mut h = lock(&self.health);
+        h.loaded = true;
+        h.source = source;
+    }
+
+    /// Lays changes read from the database over the state and publishes the result.
+    pub(crate) fn apply(&self, changes: Changes) {
+        let mut inner = lock(&self.inner);
+        if changes.version <= inner.state.version
+            && changes.tenants.is_empty()
+            && changes.keys.is_empty()
+        {
+            return;
+        }
+        let touched = inner.state.apply(changes);
+        let cfg = self.host.config();
+        rebuild(&mut inner, &cfg, &touched);
+        inner.snapshot_dirty = true;
+        self.publish(&inner, &cfg);
+        drop(inner);
+        let mut h = lock(&self.health);
+        h.source = "database";
+    }
+
+    /// Installs `base` (a config just loaded from the file) with the store's tenants
+    /// rebuilt against its models. Refused when the file adds a tenant id the store
+    /// holds: one id must not name two tenants.
+    pub fn install_file_config(&self, base: Config, old: &Config) -> Result<(), String> {
+        let mut inner = lock(&self.inner);
+        let mut clashes: Vec<&str> = base.tenants[..base.file_tenants]
+            .iter()
+            .map(|t| t.id.as_str())
+            .filter(|id| inner.state.tenants.contains_key(*id) && old.file_tenant(id).is_none())
+            .collect();
+        clashes.sort();
+        if !clashes.is_empty() {
+            return Err(clashes
+                .iter()
+                .map(|id| format!("tenants.{id}: the tenant store already has a tenant `{id}`; one id cannot be in both"))
+                .collect::<Vec<_>>()
+                .join("\n"));
+        }
+        let ids: Vec<String> = inner.state.tenants.keys().cloned().collect();
+        inner.built.clear();
+        inner.broken.clear();
+        rebuild(&mut inner, &base, &ids);
+        self.publish(&inner, &base);
+        Ok(())
+    }
+
+    fn publish(&self, inner: &Inner, base: &Config) {
+        let mut list: Vec<Arc<Tenant>> = inner.built.values().cloned().collect();
+        // Stable order: listings and the metrics' tenant loops read like the store.
+        list.sort_by(|a, b| a.id.cmp(&b.id));
+        let (merged, skipped) = base.with_store_tenants(&list);
+        for s in skipped {
+            log::error!("store: {s}: left out");
+        }
+        self.host.install(Arc::new(merged));
+    }
+
+    pub(crate) fn mark_stale(&self, error: &str) {
+        let mut h = lock(&self.health);
+        if h.stale_since_ms.is_none() {
+            log::warn!(
+                "store: the {} database cannot be read ({error}); serving the last state seen",
+                self.db.backend()
+            );
+            h.stale_since_ms = Some(crate::audit::time::now_ms());
+        }
+        h.last_error = Some(error.to_string());
+    }
+
+    pub(crate) fn mark_fresh(&self) {
+        let mut h = lock(&self.health);
+        if let Some(since) = h.stale_since_ms.take() {
+            log::info!(
+                "store: the {} database answers again (stale for {} ms); caught up",
+                self.db.backend(),
+                crate::audit::time::now_ms().saturating_sub(since)
+            );
+        }
+        h.last_error = None;
+        h.last_sync_ms = crate::audit::time::now_ms();
+    }
+
+    /// The stored tenant, as this node last saw it.
+    pub fn tenant(&self, id: &str) -> Option<TenantRec> {
+        lock(&self.inner).state.tenants.get(id).cloned()
+    }
+
+    /// Why a stored tenant is not served, if it is not.
+    pub fn broken(&self, id: &str) -> Option<String> {
+        lock(&self.inner).broken.get(id).cloned()
+    }
+
+    /// Every stored tenant id, sorted.
+    pub fn tenant_ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = lock(&self.inner).state.tenants.keys().cloned().collect();
+        ids.sort();
+        ids
+    }
+
+    /// Takes the snapshot-needed flag.
+    pub(crate) fn take_snapshot_state(&self) -> Option<State> {
+        let mut inner = lock(&self.inner);
+        if !inner.snapshot_dirty || self.conf.snapshot.is_none() {
+            return None;
+        }
+        inner.snapshot_dirty = false;
+        Some(inner.state.clone())
+    }
+
+    pub fn conf(&self) -> &StoreConf {
+        &self.conf
+    }
+
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    /// Reads what changed since this node's version and applies it.
+    pub async fn sync_now(&self) -> Result<(), DbError> {
+        let since = self.version();
+        let read_timeout = Duration::from_millis(self.conf.sync_ms.max(1_000));
+        let changes = tokio::time::timeout(read_timeout, ops::read_changes(&self.db, since))
+            .await
+            .unwrap_or_else(|_| Err(DbError("timed out".into())));
+        match changes {
+            Ok(ch) => {
+                self.mark_fresh();
+                self.apply(ch);
+                Ok(())
+            }
+            Err(e) => {
+                self.mark_stale(&e.0);
+                Err(e)
+            }
+        }
+    }
+
+    pub fn builder(&self) -> StoreTenantBuilder {
+        StoreTenantBuilder::new(&self.host.config())
+    }
+
+    pub fn host_config(&self) -> Arc<Config> {
+        self.host.config()
+    }
+}
+
+/// Builds the named tenants (those still stored) into `inner.built`.
+fn rebuild(inner: &mut Inner, cfg: &Config, ids: &[String]) {
+    let builder = StoreTenantBuilder::new(cfg);
+    for id in ids {
+        inner.built.remove(id);
+        inner.broken.remove(id);
+        let Some(rec) = inner.state.tenants.get(id) else {
+            continue;
+        };
+        match build(&builder, rec) {
+            Ok(t) => {
+                inner.built.insert(id.clone(), Arc::new(t));
+            }
+            Err(e) => {
+                log::error!("store: tenant `{id}` does not validate against the running config and is not served: {e}");
+                inner.broken.insert(id.clone(), e);
+            }
+        }
+    }
+}
+
+/// A stored tenant as the request path uses it: revoked keys are left out.
+pub fn build(builder: &StoreTenantBuilder, rec: &TenantRec) -> Result<Tenant, String> {
+    let keys: Vec<&str> = rec
+        .keys
+        .iter()
+        .filter(|k| k.revoked_ms.is_none())
+        .map(|k| k.spec.as_str())
+        .collect();
+    builder
+        .build(&rec.id, &rec.spec, &keys, rec.disabled)
+        .map_err(|e| e.to_string())
+}
+
+/// `Val::Int` of a bool, as the schema stores them.
+pub(crate) fn flag(b: bool) -> Val {
+    Val::Int(b as i64)
+}
