@@ -43,6 +43,11 @@ enum Command {
         #[arg(long, short = 'c')]
         config: PathBuf,
     },
+    /// Copy the file's tenants and keys into the tenant store (idempotent).
+    ImportTenants {
+        #[arg(long, short = 'c')]
+        config: PathBuf,
+    },
     /// Print the sha256 hex of an API key, for a tenant's `api_keys`.
     HashKey { key: String },
     /// Run the local stand-in for OpenAI, Anthropic and in-house servers.
@@ -123,6 +128,16 @@ fn main() -> ExitCode {
             Err(errors) => {
                 eprintln!("{}: invalid configuration", config.display());
                 eprintln!("{errors}");
+                ExitCode::from(1)
+            }
+        },
+        Command::ImportTenants { config } => match llm_gateway::store::import::run(&config) {
+            Ok(summary) => {
+                println!("{summary}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("import-tenants: {e}");
                 ExitCode::from(1)
             }
         },

@@ -255,7 +255,7 @@ impl Admin {
                     "store: ok ({}, version {}, {} tenants)\n",
                     store.backend(),
                     store.version(),
-                    store.tenant_ids().len()
+                    store.tenant_count()
                 )),
             }
         }

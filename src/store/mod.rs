@@ -18,6 +18,7 @@
 //! validator (`config::StoreTenantBuilder`) and one set of messages serve both.
 
 pub mod db;
+pub mod import;
 pub mod ops;
 pub mod snapshot;
 pub mod sync;
@@ -31,7 +32,7 @@ use std::time::Duration;
 
 /// The longest an admin write waits on the database before answering 503, unless
 /// `LLM_GATEWAY_STORE_WRITE_TIMEOUT_MS` says otherwise.
-const WRITE_TIMEOUT_MS: u64 = 800;
+const WRITE_TIMEOUT_MS: u64 = 500;
 
 /// A stored tenant as read from the database.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -210,6 +211,7 @@ impl Store {
     /// Migrates and loads the whole state; on failure, the snapshot (if configured and
     /// sound). Called once before the node serves.
     pub async fn initial_load(&self, timeout: Duration) -> Result<(), String> {
+        let started = std::time::Instant::now();
         let result = tokio::time::timeout(timeout, async {
             self.db.migrate().await?;
             ops::read_changes(&self.db, 0).await
@@ -223,9 +225,10 @@ impl Store {
                 let n = state.tenants.len();
                 self.replace_state(state, "database");
                 log::info!(
-                    "store: loaded {n} tenants from {} (version {})",
+                    "store: loaded {n} tenants from {} (version {}) in {} ms",
                     self.backend(),
-                    self.version()
+                    self.version(),
+                    started.elapsed().as_millis()
                 );
                 Ok(())
             }
@@ -326,7 +329,7 @@ impl Store {
         list.sort_by(|a, b| a.id.cmp(&b.id));
         let (merged, skipped) = base.with_store_tenants(&list);
         for s in skipped {
-            log::error!("store: {s}: left out");
+            log::warn!("store: {s}: the file's tenant is served");
         }
         self.host.install(Arc::new(merged));
     }
@@ -366,6 +369,10 @@ impl Store {
         lock(&self.inner).broken.get(id).cloned()
     }
 
+    pub fn tenant_count(&self) -> usize {
+        lock(&self.inner).state.tenants.len()
+    }
+
     /// Every stored tenant id, sorted.
     pub fn tenant_ids(&self) -> Vec<String> {
         let mut ids: Vec<String> = lock(&self.inner).state.tenants.keys().cloned().collect();
@@ -399,6 +406,20 @@ impl Store {
             .await
             .unwrap_or_else(|_| Err(DbError("timed out".into())));
         match changes {
+            Ok(ch) if ch.version < since => {
+                // The database is behind what this node saw (restored from a backup,
+                // or a snapshot newer than it): take the database's state whole.
+                log::warn!(
+                    "store: the database is at version {} but this node saw {since}: reloading it whole",
+                    ch.version
+                );
+                let all = ops::read_changes(&self.db, 0).await?;
+                let mut state = State::default();
+                state.apply(all);
+                self.mark_fresh();
+                self.replace_state(state, "database");
+                Ok(())
+            }
             Ok(ch) => {
                 self.mark_fresh();
                 self.apply(ch);

@@ -180,7 +180,8 @@ async fn record(
     )
     .await?;
     if let Conn::Pg(_) = conn {
-        conn.query(
+        // `exec`: pg_notify returns `void`, which has no Rust type to read into.
+        conn.exec(
             "SELECT pg_notify($1, $2)",
             &[Val::Text(CHANNEL.into()), Val::Text(c.tenant.into())],
         )
