@@ -1,6 +1,7 @@
 //! `llm-gateway demo`: the mock provider plus a gateway on the embedded defaults.
 //!
-//! Needs no external service: counters in memory, audit rows to the local spool.
+//! Needs no external service: counters in memory, audit rows to the local spool,
+//! store tenants in a local SQLite file.
 
 use crate::config::{Config, DEMO_YAML};
 use crate::{mock, server};
@@ -111,6 +112,18 @@ Try:
     -d '{{"model":"llama-70b","stream":true,"messages":[{{"role":"user","content":"Stream to me"}}]}}'
 
   curl -s http://{admin}/admin/v1/providers -H 'Authorization: Bearer {DEMO_ADMIN_TOKEN}'
+
+Onboard a tenant and issue it a key through the admin API (the key is shown once):
+
+  curl -s -X POST http://{admin}/admin/v1/tenants -H 'Authorization: Bearer {DEMO_ADMIN_TOKEN}' \
+    -d '{{"id":"team-blue","models":["gpt-4o-mini","llama-70b"],"budget":{{"monthly_usd":10}}}}'
+
+  curl -s -X POST http://{admin}/admin/v1/tenants/team-blue/keys -H 'Authorization: Bearer {DEMO_ADMIN_TOKEN}' \
+    -d '{{"name":"backend","rate":{{"rps":5}}}}' | python3 -c 'import json,sys; print(json.load(sys.stdin)["key"])' \
+    | xargs -I KEY curl -s {gw}/v1/chat/completions -H 'Authorization: Bearer KEY' \
+    -H 'content-type: application/json' -d '{{"messages":[{{"role":"user","content":"Hello from a new key"}}]}}'
+
+  curl -s http://{admin}/admin/v1/tenants/team-blue/keys -H 'Authorization: Bearer {DEMO_ADMIN_TOKEN}'
 
   python3 -c 'from openai import OpenAI
 c = OpenAI(base_url="{gw}/v1", api_key="{DEMO_KEY}")

@@ -479,3 +479,6 @@ pub fn build(builder: &StoreTenantBuilder, rec: &TenantRec) -> Result<Tenant, St
 pub(crate) fn flag(b: bool) -> Val {
     Val::Int(b as i64)
 }
+
+#[cfg(test)]
+mod tests;

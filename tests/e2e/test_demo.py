@@ -51,6 +51,10 @@ def test_demo_prints_commands_that_work(gateway_bin, tmp_path):
         assert '"chat.completion"' in joined, joined  # non-streamed
         assert "data: [DONE]" in joined, joined  # streamed
         assert '"providers"' in joined, joined  # admin API with the printed token
+        # the store commands: a tenant created, a key issued and used, keys listed
+        assert '"source":"store"' in joined, joined
+        assert joined.count('"chat.completion"') >= 2, joined  # the new key was answered
+        assert '"name":"backend"' in joined and "sk-gw-" not in results[commands[-1]], joined
         # the demo writes its audit rows to the local spool
         spool = tmp_path / "data" / "spool"
         rows: list[str] = []
