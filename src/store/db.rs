@@ -307,6 +307,45 @@ impl Conn {
         }
     }
 
+    /// Calls `f` on each row as it is read, so a load of the whole store never holds
+    /// every row twice (as rows and as records).
+    pub async fn for_each(
+        &mut self,
+        sql: &str,
+        params: &[Val],
+        mut f: impl FnMut(&[Val]) + Send,
+    ) -> Result<(), DbError> {
+        match self {
+            Conn::Sqlite(c, _) => {
+                let c = lock(c);
+                let mut stmt = c.prepare_cached(&sqlite_sql(sql))?;
+                let cols = stmt.column_count();
+                let mut rows = stmt.query(rusqlite::params_from_iter(params.iter().map(to_sqlite)))?;
+                let mut row = Vec::with_capacity(cols);
+                while let Some(r) = rows.next()? {
+                    row.clear();
+                    for i in 0..cols {
+                        row.push(sqlite_val(r.get_ref(i)?));
+                    }
+                    f(&row);
+                }
+                Ok(())
+            }
+            Conn::Pg(c) => {
+                use futures_util::StreamExt;
+                let owned = pg_params(params);
+                let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+                    owned.iter().map(|p| p.as_ref() as _).collect();
+                let stream = c.query_raw(sql, refs).await?;
+                futures_util::pin_mut!(stream);
+                while let Some(r) = stream.next().await {
+                    f(&pg_row(&r?)?);
+                }
+                Ok(())
+            }
+        }
+    }
+
     pub async fn query(&mut self, sql: &str, params: &[Val]) -> Result<Vec<Row>, DbError> {
         match self {
             Conn::Sqlite(c, _) => {
@@ -319,14 +358,7 @@ impl Conn {
                 while let Some(r) = rows.next()? {
                     let mut row = Vec::with_capacity(cols);
                     for i in 0..cols {
-                        row.push(match r.get_ref(i)? {
-                            rusqlite::types::ValueRef::Integer(n) => Val::Int(n),
-                            rusqlite::types::ValueRef::Text(t) => {
-                                Val::Text(String::from_utf8_lossy(t).into_owned())
-                            }
-                            rusqlite::types::ValueRef::Null => Val::NullText,
-                            other => Val::Text(format!("{other:?}")),
-                        });
+                        row.push(sqlite_val(r.get_ref(i)?));
                     }
                     out.push(row);
                 }
@@ -337,33 +369,39 @@ impl Conn {
                 let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
                     owned.iter().map(|p| p.as_ref() as _).collect();
                 let rows = c.query(sql, &refs).await?;
-                let mut out = Vec::with_capacity(rows.len());
-                for r in rows {
-                    let mut row = Vec::with_capacity(r.len());
-                    for (i, col) in r.columns().iter().enumerate() {
-                        let t = col.type_();
-                        row.push(
-                            if *t == tokio_postgres::types::Type::INT8
-                                || *t == tokio_postgres::types::Type::INT4
-                            {
-                                let v: Option<i64> = if *t == tokio_postgres::types::Type::INT4 {
-                                    r.try_get::<_, Option<i32>>(i)?.map(i64::from)
-                                } else {
-                                    r.try_get(i)?
-                                };
-                                Val::opt_int(v)
-                            } else {
-                                let v: Option<String> = r.try_get(i)?;
-                                v.map_or(Val::NullText, Val::Text)
-                            },
-                        );
-                    }
-                    out.push(row);
-                }
-                Ok(out)
+                rows.iter().map(pg_row).collect()
             }
         }
     }
+}
+
+fn sqlite_val(v: rusqlite::types::ValueRef<'_>) -> Val {
+    match v {
+        rusqlite::types::ValueRef::Integer(n) => Val::Int(n),
+        rusqlite::types::ValueRef::Text(t) => Val::Text(String::from_utf8_lossy(t).into_owned()),
+        rusqlite::types::ValueRef::Null => Val::NullText,
+        other => Val::Text(format!("{other:?}")),
+    }
+}
+
+/// Integers and text are all the schema has; `void` and the like read as NULL text.
+fn pg_row(r: &tokio_postgres::Row) -> Result<Row, DbError> {
+    use tokio_postgres::types::Type;
+    let mut row = Vec::with_capacity(r.len());
+    for (i, col) in r.columns().iter().enumerate() {
+        let t = col.type_();
+        row.push(if *t == Type::INT8 {
+            Val::opt_int(r.try_get(i)?)
+        } else if *t == Type::INT4 {
+            Val::opt_int(r.try_get::<_, Option<i32>>(i)?.map(i64::from))
+        } else if *t == Type::TEXT || *t == Type::VARCHAR {
+            r.try_get::<_, Option<String>>(i)?
+                .map_or(Val::NullText, Val::Text)
+        } else {
+            Val::NullText
+        });
+    }
+    Ok(row)
 }
 
 fn to_sqlite(v: &Val) -> rusqlite::types::Value {

@@ -7,7 +7,7 @@
 //! inside the transaction, on the rows as they are then, so two nodes patching one
 //! tenant cannot together produce a tenant neither checked.
 
-use super::db::{Conn, Db, DbError, Row, Val, CHANNEL};
+use super::db::{Conn, Db, DbError, Val, CHANNEL};
 use super::{flag, Changes, KeyRec, Store, StoreError, TenantRec};
 use crate::audit::time::{now_ms, rfc3339};
 use crate::config::ConfigError;
@@ -45,36 +45,32 @@ async fn read_in(conn: &mut Conn, since: i64) -> Result<Changes, DbError> {
         return Ok(out);
     }
     let params = [Val::Int(since), Val::Int(version)];
-    for r in conn
-        .query(
-            "SELECT id, spec, disabled, created_ms, updated_ms FROM gw_tenants WHERE version > $1 AND version <= $2",
-            &params,
-        )
-        .await?
-    {
-        out.tenants.push(tenant_rec(&r));
-    }
-    for r in conn
-        .query(
-            "SELECT tenant, id, spec, created_ms, updated_ms, revoked_ms FROM gw_keys WHERE version > $1 AND version <= $2",
-            &params,
-        )
-        .await?
-    {
-        out.keys.push((text(&r, 0), key_rec(&r[1..])));
-    }
+    let tenants = &mut out.tenants;
+    conn.for_each(
+        "SELECT id, spec, disabled, created_ms, updated_ms FROM gw_tenants WHERE version > $1 AND version <= $2",
+        &params,
+        |r| tenants.push(tenant_rec(r)),
+    )
+    .await?;
+    let keys = &mut out.keys;
+    conn.for_each(
+        "SELECT tenant, id, spec, created_ms, updated_ms, revoked_ms FROM gw_keys WHERE version > $1 AND version <= $2",
+        &params,
+        |r| keys.push((text(r, 0), key_rec(&r[1..]))),
+    )
+    .await?;
     Ok(out)
 }
 
-fn text(r: &Row, i: usize) -> String {
+fn text(r: &[Val], i: usize) -> String {
     r.get(i).and_then(Val::text).unwrap_or("").to_string()
 }
 
-fn int(r: &Row, i: usize) -> i64 {
+fn int(r: &[Val], i: usize) -> i64 {
     r.get(i).and_then(Val::int).unwrap_or(0)
 }
 
-fn tenant_rec(r: &Row) -> TenantRec {
+fn tenant_rec(r: &[Val]) -> TenantRec {
     TenantRec {
         id: text(r, 0),
         spec: text(r, 1),
@@ -87,12 +83,11 @@ fn tenant_rec(r: &Row) -> TenantRec {
 
 /// `id, spec, created_ms, updated_ms, revoked_ms`.
 fn key_rec(r: &[Val]) -> KeyRec {
-    let r = r.to_vec();
     KeyRec {
-        id: text(&r, 0),
-        spec: text(&r, 1),
-        created_ms: int(&r, 2),
-        updated_ms: int(&r, 3),
+        id: text(r, 0),
+        spec: text(r, 1),
+        created_ms: int(r, 2),
+        updated_ms: int(r, 3),
         revoked_ms: r.get(4).and_then(Val::int),
     }
 }
@@ -301,7 +296,7 @@ async fn tenant_row(conn: &mut Conn, id: &str) -> Result<TenantRec, StoreError> 
         )
         .await?;
     rows.first()
-        .map(tenant_rec)
+        .map(|r| tenant_rec(r))
         .ok_or(StoreError::NotFound("no such tenant"))
 }
 
