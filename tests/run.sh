@@ -60,12 +60,29 @@ if ! command -v clickhouse-server >/dev/null 2>&1 && [ ! -x /usr/sbin/clickhouse
     [ -x /usr/sbin/clickhouse-server ] || command -v clickhouse-server >/dev/null 2>&1 \
         || die "clickhouse-server installed but not found"
 fi
+# Debian's PostgreSQL for the store tests (tests/e2e/pgserver.py and tests/it/pg.rs start
+# a private cluster): its server binaries live in /usr/lib/postgresql/<version>/bin, off
+# PATH, so they are looked for there by glob, whatever the version.
+pg_bin_dir() {
+    local d
+    for d in /usr/lib/postgresql/*/bin; do
+        if [ -x "$d/initdb" ] && [ -x "$d/postgres" ] && [ -x "$d/pg_isready" ] && [ -x "$d/psql" ]; then
+            echo "$d"
+        fi
+    done | sort -V | tail -n1
+}
+if [ -z "$(pg_bin_dir)" ]; then
+    echo "installing postgresql (no /usr/lib/postgresql/*/bin/initdb found)"
+    apt_install postgresql || die "could not install postgresql"
+    [ -n "$(pg_bin_dir)" ] || die "postgresql installed but no /usr/lib/postgresql/*/bin/initdb found"
+fi
 need_pkg cc gcc
 need_pkg openssl openssl  # test-time TLS certificates (tests/e2e/certs.py)
 need_pkg python3 python3
 echo "cargo: $(cargo --version)"
 echo "cmake: $(cmake --version | head -n1)"
 echo "python3: $(python3 --version 2>&1)"
+echo "postgresql: $("$(pg_bin_dir)/postgres" --version)"
 
 section "python virtualenv (.venv)"
 VENV="$ROOT/.venv"

@@ -66,3 +66,20 @@ WHERE tenant = {tenant:String}
   AND status >= 400
 GROUP BY status, error_code
 ORDER BY requests DESC, status;
+
+-- name: tenant_spend_by_end_user
+-- Which of one tenant's own end users spent its money in one UTC month (end_user is
+-- empty for requests that named none).
+SELECT
+    end_user,
+    count() AS requests,
+    sum(tokens_in) AS tokens_in,
+    sum(tokens_out) AS tokens_out,
+    sum(cost_nanousd) AS cost_nanousd
+FROM llm_audit FINAL
+WHERE tenant = {tenant:String}
+  AND ts >= toDateTime({month:Date})
+  AND ts < toDateTime(addMonths({month:Date}, 1))
+GROUP BY end_user
+ORDER BY cost_nanousd DESC, end_user
+LIMIT 100;

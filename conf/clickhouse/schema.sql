@@ -15,6 +15,11 @@
 -- parts merge, and queries read with FINAL (see queries.sql) never count it twice.
 -- The sorting key holds ts_ms and node so that calls that reused one client-chosen
 -- x-request-id stay one row each (a node never gives one such id the same ts_ms twice).
+--
+-- Upgrading: columns added since a table was created (end_user) are added by the
+-- gateway at start-up with ALTER TABLE ... ADD COLUMN when missing; rows written
+-- before have them empty. To do it by hand first (a user without ALTER rights):
+--   ALTER TABLE llm_audit ADD COLUMN IF NOT EXISTS end_user String;
 CREATE TABLE IF NOT EXISTS llm_audit
 (
     request_id       String,
@@ -41,7 +46,11 @@ CREATE TABLE IF NOT EXISTS llm_audit
     cache_hit        UInt8,
     fallback_used    UInt8,
     attempts         UInt8,
-    node             LowCardinality(String)
+    node             LowCardinality(String),
+    -- The tenant's own end user (x-gateway-end-user, OpenAI `user`, Anthropic
+    -- metadata.user_id), empty when none: plain String, an end user per row can run to
+    -- millions of distinct values, past what LowCardinality suits.
+    end_user         String
 )
 ENGINE = ReplacingMergeTree
 PARTITION BY toYYYYMM(ts)

@@ -44,6 +44,7 @@ struct ChRow<'a> {
     fallback_used: u8,
     attempts: u8,
     node: &'a str,
+    end_user: &'a str,
 }
 
 impl<'a> From<&'a AuditRow> for ChRow<'a> {
@@ -73,6 +74,7 @@ impl<'a> From<&'a AuditRow> for ChRow<'a> {
             fallback_used: r.fallback_used,
             attempts: r.attempts,
             node: &r.node,
+            end_user: &r.end_user,
         }
     }
 }
@@ -112,12 +114,21 @@ pub fn create_table_sql(database: &str, table: &str) -> String {
     cache_hit UInt8,
     fallback_used UInt8,
     attempts UInt8,
-    node String
+    node String,
+    end_user String
 ) ENGINE = ReplacingMergeTree
 PARTITION BY toYYYYMM(ts)
 ORDER BY (tenant, ts, request_id, ts_ms, node)"
     )
 }
+
+/// Columns added to the contract after earlier versions had created their tables, as
+/// (name, type), in the order they were added; [`create_table_sql`] ends with them.
+/// At start-up each one an existing table lacks is added with `ALTER TABLE ... ADD
+/// COLUMN`, and ClickHouse gives the rows written before the type's default (empty):
+/// an upgrade needs no manual migration. 18.16 has no `ADD COLUMN IF NOT EXISTS`, so
+/// `system.columns` is read first.
+pub const ADDED_COLUMNS: &[(&str, &str)] = &[("end_user", "String")];
 
 /// One ClickHouse server, as the config names it.
 pub struct ClickHouse {
@@ -169,12 +180,65 @@ impl ClickHouse {
         }
     }
 
-    /// Creates the database and the table when missing.
+    /// Creates the database and the table when missing, and adds the
+    /// [`ADDED_COLUMNS`] a table created by an earlier version lacks.
     async fn ensure_table(&self) -> Result<(), ChError> {
         let db = format!("CREATE DATABASE IF NOT EXISTS {}", self.database);
         bounded(INSERT_TIMEOUT, self.client.query(&db).execute()).await?;
         let ddl = create_table_sql(&self.database, &self.table);
-        bounded(INSERT_TIMEOUT, self.client.query(&ddl).execute()).await
+        let created = bounded(INSERT_TIMEOUT, self.client.query(&ddl).execute()).await;
+        if let Err(e @ ChError::TimedOut(_)) = created {
+            return Err(e);
+        }
+        // A refused CREATE (the table exists, the user may not create) still lets an
+        // old table gain its columns.
+        let added = self.add_missing_columns().await;
+        created.and(added)
+    }
+
+    /// The names of the table's columns.
+    async fn columns(&self) -> Result<Vec<String>, ChError> {
+        let query = self
+            .client
+            .query("SELECT name FROM system.columns WHERE database = ? AND table = ?")
+            .bind(self.database.as_str())
+            .bind(self.table.as_str());
+        let bytes = bounded(QUERY_TIMEOUT, async move {
+            query.fetch_bytes("TabSeparated")?.collect().await
+        })
+        .await?;
+        Ok(bytes
+            .split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(|l| String::from_utf8_lossy(l).into_owned())
+            .collect())
+    }
+
+    /// Adds each of [`ADDED_COLUMNS`] the table lacks. Another node upgrading at the
+    /// same moment may add it first (18.16 then refuses ours: the column exists), so a
+    /// refused ALTER counts as done when the column is there afterwards.
+    async fn add_missing_columns(&self) -> Result<(), ChError> {
+        let have = self.columns().await?;
+        for (name, ty) in ADDED_COLUMNS {
+            if have.iter().any(|c| c == name) {
+                continue;
+            }
+            let sql = format!(
+                "ALTER TABLE {}.{} ADD COLUMN {name} {ty}",
+                self.database, self.table
+            );
+            if let Err(e) = bounded(INSERT_TIMEOUT, self.client.query(&sql).execute()).await {
+                if !self.columns().await?.iter().any(|c| c == name) {
+                    return Err(e);
+                }
+            }
+            log::info!(
+                "audit: added column {name} {ty} to {}.{} (rows written before have it empty)",
+                self.database,
+                self.table
+            );
+        }
+        Ok(())
     }
 
     /// Inserts `rows` as one INSERT; `Ok` means ClickHouse acknowledged all of them.
@@ -244,5 +308,46 @@ impl ClickHouse {
             rows.push(v);
         }
         Ok(rows)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clickhouse::Row;
+
+    /// The column names of [`create_table_sql`], in order.
+    fn ddl_columns() -> Vec<(String, String)> {
+        let ddl = create_table_sql("db", "t");
+        let body = &ddl[ddl.find('(').unwrap() + 1..ddl.find(") ENGINE").unwrap()];
+        body.split(',')
+            .map(|c| {
+                let (name, ty) = c.trim().split_once(' ').unwrap();
+                (name.to_string(), ty.to_string())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_table_the_row_and_the_spool_line_have_the_same_columns_in_order() {
+        let ddl: Vec<String> = ddl_columns().into_iter().map(|(n, _)| n).collect();
+        assert_eq!(ddl, ChRow::COLUMN_NAMES);
+        let line = match serde_json::to_value(AuditRow::default()).unwrap() {
+            serde_json::Value::Object(m) => m.keys().cloned().collect::<Vec<_>>(),
+            _ => unreachable!(),
+        };
+        assert_eq!(ddl, line);
+    }
+
+    #[test]
+    fn the_added_columns_end_the_created_table_with_their_types() {
+        let ddl = ddl_columns();
+        let tail = &ddl[ddl.len() - ADDED_COLUMNS.len()..];
+        let added: Vec<(String, String)> = ADDED_COLUMNS
+            .iter()
+            .map(|(n, t)| (n.to_string(), t.to_string()))
+            .collect();
+        assert_eq!(tail, added);
+        assert!(ADDED_COLUMNS.contains(&("end_user", "String")));
     }
 }

@@ -32,6 +32,8 @@ use tokio::sync::{mpsc, oneshot, Notify};
 pub use spool::Spool;
 
 /// One audit row; field names and meanings are the contract's `llm_audit` columns.
+/// Columns added after the first release sit at the end, in the order
+/// [`clickhouse::ADDED_COLUMNS`] adds them to an existing table.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct AuditRow {
     pub request_id: String,
@@ -59,6 +61,11 @@ pub struct AuditRow {
     pub fallback_used: u8,
     pub attempts: u8,
     pub node: String,
+    /// The tenant's own end user (`x-gateway-end-user`, OpenAI `user`, Anthropic
+    /// `metadata.user_id`), empty when none. Defaulted when absent so that spool lines
+    /// written by a version without the column still ship, with it empty.
+    #[serde(default)]
+    pub end_user: String,
 }
 
 /// Rows queued in memory before the request path falls back to writing the spool itself.
@@ -283,12 +290,13 @@ impl AuditLog {
         let mut note = None;
         if let Some(ch) = &self.shared.clickhouse {
             match ch.query(tenant, since_ms, limit).await {
-                Ok(rows) => {
+                Ok(mut rows) => {
+                    rows.iter_mut().for_each(with_every_column);
                     return Ok(AuditAnswer {
                         source: "clickhouse",
                         rows,
                         note: None,
-                    })
+                    });
                 }
                 Err(e) => {
                     log::warn!("audit: query to ClickHouse failed, answering from the spool: {e}");
@@ -301,15 +309,36 @@ impl AuditLog {
         }
         let dir = self.shared.dir.clone();
         let tenant = tenant.to_string();
-        let rows =
+        let mut rows =
             tokio::task::spawn_blocking(move || spool::query(&dir, &tenant, since_ms, limit))
                 .await
                 .map_err(std::io::Error::other)??;
+        rows.iter_mut().for_each(with_every_column);
         Ok(AuditAnswer {
             source: "spool",
             rows,
             note,
         })
+    }
+}
+
+/// Gives an answered row every column of [`AuditRow`], with its default where the
+/// source lacks it: spool lines written by an earlier version, and a ClickHouse table
+/// not yet given its [`clickhouse::ADDED_COLUMNS`] (that happens at the first insert),
+/// read the same as new rows. Columns the row has that `AuditRow` does not are kept.
+fn with_every_column(row: &mut serde_json::Value) {
+    static DEFAULTS: std::sync::OnceLock<serde_json::Map<String, serde_json::Value>> =
+        std::sync::OnceLock::new();
+    let defaults = DEFAULTS.get_or_init(|| match serde_json::to_value(AuditRow::default()) {
+        Ok(serde_json::Value::Object(m)) => m,
+        _ => serde_json::Map::new(),
+    });
+    if let serde_json::Value::Object(m) = row {
+        for (k, v) in defaults {
+            if !m.contains_key(k) {
+                m.insert(k.clone(), v.clone());
+            }
+        }
     }
 }
 
@@ -463,6 +492,56 @@ mod tests {
         assert_eq!(log.unique_start_ms("x1", t + 5_000), t + 5_001);
         log.unique_start_ms("y", t + 7_000);
         assert_eq!(log.shared.recent_ids.lock().unwrap().last.len(), 1);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn answered_rows_get_the_columns_an_older_writer_did_not_know() {
+        let mut old = serde_json::json!({"request_id": "r", "tenant": "acme", "future": 1});
+        with_every_column(&mut old);
+        assert_eq!(old["end_user"], "");
+        assert_eq!(old["tenant"], "acme", "present columns are kept");
+        assert_eq!(old["future"], 1, "unknown columns are kept");
+        let mut new = serde_json::json!({"end_user": "alice"});
+        with_every_column(&mut new);
+        assert_eq!(new["end_user"], "alice");
+    }
+
+    #[tokio::test]
+    async fn the_spool_answer_shows_end_user_for_old_and_new_lines() {
+        let dir = std::env::temp_dir().join(format!("llmgw-audit-eu-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let now = time::now_ms();
+        let name = format!("audit-{}.jsonl", time::hour_stamp(now));
+        let old = serde_json::json!({"request_id": "old", "tenant": "acme", "ts_ms": now});
+        let new = AuditRow {
+            request_id: "new".into(),
+            tenant: "acme".into(),
+            ts_ms: now,
+            end_user: "alice".into(),
+            ..AuditRow::default()
+        };
+        let text = format!("{old}\n{}\n", serde_json::to_string(&new).unwrap());
+        std::fs::write(dir.join(name), text).unwrap();
+        let conf = AuditConf {
+            spool_dir: dir.clone(),
+            clickhouse: None,
+        };
+        let metrics = crate::metrics::Metrics::new().unwrap().audit;
+        let (log, _service) = AuditLog::new(&conf, metrics).unwrap();
+        let answer = log.query("acme", now, 10).await.unwrap();
+        let got: Vec<(&str, &str)> = answer
+            .rows
+            .iter()
+            .map(|r| {
+                (
+                    r["request_id"].as_str().unwrap(),
+                    r["end_user"].as_str().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(got, [("old", ""), ("new", "alice")]);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

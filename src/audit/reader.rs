@@ -354,6 +354,35 @@ mod tests {
     }
 
     #[test]
+    fn a_line_written_before_end_user_existed_still_ships_with_it_empty() {
+        let dir = temp_dir("old-line");
+        let mut old = serde_json::to_value(AuditRow {
+            request_id: "old".into(),
+            tenant: "acme".into(),
+            ..AuditRow::default()
+        })
+        .unwrap();
+        old.as_object_mut().unwrap().remove("end_user");
+        let new = AuditRow {
+            request_id: "new".into(),
+            end_user: "alice".into(),
+            ..AuditRow::default()
+        };
+        let text = format!("{old}\n{}\n", serde_json::to_string(&new).unwrap());
+        assert!(!text.lines().next().unwrap().contains("end_user"));
+        std::fs::write(dir.join("audit-2026010100.jsonl"), text).unwrap();
+        let b = SpoolReader::open(&dir).read(10).unwrap();
+        assert_eq!(b.corrupt, 0);
+        assert_eq!(ids(&b), ["old", "new"]);
+        assert_eq!(
+            (b.rows[0].tenant.as_str(), b.rows[0].end_user.as_str()),
+            ("acme", "")
+        );
+        assert_eq!(b.rows[1].end_user, "alice");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn an_unreadable_cursor_starts_over() {
         let dir = temp_dir("badcursor");
         std::fs::write(dir.join(CURSOR_FILE), "garbage").unwrap();

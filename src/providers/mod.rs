@@ -6,6 +6,7 @@
 //! tested on recorded wire fixtures cut at every byte boundary.
 
 pub mod anthropic;
+pub mod end_user;
 pub mod openai;
 pub mod sse;
 pub mod translate_error;
@@ -54,6 +55,9 @@ pub struct ClientRequest {
     pub anthropic_version: Option<String>,
     /// The client's `anthropic-beta` header, for the proxy to fill; sent to Anthropic.
     pub anthropic_beta: Option<String>,
+    /// The end user the body names (OpenAI `user`, Anthropic `metadata.user_id`) when
+    /// valid; the `x-gateway-end-user` header wins over it ([`end_user`]).
+    pub end_user: Option<String>,
 }
 
 impl ClientRequest {
@@ -122,8 +126,10 @@ impl ClientRequest {
                     .ok_or_else(|| invalid("'max_tokens' must be a positive integer"))?,
             ),
         };
+        let end_user = end_user::from_body(format, &body);
         Ok(ClientRequest {
             format,
+            end_user,
             body,
             model,
             stream,

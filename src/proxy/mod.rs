@@ -218,6 +218,9 @@ pub struct Ctx {
     started_ms: u64,
     client_gone: bool,
     model_requested: String,
+    /// The tenant's end user for the audit row: from the header before the body is
+    /// read (so refusals before it carry it too), else from the body once parsed.
+    end_user: String,
     stream: bool,
     /// The admitted request's hold on its tenant's counters, settled at the end.
     ticket: Option<Ticket>,

@@ -5,7 +5,7 @@ use crate::audit::AuditRow;
 use crate::config::Tenant;
 use crate::error::{ErrorKind, GatewayError};
 use crate::limits::{Actual, Demand, Refusal};
-use crate::providers::{self, ClientRequest, Usage};
+use crate::providers::{self, end_user, ClientRequest, Usage};
 use crate::{accounting, auth, routing};
 use bytes::{Bytes, BytesMut};
 use pingora_proxy::Session;
@@ -46,6 +46,7 @@ impl Gateway {
         }
         let endpoint = Endpoint::of(session.req_header());
         ctx.endpoint = Some(endpoint);
+        ctx.end_user = end_user::from_headers(&session.req_header().headers).unwrap_or_default();
         if let Err(ge) = self.serve(session, ctx, endpoint).await {
             // A body too slow to wait for is not waited for after the answer either.
             if !session.is_body_done() && ge.kind != ErrorKind::RequestTimeout {
@@ -129,6 +130,7 @@ impl Gateway {
         let mut req = ClientRequest::parse(endpoint.format(), &body)?;
         drop(body);
         ctx.model_requested = req.model.clone().unwrap_or_default();
+        ctx.end_user = end_user::resolve(&ctx.end_user, req.end_user.as_deref());
         ctx.stream = req.stream;
         let header = |name: &str| {
             session
@@ -300,6 +302,7 @@ impl Gateway {
                 .unwrap_or_default(),
             endpoint: ctx.endpoint.map(Endpoint::as_str).unwrap_or("").to_string(),
             model_requested: ctx.model_requested.clone(),
+            end_user: ctx.end_user.clone(),
             region: cfg.node.region.clone(),
             stream: ctx.stream as u8,
             status: ctx.status,

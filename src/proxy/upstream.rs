@@ -138,6 +138,9 @@ const STRIPPED: &[&str] = &[
     "accept-encoding",
     "x-request-id",
     "x-gateway-fallback",
+    // The tenant's end user is the gateway's bookkeeping (the audit row), not the
+    // provider's; a body's own `user` field still goes up as the client sent it.
+    "x-gateway-end-user",
 ];
 
 pub(super) fn rewrite_request_header(

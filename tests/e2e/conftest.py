@@ -8,6 +8,12 @@
                      deep-merged with `overrides` (a `None` value deletes a key), with
                      extra environment variables `env`.
 * `closed_port`   -- a loopback port on which nothing listens (connections are refused).
+* `pg_server`     -- one private PostgreSQL server for the session (pgserver.py), database
+                     `gateway` at `pg_server.url`; tests sharing it take a database of
+                     their own with `pg_server.create_database(name)` and must not stop
+                     or pause it.
+* `private_pg`    -- a factory: `private_pg()` starts a PostgreSQL server for this test
+                     alone (to stop, restart or pause), removed at the test's end.
 
 Every process writes its output to a log file in the session's temp dir; when a test
 fails, the part of each log written during that test is attached to the report.
@@ -468,3 +474,43 @@ def extra_mock(gateway_bin: Path, session_tmp: Path):
 
     yield make
     _stop([m.proc for m in started.values()])
+
+
+# --------------------------------------------------------------------------- PostgreSQL
+
+
+def _start_pg(name: str) -> "PgServer":
+    from pgserver import PgError, PgServer
+    try:
+        pg = PgServer()
+    except PgError as e:
+        pytest.fail(str(e), pytrace=False)
+    _LOGS[name] = pg.log_path
+    try:
+        return pg.start()
+    except PgError as e:
+        pg.cleanup()
+        pytest.fail(str(e), pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """One PostgreSQL server shared by the session (see the module doc)."""
+    pg = _start_pg("postgres-session")
+    yield pg
+    pg.cleanup()
+
+
+@pytest.fixture
+def private_pg(request):
+    """Factory `private_pg() -> PgServer`: a server of this test's own, cleaned up after it."""
+    made = []
+
+    def make():
+        pg = _start_pg(f"postgres-{request.node.name}-{len(made) + 1}")
+        made.append(pg)
+        return pg
+
+    yield make
+    for pg in made:
+        pg.cleanup()

@@ -27,7 +27,7 @@ PAIR_IDS = [f"{e}-{m}" for e, m in PAIRS]
 ROW_COLUMNS = {
     "request_id", "ts", "ts_ms", "tenant", "api_key_id", "endpoint", "model_requested", "model", "provider",
     "region", "stream", "status", "error_code", "tokens_in", "tokens_out", "cached_tokens_in", "usage_estimated",
-    "cost_nanousd", "latency_ms", "ttft_ms", "cache_hit", "fallback_used", "attempts", "node",
+    "cost_nanousd", "latency_ms", "ttft_ms", "cache_hit", "fallback_used", "attempts", "node", "end_user",
 }
 
 

@@ -13,6 +13,9 @@ spool directory), driven through the official SDKs and raw HTTP:
 * a torn spool line is skipped with a log line and a metric, the rest ships;
 * a graceful stop ships what is waiting instead of waiting for `flush_ms`;
 * a graceful upgrade (`serve -u`, SIGQUIT) hands shipping to the new process, no row lost.
+* `end_user` comes from `x-gateway-end-user` (wins), OpenAI `user` or Anthropic
+  `metadata.user_id`, reaches ClickHouse and the admin audit API; a table and spool lines
+  written before the column existed gain it empty, and new rows ship.
 
 Waiting is on readiness signals (rows appearing in ClickHouse or in the spool, metrics,
 process exit), with deadlines; never fixed sleeps.
@@ -61,8 +64,13 @@ CONTRACT_COLUMNS = [
     ("error_code", "String"), ("tokens_in", "UInt32"), ("tokens_out", "UInt32"),
     ("cached_tokens_in", "UInt32"), ("usage_estimated", "UInt8"), ("cost_nanousd", "UInt64"),
     ("latency_ms", "UInt32"), ("ttft_ms", "UInt32"), ("cache_hit", "UInt8"), ("fallback_used", "UInt8"),
-    ("attempts", "UInt8"), ("node", "String"),
+    ("attempts", "UInt8"), ("node", "String"), ("end_user", "String"),
 ]
+# The gateway's CREATE TABLE before `end_user` existed (the columns above but the last),
+# for the test that an existing table gains the column.
+OLD_DDL = ("CREATE TABLE {db}.llm_audit ("
+           + ", ".join(f"{n} {t}" for n, t in CONTRACT_COLUMNS if n != "end_user")
+           + ") ENGINE = ReplacingMergeTree PARTITION BY toYYYYMM(ts) ORDER BY (tenant, ts, request_id, ts_ms, node)")
 
 
 # --------------------------------------------------------------------------- processes
@@ -683,3 +691,115 @@ def test_graceful_upgrade_hands_shipping_over_without_loss(clickhouse, private_g
     pg.stop()
     rows = ch_rows(clickhouse, db, before + after)
     assert sorted(r["request_id"] for r in rows) == sorted(before + after)
+
+
+# --------------------------------------------------------------------------- end user
+
+
+def post(gw: Gateway, path: str, body: dict, rid: str, headers: dict | None = None) -> httpx.Response:
+    h = {"authorization": f"Bearer {ACME}", "x-request-id": rid, **(headers or {})}
+    return httpx.post(gw.base_url + path, headers=h, json=body, timeout=15)
+
+
+def test_end_user_lands_in_clickhouse_and_the_admin_api(clickhouse, private_gateway, mock):
+    db = "audit_end_user"
+    pg = private_gateway("end-user", audit_overrides(clickhouse.url, db, batch_rows=50, flush_ms=100))
+    gw = pg.start()
+    since = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=5)
+    chat = chat_body("[[mock: tokens=2]] who am I")
+    msgs = {"model": "claude-haiku", "max_tokens": 20, "messages": [{"role": "user", "content": "hi"}]}
+    expected: dict[str, str] = {}  # request id -> end_user
+
+    def send(path: str, body: dict, want: str, headers: dict | None = None, status: int = 200) -> str:
+        rid = new_request_id("eu")
+        r = post(gw, path, body, rid, headers)
+        assert r.status_code == status, r.text
+        expected[rid] = want
+        return rid
+
+    header_rid = send("/v1/chat/completions", dict(chat, user="body-user"), "header-user",
+                      {"x-gateway-end-user": "header-user"})
+    send("/v1/chat/completions", dict(chat, user="openai-user@example.com"), "openai-user@example.com")
+    send("/v1/messages", dict(msgs, metadata={"user_id": "anthropic-user"}), "anthropic-user")
+    send("/v1/messages", dict(msgs, metadata={"user_id": "anthropic-user"}), "header-wins",
+         {"x-gateway-end-user": "header-wins"})
+    # An Anthropic body's `user` is not its field; an OpenAI body's metadata is not either.
+    send("/v1/messages", dict(msgs, user="not-anthropic"), "")
+    send("/v1/chat/completions", dict(chat, metadata={"user_id": "not-openai"}), "")
+    # Invalid values are ignored (never truncated, never a 400): the next source counts.
+    send("/v1/chat/completions", dict(chat, user="fallback-user"), "fallback-user",
+         {"x-gateway-end-user": "x" * 129})
+    send("/v1/chat/completions", dict(chat, user="y" * 129), "")
+    send("/v1/chat/completions", dict(chat, user={"id": 1}), "")
+    longest = "z" * 128
+    send("/v1/chat/completions", chat, longest, {"x-gateway-end-user": longest})
+    send("/v1/chat/completions", chat, "")
+    # Refused before the body parsed: the header's end user is still recorded.
+    send("/v1/chat/completions", {"model": "gpt-4o-mini", "messages": []}, "refused-user",
+         {"x-gateway-end-user": "refused-user"}, status=400)
+
+    rows = wait_all_in_clickhouse(clickhouse, db, list(expected), timeout=30, log=pg.log_text)
+    got = {r["request_id"]: r["end_user"] for r in rows}
+    assert got == expected
+
+    # The header is the gateway's bookkeeping: not sent upstream.
+    up = [q for q in mock.requests() if q["headers"].get("x-request-id") == header_rid]
+    assert len(up) == 1, up
+    assert "x-gateway-end-user" not in up[0]["headers"], up[0]["headers"]
+
+    r = httpx.get(f"{gw.admin_url}/admin/v1/tenants/acme/audit",
+                  params={"since": since.strftime("%Y-%m-%dT%H:%M:%SZ"), "limit": 1000},
+                  headers={"authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=10)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["source"] == "clickhouse", body
+    assert {row["request_id"]: row["end_user"] for row in body["rows"]} == expected
+
+    month = rows[0]["ts"][:7] + "-01"
+    by_user = {r["end_user"]: r["requests"]
+               for r in run_documented(clickhouse, db, "tenant_spend_by_end_user", "acme", month)}
+    assert by_user["header-user"] == 1 and by_user[""] == 5, by_user
+
+
+def test_a_table_and_spool_from_before_end_user_gain_it_and_new_rows_ship(clickhouse, private_gateway):
+    db = "audit_old_table"
+    clickhouse.query(f"CREATE DATABASE {db}")
+    clickhouse.query(OLD_DDL.format(db=db))
+    assert "end_user" not in [c["name"] for c in clickhouse.rows("DESCRIBE TABLE llm_audit", database=db)]
+    now_ms = int(time.time() * 1000)
+    ts = dt.datetime.fromtimestamp(now_ms // 1000, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    old_in_table = new_request_id("old-table")
+    clickhouse.query(f"INSERT INTO llm_audit (request_id, ts, ts_ms, tenant, status) VALUES "
+                     f"('{old_in_table}', '{ts}', {now_ms}, 'acme', 200)", database=db)
+
+    pg = private_gateway("old-table", audit_overrides(clickhouse.url, db, batch_rows=50, flush_ms=100))
+    # A spool line an earlier version wrote and did not ship: no end_user key.
+    pg.spool.mkdir(parents=True)
+    old_in_spool = new_request_id("old-spool")
+    old_line = {n: (0 if t.startswith("UInt") else "") for n, t in CONTRACT_COLUMNS if n != "end_user"}
+    old_line.update(request_id=old_in_spool, ts=ts, ts_ms=now_ms, tenant="acme", status=200)
+    hour = dt.datetime.fromtimestamp(now_ms // 1000, dt.timezone.utc).strftime("%Y%m%d%H")
+    (pg.spool / f"audit-{hour}.jsonl").write_text(json.dumps(old_line) + "\n")
+
+    gw = pg.start()
+    new_rid = new_request_id("new")
+    r = post(gw, "/v1/chat/completions", chat_body("[[mock: tokens=2]] new"), new_rid,
+             {"x-gateway-end-user": "after-upgrade"})
+    assert r.status_code == 200, r.text
+    rows = wait_all_in_clickhouse(clickhouse, db, [old_in_table, old_in_spool, new_rid], timeout=30,
+                                  log=pg.log_text)
+    assert {r["request_id"]: r["end_user"] for r in rows} == \
+        {old_in_table: "", old_in_spool: "", new_rid: "after-upgrade"}
+    desc = clickhouse.rows("DESCRIBE TABLE llm_audit", database=db)
+    assert [(c["name"], c["type"]) for c in desc] == CONTRACT_COLUMNS
+    assert "added column end_user" in pg.log_text()
+
+    # A restart finds the column there and adds nothing; shipping goes on.
+    pg.stop()
+    gw = pg.start()
+    again = new_request_id("again")
+    assert post(gw, "/v1/chat/completions", chat_body("[[mock: tokens=2]] again"), again,
+                {"x-gateway-end-user": "second-start"}).status_code == 200
+    rows = wait_all_in_clickhouse(clickhouse, db, [again], timeout=30, log=pg.log_text)
+    assert rows[0]["end_user"] == "second-start"
+    assert pg.log_text().count("added column end_user") == 1

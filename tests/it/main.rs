@@ -7,6 +7,7 @@ mod cli;
 mod fuzz;
 mod limits_redis;
 mod mock_wire;
+mod pg;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
