@@ -320,7 +320,8 @@ impl Conn {
                 let c = lock(c);
                 let mut stmt = c.prepare_cached(&sqlite_sql(sql))?;
                 let cols = stmt.column_count();
-                let mut rows = stmt.query(rusqlite::params_from_iter(params.iter().map(to_sqlite)))?;
+                let mut rows =
+                    stmt.query(rusqlite::params_from_iter(params.iter().map(to_sqlite)))?;
                 let mut row = Vec::with_capacity(cols);
                 while let Some(r) = rows.next()? {
                     row.clear();

@@ -39,16 +39,16 @@ impl BackgroundService for StoreSync {
                     return;
                 }
             }
-            if store.sync_now().await.is_err() && !store.health().loaded {
-                // Started without the database and without a snapshot: keep trying;
-                // the first successful read makes the node ready.
-                if store
-                    .initial_load(period.max(Duration::from_secs(1)))
-                    .await
-                    .is_ok()
-                {
-                    log::info!("store: loaded after a start without the database");
-                }
+            if store.health().loaded {
+                let _ = store.sync_now().await;
+            } else if store
+                .initial_load(period.max(Duration::from_secs(1)))
+                .await
+                .is_ok()
+            {
+                // Started without the database and without a usable snapshot: the
+                // first successful load (migrations included) makes the node ready.
+                log::info!("store: loaded after a start without the database");
             }
             if last_snapshot.elapsed() >= SNAPSHOT_EVERY {
                 last_snapshot = Instant::now();
