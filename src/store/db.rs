@@ -205,32 +205,45 @@ impl Db {
             Db::Postgres(_) => MIGRATIONS_POSTGRES,
         };
         let mut conn = self.connect().await?;
-        conn.batch("CREATE TABLE IF NOT EXISTS gw_schema (version BIGINT NOT NULL)")
-            .await?;
-        for (i, sql) in migrations.iter().enumerate() {
-            let version = i as i64 + 1;
-            conn.begin().await?;
-            // Serialises nodes that start together: the second waits, then skips.
-            if let Conn::Pg(c) = &conn {
-                c.batch_execute("LOCK TABLE gw_schema IN EXCLUSIVE MODE")
+        // One transaction for the lot, under a lock every node takes first: nodes
+        // starting together would otherwise race even `CREATE TABLE IF NOT EXISTS`
+        // (Postgres answers the loser "type already exists"). SQLite's immediate
+        // transaction is that lock already.
+        conn.begin().await?;
+        let r = async {
+            if let Conn::Pg(_) = &conn {
+                conn.exec("SELECT pg_advisory_xact_lock(7406361)", &[])
                     .await?;
             }
-            let done = conn
-                .query(
-                    "SELECT version FROM gw_schema WHERE version = $1",
-                    &[Val::Int(version)],
-                )
+            conn.batch("CREATE TABLE IF NOT EXISTS gw_schema (version BIGINT NOT NULL)")
                 .await?;
-            if done.is_empty() {
-                conn.batch(sql).await?;
-                conn.exec(
-                    "INSERT INTO gw_schema (version) VALUES ($1)",
-                    &[Val::Int(version)],
-                )
-                .await?;
-                log::info!("store: applied schema migration {version}");
+            for (i, sql) in migrations.iter().enumerate() {
+                let version = i as i64 + 1;
+                let done = conn
+                    .query(
+                        "SELECT version FROM gw_schema WHERE version = $1",
+                        &[Val::Int(version)],
+                    )
+                    .await?;
+                if done.is_empty() {
+                    conn.batch(sql).await?;
+                    conn.exec(
+                        "INSERT INTO gw_schema (version) VALUES ($1)",
+                        &[Val::Int(version)],
+                    )
+                    .await?;
+                    log::info!("store: applied schema migration {version}");
+                }
             }
-            conn.commit().await?;
+            Ok::<(), DbError>(())
+        }
+        .await;
+        match r {
+            Ok(()) => conn.commit().await?,
+            Err(e) => {
+                conn.rollback().await;
+                return Err(e);
+            }
         }
         Ok(())
     }

@@ -8,6 +8,7 @@ mod fuzz;
 mod limits_redis;
 mod mock_wire;
 mod pg;
+mod store_pg;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
