@@ -1,5 +1,5 @@
 use super::*;
-use crate::config::{sha256_hex, Config, Counters};
+use crate::config::{sha256_hex, ApiKey, Config, Counters};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 const YAML: &str = r#"
@@ -54,6 +54,11 @@ fn setup() -> (Config, Arc<AtomicU64>, Limits) {
     (cfg, now, limits)
 }
 
+/// The tenant's first key (in this file's tenants: one without limits of its own).
+fn key0(t: &Tenant) -> &ApiKey {
+    &t.api_keys[0]
+}
+
 fn d(tokens: u64, cost: u64) -> Demand {
     Demand {
         tokens,
@@ -66,11 +71,12 @@ async fn rps_refuses_the_extra_request_in_the_same_second() {
     let (cfg, now, l) = setup();
     let t = cfg.tenant("t").unwrap();
     for _ in 0..3 {
-        let k = l.admit(t, d(1, 0)).await.unwrap();
+        let k = l.admit(t, key0(t), d(1, 0)).await.unwrap();
         l.settle(k, Actual::default()).await;
     }
-    match l.admit(t, d(1, 0)).await {
+    match l.admit(t, key0(t), d(1, 0)).await {
         Err(Refusal::Rate {
+            scope: Scope::Tenant,
             which: "rps",
             retry_after_s: 1,
             headers,
@@ -81,7 +87,7 @@ async fn rps_refuses_the_extra_request_in_the_same_second() {
         other => panic!("{other:?}"),
     }
     now.fetch_add(1000, Ordering::SeqCst);
-    let k = l.admit(t, d(1, 0)).await.unwrap();
+    let k = l.admit(t, key0(t), d(1, 0)).await.unwrap();
     assert_eq!(k.headers.remaining_requests, Some(2));
 }
 
@@ -89,12 +95,12 @@ async fn rps_refuses_the_extra_request_in_the_same_second() {
 async fn precheck_refuses_at_rps_or_concurrency_and_counts_nothing() {
     let (cfg, now, l) = setup();
     let t = cfg.tenant("t").unwrap();
-    assert_eq!(l.peek_headers(t).remaining_requests, Some(3));
-    let a = l.admit(t, d(100, 0)).await.unwrap();
-    let b = l.admit(t, d(100, 0)).await.unwrap();
+    assert_eq!(l.peek_headers(t, key0(t)).remaining_requests, Some(3));
+    let a = l.admit(t, key0(t), d(100, 0)).await.unwrap();
+    let b = l.admit(t, key0(t), d(100, 0)).await.unwrap();
     // rps 3 has room, concurrency 2 does not.
     assert!(matches!(
-        l.precheck(t),
+        l.precheck(t, key0(t)),
         Err(Refusal::Rate {
             which: "concurrency",
             retry_after_s: 1,
@@ -102,13 +108,13 @@ async fn precheck_refuses_at_rps_or_concurrency_and_counts_nothing() {
         })
     ));
     l.settle(a, Actual::default()).await;
-    l.precheck(t).unwrap();
-    l.precheck(t).unwrap();
-    let c = l.admit(t, d(1, 0)).await.unwrap();
+    l.precheck(t, key0(t)).unwrap();
+    l.precheck(t, key0(t)).unwrap();
+    let c = l.admit(t, key0(t), d(1, 0)).await.unwrap();
     // Three admitted this second: refused, and the refusals were not counted. (Only
     // `b` still holds tokens: `a` settled at none, `c` was dropped.)
     drop(c);
-    match l.precheck(t) {
+    match l.precheck(t, key0(t)) {
         Err(Refusal::Rate {
             which: "rps",
             headers,
@@ -116,51 +122,51 @@ async fn precheck_refuses_at_rps_or_concurrency_and_counts_nothing() {
         }) => assert_eq!(headers.remaining_requests, Some(0)),
         other => panic!("{other:?}"),
     }
-    let h = l.peek_headers(t);
+    let h = l.peek_headers(t, key0(t));
     assert_eq!(
         (h.limit_requests, h.remaining_requests, h.remaining_tokens),
         (Some(3), Some(0), Some(1000 - 100))
     );
     now.fetch_add(1000, Ordering::SeqCst);
-    l.precheck(t).unwrap();
-    assert_eq!(l.peek_headers(t).remaining_requests, Some(3));
+    l.precheck(t, key0(t)).unwrap();
+    assert_eq!(l.peek_headers(t, key0(t)).remaining_requests, Some(3));
     drop(b);
     // A tenant with no limits is never refused early.
     let free = cfg.tenant("free").unwrap();
-    l.precheck(free).unwrap();
-    assert_eq!(l.peek_headers(free), RateHeaders::default());
+    l.precheck(free, key0(free)).unwrap();
+    assert_eq!(l.peek_headers(free, key0(free)), RateHeaders::default());
 }
 
 #[tokio::test]
 async fn concurrency_is_released_by_settle_and_by_drop() {
     let (cfg, now, l) = setup();
     let t = cfg.tenant("t").unwrap();
-    let a = l.admit(t, d(1, 0)).await.unwrap();
-    let b = l.admit(t, d(1, 0)).await.unwrap();
+    let a = l.admit(t, key0(t), d(1, 0)).await.unwrap();
+    let b = l.admit(t, key0(t), d(1, 0)).await.unwrap();
     now.fetch_add(1000, Ordering::SeqCst);
     assert!(matches!(
-        l.admit(t, d(1, 0)).await,
+        l.admit(t, key0(t), d(1, 0)).await,
         Err(Refusal::Rate {
             which: "concurrency",
             ..
         })
     ));
     l.settle(a, Actual::default()).await;
-    let c = l.admit(t, d(1, 0)).await.unwrap();
+    let c = l.admit(t, key0(t), d(1, 0)).await.unwrap();
     drop(b);
     drop(c);
-    let _e = l.admit(t, d(1, 0)).await.unwrap();
-    let _f = l.admit(t, d(1, 0)).await.unwrap();
+    let _e = l.admit(t, key0(t), d(1, 0)).await.unwrap();
+    let _f = l.admit(t, key0(t), d(1, 0)).await.unwrap();
 }
 
 #[tokio::test]
 async fn tpm_counts_reserved_then_actual_tokens() {
     let (cfg, now, l) = setup();
     let t = cfg.tenant("t").unwrap();
-    let k = l.admit(t, d(900, 0)).await.unwrap();
+    let k = l.admit(t, key0(t), d(900, 0)).await.unwrap();
     assert_eq!(k.headers.remaining_tokens, Some(100));
     assert!(matches!(
-        l.admit(t, d(200, 0)).await,
+        l.admit(t, key0(t), d(200, 0)).await,
         Err(Refusal::Rate { which: "tpm", .. })
     ));
     // Settling at 300 actual tokens frees the other 600.
@@ -173,10 +179,10 @@ async fn tpm_counts_reserved_then_actual_tokens() {
         },
     )
     .await;
-    let k = l.admit(t, d(700, 0)).await.unwrap();
+    let k = l.admit(t, key0(t), d(700, 0)).await.unwrap();
     l.settle(k, Actual::default()).await;
     now.fetch_add(61_000, Ordering::SeqCst);
-    assert!(l.admit(t, d(1000, 0)).await.is_ok());
+    assert!(l.admit(t, key0(t), d(1000, 0)).await.is_ok());
 }
 
 #[tokio::test]
@@ -188,9 +194,9 @@ async fn concurrent_reservations_never_exceed_the_monthly_budget() {
     for _ in 0..200 {
         let l = l.clone();
         let t = t.clone();
-        tasks.push(tokio::spawn(
-            async move { l.admit(&t, d(10, 1_000)).await.ok() },
-        ));
+        tasks.push(tokio::spawn(async move {
+            l.admit(&t, key0(&t), d(10, 1_000)).await.ok()
+        }));
     }
     let mut held = Vec::new();
     for task in tasks {
@@ -218,12 +224,12 @@ async fn concurrent_reservations_never_exceed_the_monthly_budget() {
     assert_eq!(u.spent_usd, "0.000018500");
     assert_eq!(u.requests, 37);
     let mut more = 0;
-    while let Ok(k) = l.admit(t, d(1, 1_000)).await {
+    while let Ok(k) = l.admit(t, key0(t), d(1, 1_000)).await {
         more += 1;
         std::mem::forget(k);
     }
     assert_eq!(more, 18);
-    match l.admit(t, d(1, 1_000)).await {
+    match l.admit(t, key0(t), d(1, 1_000)).await {
         Err(Refusal::Budget {
             which: "monthly",
             retry_after_s,
@@ -241,7 +247,7 @@ async fn hourly_budget_stops_until_the_hour_rolls() {
     let (cfg, now, l) = setup();
     let t = cfg.tenant("t").unwrap();
     // hourly 500 nano-USD, monthly 1000
-    let k = l.admit(t, d(1, 400)).await.unwrap();
+    let k = l.admit(t, key0(t), d(1, 400)).await.unwrap();
     l.settle(
         k,
         Actual {
@@ -252,7 +258,7 @@ async fn hourly_budget_stops_until_the_hour_rolls() {
     )
     .await;
     now.fetch_add(1_800_000, Ordering::SeqCst);
-    match l.admit(t, d(1, 200)).await {
+    match l.admit(t, key0(t), d(1, 200)).await {
         Err(Refusal::Budget {
             which: "hourly",
             retry_after_s,
@@ -261,7 +267,7 @@ async fn hourly_budget_stops_until_the_hour_rolls() {
         other => panic!("{other:?}"),
     }
     now.fetch_add(1_800_000, Ordering::SeqCst);
-    let k = l.admit(t, d(1, 200)).await.unwrap();
+    let k = l.admit(t, key0(t), d(1, 200)).await.unwrap();
     l.settle(
         k,
         Actual {
@@ -281,7 +287,7 @@ async fn hourly_budget_stops_until_the_hour_rolls() {
 async fn a_new_month_starts_from_zero() {
     let (cfg, now, l) = setup();
     let t = cfg.tenant("big").unwrap();
-    let k = l.admit(t, d(1, 30_000)).await.unwrap();
+    let k = l.admit(t, key0(t), d(1, 30_000)).await.unwrap();
     l.settle(
         k,
         Actual {
@@ -291,11 +297,11 @@ async fn a_new_month_starts_from_zero() {
         },
     )
     .await;
-    assert!(l.admit(t, d(1, 30_000)).await.is_err());
+    assert!(l.admit(t, key0(t), d(1, 30_000)).await.is_err());
     now.store(T0 + (8 * 86_400 + 5 * 3600) * 1000, Ordering::SeqCst);
     let u = l.usage(t).await.unwrap();
     assert_eq!((u.month.as_str(), u.spent_nanousd), ("2026-12", 0));
-    assert!(l.admit(t, d(1, 30_000)).await.is_ok());
+    assert!(l.admit(t, key0(t), d(1, 30_000)).await.is_ok());
 }
 
 fn a(tokens_in: u64, tokens_out: u64, cost: u64) -> Actual {
@@ -310,9 +316,9 @@ fn a(tokens_in: u64, tokens_out: u64, cost: u64) -> Actual {
 async fn a_dropped_ticket_gives_back_its_slot_and_its_reservation() {
     let (cfg, _now, l) = setup();
     let t = cfg.tenant("big").unwrap();
-    let k = l.admit(t, d(10, 37_000)).await.unwrap();
+    let k = l.admit(t, key0(t), d(10, 37_000)).await.unwrap();
     assert!(matches!(
-        l.admit(t, d(1, 1)).await,
+        l.admit(t, key0(t), d(1, 1)).await,
         Err(Refusal::Budget {
             which: "monthly",
             ..
@@ -322,14 +328,14 @@ async fn a_dropped_ticket_gives_back_its_slot_and_its_reservation() {
     drop(k);
     let u = l.usage(t).await.unwrap();
     assert_eq!((u.reserved_nanousd, u.spent_nanousd), (0, 0));
-    assert!(l.admit(t, d(10, 37_000)).await.is_ok());
+    assert!(l.admit(t, key0(t), d(10, 37_000)).await.is_ok());
 }
 
 #[tokio::test]
 async fn an_actual_cost_above_the_reservation_is_recorded_as_it_is() {
     let (cfg, _now, l) = setup();
     let t = cfg.tenant("big").unwrap();
-    let k = l.admit(t, d(10, 1_000)).await.unwrap();
+    let k = l.admit(t, key0(t), d(10, 1_000)).await.unwrap();
     l.settle(k, a(7, 9, 1_500)).await;
     let u = l.usage(t).await.unwrap();
     assert_eq!(
@@ -351,11 +357,11 @@ async fn cache_hits_count_against_rps_only() {
     let (cfg, now, l) = setup();
     let t = cfg.tenant("huge").unwrap();
     // concurrency 1 is held, yet a cache hit still passes: it holds nothing.
-    let k = l.admit(t, d(1, 1)).await.unwrap();
-    let h = l.admit_request_only(t).await.unwrap();
+    let k = l.admit(t, key0(t), d(1, 1)).await.unwrap();
+    let h = l.admit_request_only(t, key0(t)).await.unwrap();
     assert_eq!((h.limit_requests, h.remaining_requests), (Some(2), Some(0)));
     assert!(matches!(
-        l.admit_request_only(t).await,
+        l.admit_request_only(t, key0(t)).await,
         Err(Refusal::Rate {
             which: "rps",
             retry_after_s: 1,
@@ -364,7 +370,7 @@ async fn cache_hits_count_against_rps_only() {
     ));
     now.fetch_add(1000, Ordering::SeqCst);
     assert!(matches!(
-        l.admit(t, d(1, 1)).await,
+        l.admit(t, key0(t), d(1, 1)).await,
         Err(Refusal::Rate {
             which: "concurrency",
             ..
@@ -379,13 +385,14 @@ async fn cache_hits_count_against_rps_only() {
 async fn tpm_retry_after_runs_until_the_oldest_tokens_leave_the_window() {
     let (cfg, now, l) = setup();
     let t = cfg.tenant("t").unwrap();
-    let k = l.admit(t, d(600, 0)).await.unwrap();
+    let k = l.admit(t, key0(t), d(600, 0)).await.unwrap();
     l.settle(k, a(300, 300, 0)).await;
     now.fetch_add(20_000, Ordering::SeqCst);
-    let k = l.admit(t, d(300, 0)).await.unwrap();
+    let k = l.admit(t, key0(t), d(300, 0)).await.unwrap();
     assert_eq!(k.headers.remaining_tokens, Some(100));
-    match l.admit(t, d(200, 0)).await {
+    match l.admit(t, key0(t), d(200, 0)).await {
         Err(Refusal::Rate {
+            scope: Scope::Tenant,
             which: "tpm",
             retry_after_s,
             headers,
@@ -396,7 +403,7 @@ async fn tpm_retry_after_runs_until_the_oldest_tokens_leave_the_window() {
         other => panic!("{other:?}"),
     }
     now.fetch_add(40_000, Ordering::SeqCst);
-    assert!(l.admit(t, d(200, 0)).await.is_ok());
+    assert!(l.admit(t, key0(t), d(200, 0)).await.is_ok());
 }
 
 #[tokio::test]
@@ -406,8 +413,8 @@ async fn a_request_straddling_the_month_end_is_billed_to_the_month_it_started_in
     // 2026-11-30 23:59:59 UTC
     let last_second = T0 + (8 * 86_400 + 5 * 3600 - 1) * 1000;
     now.store(last_second, Ordering::SeqCst);
-    let k = l.admit(t, d(1, 30_000)).await.unwrap();
-    assert!(l.admit(t, d(1, 30_000)).await.is_err());
+    let k = l.admit(t, key0(t), d(1, 30_000)).await.unwrap();
+    assert!(l.admit(t, key0(t), d(1, 30_000)).await.is_err());
     now.store(last_second + 2_000, Ordering::SeqCst);
     // December starts from zero while November's request is still in flight...
     let dec = l.usage(t).await.unwrap();
@@ -415,7 +422,7 @@ async fn a_request_straddling_the_month_end_is_billed_to_the_month_it_started_in
         (dec.month.as_str(), dec.reserved_nanousd, dec.requests),
         ("2026-12", 0, 0)
     );
-    let k2 = l.admit(t, d(1, 30_000)).await.unwrap();
+    let k2 = l.admit(t, key0(t), d(1, 30_000)).await.unwrap();
     // ...and November's spend stays in November.
     l.settle(k, a(1, 1, 25_000)).await;
     let dec = l.usage(t).await.unwrap();
@@ -438,12 +445,15 @@ async fn budgets_above_what_a_double_holds_stay_exact() {
     let mut t = Tenant::clone(cfg.tenant("rich").unwrap());
     t.budget.hourly_nanousd = Some(10_000_000_000_000_001);
     let t = &t;
-    let k = l.admit(t, d(1, 10_000_000_000_000_000)).await.unwrap();
+    let k = l
+        .admit(t, key0(t), d(1, 10_000_000_000_000_000))
+        .await
+        .unwrap();
     l.settle(k, a(0, 0, 10_000_000_000_000_000)).await;
-    let k = l.admit(t, d(1, 1)).await.unwrap();
+    let k = l.admit(t, key0(t), d(1, 1)).await.unwrap();
     l.settle(k, a(0, 0, 1)).await;
     assert!(matches!(
-        l.admit(t, d(1, 1)).await,
+        l.admit(t, key0(t), d(1, 1)).await,
         Err(Refusal::Budget {
             which: "hourly",
             ..
@@ -457,11 +467,11 @@ async fn velocity_compares_this_hour_with_the_last_24() {
     let (cfg, now, l) = setup();
     let t = cfg.tenant("free").unwrap();
     for _ in 0..24 {
-        let k = l.admit(t, d(1, 1_000)).await.unwrap();
+        let k = l.admit(t, key0(t), d(1, 1_000)).await.unwrap();
         l.settle(k, a(1, 1, 100)).await;
         now.fetch_add(3_600_000, Ordering::SeqCst);
     }
-    let k = l.admit(t, d(1, 1_000)).await.unwrap();
+    let k = l.admit(t, key0(t), d(1, 1_000)).await.unwrap();
     l.settle(k, a(1, 1, 5_000)).await;
     assert_eq!(l.velocity(t).await, Some((5_000, 100)));
     // The usage view carries the same two figures.
@@ -500,11 +510,11 @@ async fn unreachable_redis_fail_closed_refuses_without_panicking() {
     let t = cfg.tenant("t").unwrap();
     for _ in 0..5 {
         assert!(matches!(
-            l.admit(t, d(1, 1)).await,
+            l.admit(t, key0(t), d(1, 1)).await,
             Err(Refusal::Unavailable(_))
         ));
         assert!(matches!(
-            l.admit_request_only(t).await,
+            l.admit_request_only(t, key0(t)).await,
             Err(Refusal::Unavailable(_))
         ));
     }
@@ -512,7 +522,8 @@ async fn unreachable_redis_fail_closed_refuses_without_panicking() {
     assert_eq!(l.velocity(t).await, None);
     assert!(l.store_errors() >= 10);
     // A tenant with nothing to enforce needs no round trip to be admitted.
-    let k = l.admit(cfg.tenant("free").unwrap(), d(1, 1)).await.unwrap();
+    let free = cfg.tenant("free").unwrap();
+    let k = l.admit(free, key0(free), d(1, 1)).await.unwrap();
     l.settle(k, a(1, 1, 1)).await;
 }
 
@@ -521,11 +532,12 @@ async fn unreachable_redis_fail_open_enforces_rps_and_concurrency_per_node() {
     let (cfg, _now, _) = setup();
     let l = unreachable(OnError::FailOpen);
     let t = cfg.tenant("t").unwrap();
-    // Budgets cannot be checked (this one fits 1 request), rps 3 and concurrency 2 can.
-    let k1 = l.admit(t, d(1, 1_000)).await.unwrap();
-    let k2 = l.admit(t, d(1, 1_000)).await.unwrap();
+    // Budgets cannot be checked (the hourly one fits 1 of these), rps 3 and
+    // concurrency 2 can.
+    let k1 = l.admit(t, key0(t), d(1, 400)).await.unwrap();
+    let k2 = l.admit(t, key0(t), d(1, 400)).await.unwrap();
     assert!(matches!(
-        l.admit(t, d(1, 1_000)).await,
+        l.admit(t, key0(t), d(1, 400)).await,
         Err(Refusal::Rate {
             which: "concurrency",
             ..
@@ -533,9 +545,9 @@ async fn unreachable_redis_fail_open_enforces_rps_and_concurrency_per_node() {
     ));
     drop(k1);
     l.settle(k2, a(1, 1, 1)).await;
-    let k3 = l.admit(t, d(1, 1_000)).await.unwrap();
+    let k3 = l.admit(t, key0(t), d(1, 400)).await.unwrap();
     assert!(matches!(
-        l.admit(t, d(1, 1_000)).await,
+        l.admit(t, key0(t), d(1, 400)).await,
         Err(Refusal::Rate { which: "rps", .. })
     ));
     drop(k3);

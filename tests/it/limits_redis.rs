@@ -7,8 +7,8 @@
 //! they do not skip.
 
 use crate::Proc;
-use llm_gateway::config::{sha256_hex, Config, Counters, OnError, Tenant};
-use llm_gateway::limits::{Actual, Demand, Limits, Refusal, Ticket};
+use llm_gateway::config::{sha256_hex, ApiKey, Config, Counters, OnError, Tenant};
+use llm_gateway::limits::{Actual, Demand, Limits, Refusal, Scope, Ticket};
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
@@ -180,6 +180,11 @@ fn two_nodes(redis: &Redis, on_error: OnError) -> (Arc<AtomicU64>, Limits, Limit
     )
 }
 
+/// The tenant's first key (in [`TENANTS`], one without limits of its own).
+fn key0(t: &Tenant) -> &ApiKey {
+    &t.api_keys[0]
+}
+
 fn demand(tokens: u64, cost: u64) -> Demand {
     Demand {
         tokens,
@@ -193,7 +198,7 @@ async fn race(a: &Limits, b: &Limits, t: &Arc<Tenant>, n: usize, d: Demand) -> V
         .map(|i| {
             let node = if i % 2 == 0 { a.clone() } else { b.clone() };
             let t = t.clone();
-            tokio::spawn(async move { node.admit(&t, d).await })
+            tokio::spawn(async move { node.admit(&t, key0(&t), d).await })
         })
         .collect();
     let mut admitted = Vec::new();
@@ -216,7 +221,7 @@ async fn two_nodes_never_together_exceed_one_monthly_budget() {
     // Budget 37_000 nano-USD, each request may cost up to 1_000: exactly 37 fit.
     let held = race(&a, &b, &t, 200, demand(10, 1_000)).await;
     assert_eq!(held.len(), 37);
-    match a.admit(&t, demand(1, 1)).await {
+    match a.admit(&t, key0(&t), demand(1, 1)).await {
         Err(Refusal::Budget {
             which: "monthly",
             retry_after_s,
@@ -273,7 +278,7 @@ async fn commands_processed(c: &mut redis::aio::MultiplexedConnection) -> u64 {
 
 /// Admits `cost` on `node`, settles it at the full cost, or returns the refusal.
 async fn spend(node: &Limits, t: &Arc<Tenant>, cost: u64) -> Result<(), Refusal> {
-    let k = node.admit(t, demand(1, cost)).await?;
+    let k = node.admit(t, key0(t), demand(1, cost)).await?;
     node.settle(
         k,
         Actual {
@@ -343,8 +348,9 @@ async fn two_nodes_enforce_one_rps_and_one_concurrency_limit() {
     let admitted = race(&a, &b, &t, 200, demand(1, 0)).await;
     assert_eq!(admitted.len(), 50);
     assert_eq!(admitted[0].headers.limit_requests, Some(50));
-    match a.admit_request_only(&t).await {
+    match a.admit_request_only(&t, key0(&t)).await {
         Err(Refusal::Rate {
+            scope: Scope::Tenant,
             which: "rps",
             retry_after_s: 1,
             headers,
@@ -357,12 +363,12 @@ async fn two_nodes_enforce_one_rps_and_one_concurrency_limit() {
     // rest of this second is refused locally, before the body and without a round
     // trip: even with Redis gone the answer is the rps refusal, not "unavailable".
     assert!(matches!(
-        b.admit(&t, demand(1, 0)).await,
+        b.admit(&t, key0(&t), demand(1, 0)).await,
         Err(Refusal::Rate { which: "rps", .. })
     ));
     let mut watch = redis.conn().await;
     let before = commands_processed(&mut watch).await;
-    match b.precheck(&t) {
+    match b.precheck(&t, key0(&t)) {
         Err(Refusal::Rate {
             which: "rps",
             headers,
@@ -371,15 +377,19 @@ async fn two_nodes_enforce_one_rps_and_one_concurrency_limit() {
         other => panic!("{other:?}"),
     }
     assert!(matches!(
-        b.admit(&t, demand(1, 0)).await,
+        b.admit(&t, key0(&t), demand(1, 0)).await,
         Err(Refusal::Rate { which: "rps", .. })
     ));
     // Only the first INFO ran in between.
     assert_eq!(commands_processed(&mut watch).await, before + 1);
     drop(admitted);
     now.fetch_add(1000, Ordering::SeqCst);
-    b.precheck(&t).expect("a new second, asked of Redis again");
-    let h = b.admit_request_only(&t).await.expect("a new second");
+    b.precheck(&t, key0(&t))
+        .expect("a new second, asked of Redis again");
+    let h = b
+        .admit_request_only(&t, key0(&t))
+        .await
+        .expect("a new second");
     assert_eq!(h.remaining_requests, Some(49));
 
     let t = tenant(&cfg, "conc10");
@@ -393,7 +403,7 @@ async fn two_nodes_enforce_one_rps_and_one_concurrency_limit() {
         Some(true)
     );
     assert!(matches!(
-        a.admit(&t, demand(1, 1)).await,
+        a.admit(&t, key0(&t), demand(1, 1)).await,
         Err(Refusal::Rate {
             which: "concurrency",
             ..
@@ -410,9 +420,12 @@ async fn two_nodes_enforce_one_rps_and_one_concurrency_limit() {
         },
     )
     .await;
-    let k = b.admit(&t, demand(1, 1)).await.expect("the freed slot");
+    let k = b
+        .admit(&t, key0(&t), demand(1, 1))
+        .await
+        .expect("the freed slot");
     held.push(k);
-    assert!(b.admit(&t, demand(1, 1)).await.is_err());
+    assert!(b.admit(&t, key0(&t), demand(1, 1)).await.is_err());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -425,7 +438,7 @@ async fn money_beyond_double_precision_is_exact() {
     t.budget.monthly_nanousd = Some(10_000_000_000_000_001);
     let t = Arc::new(t);
     let k = a
-        .admit(&t, demand(1, 10_000_000_000_000_000))
+        .admit(&t, key0(&t), demand(1, 10_000_000_000_000_000))
         .await
         .expect("fits");
     a.settle(
@@ -438,11 +451,11 @@ async fn money_beyond_double_precision_is_exact() {
     )
     .await;
     let k = b
-        .admit(&t, demand(1, 1))
+        .admit(&t, key0(&t), demand(1, 1))
         .await
         .expect("the last nano-dollar fits");
     assert!(matches!(
-        a.admit(&t, demand(1, 1)).await,
+        a.admit(&t, key0(&t), demand(1, 1)).await,
         Err(Refusal::Budget {
             which: "monthly",
             ..
@@ -469,7 +482,10 @@ async fn every_key_expires_and_dropped_or_lost_tickets_are_given_back() {
     let (now, a, b) = two_nodes(&redis, OnError::FailClosed);
     let cfg = tenants();
     let t = tenant(&cfg, "conc10");
-    let k = a.admit(&t, demand(100, 1_000)).await.expect("admit");
+    let k = a
+        .admit(&t, key0(&t), demand(100, 1_000))
+        .await
+        .expect("admit");
     a.settle(
         k,
         Actual {
@@ -486,8 +502,14 @@ async fn every_key_expires_and_dropped_or_lost_tickets_are_given_back() {
         (700, 0)
     );
     // A dropped ticket (a cancelled request) is released from a background task.
-    let k = a.admit(&t, demand(100, 5_000)).await.expect("admit");
-    let crashed = b.admit(&t, demand(100, 3_000)).await.expect("admit");
+    let k = a
+        .admit(&t, key0(&t), demand(100, 5_000))
+        .await
+        .expect("admit");
+    let crashed = b
+        .admit(&t, key0(&t), demand(100, 3_000))
+        .await
+        .expect("admit");
     assert_eq!(a.usage(&t).await.expect("usage").reserved_nanousd, 8_000);
     drop(k);
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -526,7 +548,7 @@ async fn every_key_expires_and_dropped_or_lost_tickets_are_given_back() {
     // run out, the next admission on any node gives its reservation and slot back.
     std::mem::forget(crashed);
     now.fetch_add(61_000, Ordering::SeqCst);
-    let k = a.admit(&t, demand(1, 1)).await.expect("admit");
+    let k = a.admit(&t, key0(&t), demand(1, 1)).await.expect("admit");
     let u = a.usage(&t).await.expect("usage");
     assert_eq!((u.reserved_nanousd, u.spent_nanousd), (1, 700));
     a.settle(k, Actual::default()).await;
@@ -544,19 +566,25 @@ async fn redis_down_follows_on_error_and_recovers_without_a_restart() {
     let free = tenant(&tenants(), "free");
     let cfg = tenants();
     let t = tenant(&cfg, "conc10");
-    let held = open.admit(&t, demand(10, 100)).await.expect("admit");
-    let k = closed.admit(&t, demand(10, 100)).await.expect("admit");
+    let held = open
+        .admit(&t, key0(&t), demand(10, 100))
+        .await
+        .expect("admit");
+    let k = closed
+        .admit(&t, key0(&t), demand(10, 100))
+        .await
+        .expect("admit");
     closed.settle(k, Actual::default()).await;
 
     redis.kill();
     for _ in 0..20 {
         let started = Instant::now();
-        match closed.admit(&t, demand(10, 100)).await {
+        match closed.admit(&t, key0(&t), demand(10, 100)).await {
             Err(Refusal::Unavailable(_)) => {}
             other => panic!("fail_closed with redis down: {other:?}"),
         }
         let k = open
-            .admit(&t, demand(10, 100))
+            .admit(&t, key0(&t), demand(10, 100))
             .await
             .expect("fail_open admits");
         open.settle(
@@ -574,7 +602,10 @@ async fn redis_down_follows_on_error_and_recovers_without_a_restart() {
         );
     }
     // Nothing to enforce: admitted even by fail_closed, its spend kept for later.
-    let k = idle.admit(&free, demand(10, 100)).await.expect("no limits");
+    let k = idle
+        .admit(&free, key0(&free), demand(10, 100))
+        .await
+        .expect("no limits");
     idle.settle(
         k,
         Actual {
@@ -599,7 +630,7 @@ async fn redis_down_follows_on_error_and_recovers_without_a_restart() {
     // fail_open still holds each node to the tenant's concurrency on its own.
     let ten: Vec<Ticket> = {
         let mut v = Vec::new();
-        while let Ok(k) = open.admit(&t, demand(1, 1)).await {
+        while let Ok(k) = open.admit(&t, key0(&t), demand(1, 1)).await {
             v.push(k);
         }
         v
@@ -612,7 +643,7 @@ async fn redis_down_follows_on_error_and_recovers_without_a_restart() {
     redis.spawn();
     let deadline = Instant::now() + Duration::from_secs(10);
     let k = loop {
-        match closed.admit(&t, demand(10, 100)).await {
+        match closed.admit(&t, key0(&t), demand(10, 100)).await {
             Ok(k) => break k,
             Err(Refusal::Unavailable(_)) if Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(50)).await
@@ -694,13 +725,13 @@ async fn a_stalled_redis_costs_a_bounded_wait_and_leaks_no_slot() {
     let cfg = tenants();
     let t = tenant(&cfg, "conc1");
     // Warm up: the connection is open and the scripts are loaded.
-    let k = l.admit(&t, demand(10, 0)).await.expect("admit");
+    let k = l.admit(&t, key0(&t), demand(10, 0)).await.expect("admit");
     l.settle(k, Actual::default()).await;
 
     let busy = stall(&redis, 700).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     let started = Instant::now();
-    match l.admit(&t, demand(10, 0)).await {
+    match l.admit(&t, key0(&t), demand(10, 0)).await {
         Err(Refusal::Unavailable(_)) => {}
         other => panic!("admission during the stall: {other:?}"),
     }
@@ -726,7 +757,7 @@ async fn a_stalled_redis_costs_a_bounded_wait_and_leaks_no_slot() {
     // lease lapses a minute later.
     let deadline = Instant::now() + Duration::from_secs(5);
     let k = loop {
-        match l.admit(&t, demand(10, 0)).await {
+        match l.admit(&t, key0(&t), demand(10, 0)).await {
             Ok(k) => break k,
             Err(_) if Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(50)).await
@@ -754,9 +785,15 @@ async fn a_settle_whose_reply_was_lost_is_counted_once() {
     let cfg = tenants();
     let t = tenant(&cfg, "conc10");
     // Warm up: the scripts are loaded, so the settle below goes out as one EVALSHA.
-    let k = l.admit(&t, demand(10, 1_000)).await.expect("admit");
+    let k = l
+        .admit(&t, key0(&t), demand(10, 1_000))
+        .await
+        .expect("admit");
     l.settle(k, Actual::default()).await;
-    let k = l.admit(&t, demand(10, 1_000)).await.expect("admit");
+    let k = l
+        .admit(&t, key0(&t), demand(10, 1_000))
+        .await
+        .expect("admit");
     // Redis is busy for 700 ms: the settle times out after it was sent, Redis runs it
     // once free, and the node replays it (it cannot know it ran).
     let busy = stall(&redis, 700).await;
