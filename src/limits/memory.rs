@@ -538,6 +538,16 @@ impl Store {
     pub(super) fn velocity(&self, tenant: &str, now: Now) -> (u64, u64) {
         self.with(tenant, None, |s, _| s.velocity(now))
     }
+
+    /// How many keys of `tenant` have counters of their own.
+    #[cfg(test)]
+    pub(super) fn key_states(&self, tenant: &str) -> usize {
+        let map = match self.tenants.lock() {
+            Ok(m) => m,
+            Err(p) => p.into_inner(),
+        };
+        map.get(tenant).map_or(0, |e| e.keys.len())
+    }
 }
 
 fn with_entry<R>(

@@ -377,3 +377,77 @@ impl ResponseTranslator {
         self.inner().snapshot()
     }
 }
+
+#[cfg(test)]
+mod output_bound_tests {
+    use super::translate_fixtures::model;
+    use super::*;
+    use serde_json::json;
+
+    fn req(format: ApiFormat, body: Value) -> ClientRequest {
+        ClientRequest::parse(format, body.to_string().as_bytes()).expect("valid request")
+    }
+
+    fn sent(up: &UpstreamRequest) -> Value {
+        serde_json::from_slice(&up.body).expect("json body")
+    }
+
+    #[test]
+    fn max_tokens_above_the_first_choice_bound_is_refused_naming_it() {
+        let m = model(ProviderKind::OpenAiCompatible, Some(256));
+        let over = req(
+            ApiFormat::OpenAi,
+            json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 257}),
+        );
+        let e = check_max_tokens(&over, &m).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::InvalidRequest);
+        assert_eq!(
+            e.message,
+            "'max_tokens' is 257, above model 'public-model''s limit of 256 output tokens \
+             (max_output_tokens): lower max_tokens"
+        );
+        let at = req(
+            ApiFormat::Anthropic,
+            json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 256}),
+        );
+        check_max_tokens(&at, &m).unwrap();
+        // No bound configured: anything goes, as before.
+        check_max_tokens(&over, &model(ProviderKind::OpenAiCompatible, None)).unwrap();
+    }
+
+    #[test]
+    fn a_fallback_with_a_smaller_bound_gets_the_request_capped_at_it() {
+        let small = model(ProviderKind::OpenAi, Some(100));
+        let chat = req(
+            ApiFormat::OpenAi,
+            json!({"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 500}),
+        );
+        assert_eq!(output_bound(&chat, &small), 100);
+        assert_eq!(
+            sent(&prepare(&chat, &small).unwrap())["max_completion_tokens"],
+            100
+        );
+        let roomy = model(ProviderKind::OpenAi, Some(1000));
+        assert_eq!(
+            sent(&prepare(&chat, &roomy).unwrap())["max_completion_tokens"],
+            500
+        );
+        let msgs = req(
+            ApiFormat::Anthropic,
+            json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 500}),
+        );
+        let small_anthropic = model(ProviderKind::Anthropic, Some(100));
+        assert_eq!(
+            sent(&prepare(&msgs, &small_anthropic).unwrap())["max_tokens"],
+            100
+        );
+        assert_eq!(
+            sent(&prepare(&msgs, &small).unwrap())["max_completion_tokens"],
+            100
+        );
+        assert_eq!(
+            sent(&prepare(&chat, &small_anthropic).unwrap())["max_tokens"],
+            100
+        );
+    }
+}
