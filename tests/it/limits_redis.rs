@@ -141,11 +141,36 @@ tenants:
     api_keys: [ { id: k6, sha256: "H6" } ]
     models: [m1]
     budget: { monthly_usd: 0.00001, hourly_usd: 0.000004 }
+  keyed:
+    api_keys:
+      - { id: "team/a", sha256: "H7", rate: { rps: 3 }, budget: { monthly_usd: 0.00001 } }
+      - { id: plain, sha256: "H8" }
+    models: [m1]
+    budget: { monthly_usd: 0.000025 }
+  mixed:
+    api_keys:
+      - { id: "team/a", sha256: "H9", budget: { monthly_usd: 0.00001 } }
+      - { id: plain, sha256: "H10" }
+    models: [m1]
+    budget: { monthly_usd: 0.000025 }
+  mixed2:
+    api_keys:
+      - { id: "team/a", sha256: "H11", budget: { monthly_usd: 0.00001 } }
+      - { id: plain, sha256: "H12" }
+    models: [m1]
+    budget: { monthly_usd: 0.000025 }
+  leased:
+    api_keys:
+      - { id: only, sha256: "H13", rate: { concurrency: 1, tpm: 1000 }, budget: { monthly_usd: 0.001 } }
+    models: [m1]
 "#;
 
 fn tenants() -> Config {
     let mut yaml = TENANTS.to_string();
-    for (i, key) in ["a", "b", "c", "d", "e", "f"].iter().enumerate() {
+    let names = [
+        "a", "b", "c", "d", "e", "f", "g", "h", "i", "j", "k", "l", "m",
+    ];
+    for (i, key) in names.iter().enumerate() {
         yaml = yaml.replace(
             &format!("\"H{}\"", i + 1),
             &format!("\"{}\"", sha256_hex(key)),
@@ -827,4 +852,291 @@ async fn a_settle_whose_reply_was_lost_is_counted_once() {
         (700, 3, 4, 2),
         "the replayed settle was counted twice"
     );
+}
+
+// ------------------------------------------------------------------ keys' own limits
+
+/// `n` concurrent admissions spread over both nodes, alternating over `keys`: each
+/// admitted ticket with the index of its key, and each refusal with the same.
+async fn race_keys(
+    a: &Limits,
+    b: &Limits,
+    t: &Arc<Tenant>,
+    keys: &[Arc<ApiKey>],
+    n: usize,
+    d: Demand,
+) -> (Vec<(usize, Ticket)>, Vec<(usize, Refusal)>) {
+    let tasks: Vec<_> = (0..n)
+        .map(|i| {
+            let node = if (i / keys.len()) % 2 == 0 {
+                a.clone()
+            } else {
+                b.clone()
+            };
+            let (t, k) = (t.clone(), i % keys.len());
+            let key = keys[k].clone();
+            tokio::spawn(async move { (k, node.admit(&t, &key, d).await) })
+        })
+        .collect();
+    let (mut admitted, mut refused) = (Vec::new(), Vec::new());
+    for task in tasks {
+        match task.await.expect("admit task") {
+            (_, Err(Refusal::Unavailable(e))) => panic!("redis unavailable: {e}"),
+            (k, Ok(ticket)) => admitted.push((k, ticket)),
+            (k, Err(r)) => refused.push((k, r)),
+        }
+    }
+    (admitted, refused)
+}
+
+fn keys_of(t: &Tenant) -> Vec<Arc<ApiKey>> {
+    t.api_keys.clone()
+}
+
+async fn settle_all(node: &Limits, held: Vec<(usize, Ticket)>, cost: u64) {
+    for (_, k) in held {
+        node.settle(
+            k,
+            Actual {
+                tokens_in: 1,
+                tokens_out: 1,
+                cost_nanousd: cost,
+            },
+        )
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_nodes_race_a_key_budget_and_its_tenant_budget_with_no_overshoot_at_either() {
+    let redis = Redis::start();
+    let (_now, a, b) = two_nodes(&redis, OnError::FailClosed);
+    let cfg = tenants();
+    // The key `team/a` may reserve 10_000, the tenant 25_000; each request up to 1_000.
+    let t = tenant(&cfg, "mixed");
+    let keys = keys_of(&t);
+    let team = &keys[0..1];
+
+    // The key's budget binds: exactly 10 of 100 on that key alone, from both nodes.
+    let (held, refused) = race_keys(&a, &b, &t, team, 100, demand(10, 1_000)).await;
+    assert_eq!(held.len(), 10);
+    for (_, r) in &refused {
+        assert!(
+            matches!(
+                r,
+                Refusal::Budget {
+                    scope: Scope::Key,
+                    which: "monthly",
+                    ..
+                }
+            ),
+            "{r:?}"
+        );
+    }
+    // Then both keys race: the limited one gets nothing more, the other exactly what
+    // is left of the tenant's budget.
+    let (more, refused) = race_keys(&a, &b, &t, &keys, 100, demand(10, 1_000)).await;
+    assert!(
+        more.iter().all(|(k, _)| *k == 1),
+        "the key's budget was overshot"
+    );
+    assert_eq!(more.len(), 15);
+    // The plain key is refused by the tenant's budget; the other, once both are
+    // full, by whichever scope is checked first (the tenant's).
+    for (k, r) in &refused {
+        assert!(
+            matches!(r, Refusal::Budget { scope, .. } if *k == 0 || *scope == Scope::Tenant),
+            "key {k}: {r:?}"
+        );
+    }
+    let (u, ku) = (
+        b.usage(&t).await.expect("usage"),
+        a.key_usage(&t, &keys[0]).await.expect("key usage"),
+    );
+    assert_eq!((u.reserved_nanousd, u.requests), (25_000, 25));
+    assert_eq!(
+        (ku.reserved_nanousd, ku.requests, ku.tracked),
+        (10_000, 10, true)
+    );
+    assert_eq!(ku.remaining_nanousd, Some(0));
+    // Settled at 600 each, on the other node: both scopes get the spend.
+    settle_all(&b, held, 600).await;
+    settle_all(&a, more, 600).await;
+    let (u, ku) = (
+        a.usage(&t).await.expect("usage"),
+        b.key_usage(&t, &keys[0]).await.expect("key usage"),
+    );
+    assert_eq!((u.spent_nanousd, u.reserved_nanousd), (15_000, 0));
+    assert_eq!((ku.spent_nanousd, ku.reserved_nanousd), (6_000, 0));
+    assert_eq!((ku.tokens_in, ku.tokens_out), (10, 10));
+    assert_eq!(ku.remaining_usd.as_deref(), Some("0.000004000"));
+    let plain = b.key_usage(&t, &keys[1]).await.expect("key usage");
+    assert_eq!((plain.tracked, plain.requests), (false, 0));
+
+    // Both at once from the start, on a fresh tenant: neither scope overshoots.
+    let t = tenant(&cfg, "mixed2");
+    let keys = keys_of(&t);
+    let (held, _) = race_keys(&a, &b, &t, &keys, 200, demand(10, 1_000)).await;
+    let on_team = held.iter().filter(|(k, _)| *k == 0).count();
+    assert_eq!(held.len(), 25);
+    assert!(on_team <= 10, "{on_team} admitted on a key that fits 10");
+    settle_all(&a, held, 1_000).await;
+    let (u, ku) = (
+        b.usage(&t).await.expect("usage"),
+        a.key_usage(&t, &keys[0]).await.expect("key usage"),
+    );
+    assert_eq!(u.spent_nanousd, 25_000);
+    assert_eq!(ku.spent_nanousd, on_team as u64 * 1_000);
+    assert_eq!(a.store_errors() + b.store_errors(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_key_rps_limit_holds_across_nodes_and_a_key_without_limits_has_no_redis_names() {
+    let redis = Redis::start();
+    let (now, a, b) = two_nodes(&redis, OnError::FailClosed);
+    let cfg = tenants();
+    let t = tenant(&cfg, "keyed");
+    let (team, plain) = (&t.api_keys[0], &t.api_keys[1]);
+    // The plain key first: its requests leave names of the tenant only.
+    for node in [&a, &b] {
+        let k = node.admit(&t, plain, demand(5, 100)).await.expect("admit");
+        node.settle(k, Actual::default()).await;
+    }
+    let mut c = redis.conn().await;
+    let names = |c: &mut redis::aio::MultiplexedConnection| {
+        let mut c = c.clone();
+        async move {
+            let keys: Vec<String> = redis::cmd("KEYS")
+                .arg("llmgw:*")
+                .query_async(&mut c)
+                .await
+                .expect("KEYS");
+            keys
+        }
+    };
+    let before = names(&mut c).await;
+    assert!(!before.is_empty());
+    assert!(
+        before.iter().all(|k| k.starts_with("llmgw:{keyed}:")),
+        "{before:?}"
+    );
+
+    // Start at the beginning of a second, so the three fit into one.
+    let ms = now.load(Ordering::SeqCst);
+    now.store(ms - ms % 1000 + 1000, Ordering::SeqCst);
+    for node in [&a, &b, &a] {
+        let k = node.admit(&t, team, demand(5, 100)).await.expect("admit");
+        node.settle(k, Actual::default()).await;
+    }
+    let r = b.admit(&t, team, demand(5, 100)).await.unwrap_err();
+    match &r {
+        Refusal::Rate {
+            scope: Scope::Key,
+            which: "rps",
+            headers,
+            ..
+        } => assert_eq!(
+            (headers.limit_requests, headers.remaining_requests),
+            (Some(3), Some(0))
+        ),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        r.message(),
+        "rate limit exceeded for this API key: requests per second"
+    );
+    // Remembered by the node Redis refused: the rest of the second costs no round trip.
+    assert!(matches!(
+        b.precheck(&t, team),
+        Err(Refusal::Rate {
+            scope: Scope::Key,
+            ..
+        })
+    ));
+    // The tenant's other key is not limited by it.
+    b.precheck(&t, plain).expect("the other key");
+    let k = b.admit(&t, plain, demand(5, 100)).await.expect("other key");
+    b.settle(k, Actual::default()).await;
+
+    let after = names(&mut c).await;
+    let own: Vec<_> = after
+        .iter()
+        .filter(|k| k.starts_with("llmgw:{keyed}/team/a:"))
+        .collect();
+    // Its second's rps counter and its month (its tickets are settled and gone).
+    assert!(own.len() >= 2, "{after:?}");
+    assert!(!after.iter().any(|k| k.contains("plain")), "{after:?}");
+    for key in &after {
+        let ttl: i64 = redis::cmd("PTTL")
+            .arg(key)
+            .query_async(&mut c)
+            .await
+            .expect("PTTL");
+        assert!(ttl > 0 || ttl == -2, "{key} has no TTL ({ttl})");
+    }
+    let ku = a.key_usage(&t, team).await.expect("key usage");
+    assert_eq!(ku.requests, 3);
+    let u = a.usage(&t).await.expect("usage");
+    assert_eq!(u.requests, 6);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_crashed_nodes_ticket_is_reclaimed_in_the_key_scope_too() {
+    let redis = Redis::start();
+    let (now, a, b) = two_nodes(&redis, OnError::FailClosed);
+    let cfg = tenants();
+    let t = tenant(&cfg, "leased");
+    let key = &t.api_keys[0];
+    let crashed = b.admit(&t, key, demand(600, 3_000)).await.expect("admit");
+    match a.admit(&t, key, demand(100, 1_000)).await {
+        Err(Refusal::Rate {
+            scope: Scope::Key,
+            which: "concurrency",
+            headers,
+            ..
+        }) => assert_eq!(headers.remaining_tokens, Some(400)),
+        other => panic!("{other:?}"),
+    }
+    // Never settled nor renewed: once its lease is over, the next admission gives its
+    // slot, tokens and reservation back in both scopes.
+    std::mem::forget(crashed);
+    now.fetch_add(61_000, Ordering::SeqCst);
+    let k = a
+        .admit(&t, key, demand(100, 1_000))
+        .await
+        .expect("reclaimed");
+    assert_eq!(k.headers.remaining_tokens, Some(900));
+    let (u, ku) = (
+        a.usage(&t).await.expect("usage"),
+        b.key_usage(&t, key).await.expect("key usage"),
+    );
+    assert_eq!((u.reserved_nanousd, ku.reserved_nanousd), (1_000, 1_000));
+    a.settle(
+        k,
+        Actual {
+            tokens_in: 3,
+            tokens_out: 4,
+            cost_nanousd: 700,
+        },
+    )
+    .await;
+    let ku = b.key_usage(&t, key).await.expect("key usage");
+    assert_eq!(
+        (ku.spent_nanousd, ku.reserved_nanousd, ku.tokens_out),
+        (700, 0, 4)
+    );
+    // A demand above the key's tokens per minute is refused without asking Redis.
+    let mut c = redis.conn().await;
+    let before = commands_processed(&mut c).await;
+    assert!(matches!(
+        a.admit(&t, key, demand(1_001, 1)).await,
+        Err(Refusal::NeverFits {
+            scope: Scope::Key,
+            which: "tpm",
+            demand: 1_001,
+            limit: 1_000,
+        })
+    ));
+    // Only the INFO itself ran in between.
+    assert_eq!(commands_processed(&mut c).await, before + 1);
 }
