@@ -868,7 +868,7 @@ async fn race_keys(
 ) -> (Vec<(usize, Ticket)>, Vec<(usize, Refusal)>) {
     let tasks: Vec<_> = (0..n)
         .map(|i| {
-            let node = if (i / keys.len()) % 2 == 0 {
+            let node = if (i / keys.len()).is_multiple_of(2) {
                 a.clone()
             } else {
                 b.clone()
