@@ -5,7 +5,7 @@ use crate::audit::AuditRow;
 use crate::config::Tenant;
 use crate::error::{ErrorKind, GatewayError};
 use crate::limits::{Actual, Demand, Refusal};
-use crate::providers::{self, ClientRequest, Usage};
+use crate::providers::{self, ClientRequest};
 use crate::{accounting, auth, routing};
 use bytes::{Bytes, BytesMut};
 use pingora_proxy::Session;
@@ -433,19 +433,15 @@ fn models_list(tenant: &Tenant) -> Bytes {
 /// bytes, and the JSON around the text adds slack); output by the bound the adapters
 /// send upstream. The costliest candidate is reserved, so a fallback never overdraws.
 fn demand(req: &ClientRequest, chain: &routing::Chain, prompt_bytes: usize) -> Demand {
-    let prompt = prompt_bytes.div_ceil(2).min(u32::MAX as usize) as u32;
+    let prompt = prompt_bytes.div_ceil(2) as u64;
     let mut d = Demand::default();
     for m in &chain.models {
-        let output = providers::output_bound(req, m).min(u32::MAX as u64) as u32;
-        let usage = Usage {
-            input: prompt,
-            output,
-            ..Usage::default()
-        };
-        d.tokens = d.tokens.max(u64::from(prompt) + u64::from(output));
+        // Unclamped: a limit can only refuse a huge max_tokens if it sees it whole.
+        let output = providers::output_bound(req, m);
+        d.tokens = d.tokens.max(prompt.saturating_add(output));
         d.cost_nanousd = d
             .cost_nanousd
-            .max(accounting::cost_nanousd(&usage, &m.price));
+            .max(accounting::worst_cost_nanousd(prompt, output, &m.price));
     }
     d
 }
