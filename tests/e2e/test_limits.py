@@ -76,7 +76,7 @@ OVERRIDES = {
         "cap": _tenant("cap", ["lim", "lim-big"], budget={"monthly_usd": 0.01}),
         "rps": _tenant("rps", rate={"rps": 3}),
         "conc": _tenant("conc", rate={"concurrency": 2}),
-        "tpm": _tenant("tpm", rate={"tpm": TPM}),
+        "tpm": _tenant("tpm", ["lim", "lim-big"], rate={"tpm": TPM}),
         "hdr": _tenant("hdr", rate={"rps": HDR_RPS, "tpm": HDR_TPM}),
         "noisy-a": _tenant("noisy-a", rate={"rps": 5, "concurrency": 2},
                            budget={"monthly_usd": usd(NOISY_A_BUDGET)}),
@@ -314,10 +314,11 @@ def test_concurrency_slot_frees_while_another_stream_is_still_in_flight(gw):
 
 
 def body_with_worst_tokens(target: int, prompt: str = FAST_PROMPT) -> dict:
-    """A chat body to `lim` whose reserved tokens are exactly `target`."""
-    guess = target - math.ceil(len(raw(chat_body(prompt, model="lim", max_tokens=target))) / 2)
+    """A chat body to `lim-big` (whose output bound leaves room for any max_tokens
+    here) whose reserved tokens are exactly `target`."""
+    guess = target - math.ceil(len(raw(chat_body(prompt, model="lim-big", max_tokens=target))) / 2)
     for m in range(max(1, guess - 5), guess + 6):
-        b = chat_body(prompt, model="lim", max_tokens=m)
+        b = chat_body(prompt, model="lim-big", max_tokens=m)
         if worst(b)[0] == target:
             return b
     raise AssertionError(f"no max_tokens gives a worst case of {target} tokens")
