@@ -392,7 +392,7 @@ fn build_budget(
         let path = sub(at, "budget", key);
         match usd_to_nanousd(usd) {
             Ok(0) => {
-                report.warn(path, "a budget of 0 refuses every request that could cost anything (400: it can never fit)");
+                report.warn(path, "a budget of 0 refuses every request with 402");
                 Some(0)
             }
             Ok(n) => Some(n),

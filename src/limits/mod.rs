@@ -245,12 +245,15 @@ impl<'a> Subject<'a> {
             .any(|(_, c)| c.rate.rps.is_some() || c.rate.concurrency.is_some())
     }
 
-    /// A scope whose limit `demand` exceeds on its own, whatever else is in flight.
+    /// A scope whose limit `demand` exceeds on its own, whatever else is in flight. A
+    /// limit of 0 is not one: it is the operator's way to pause a tenant or key, which
+    /// a smaller request would not get past either, so it stays a plain refusal (402
+    /// or 429) as the config check warns.
     fn never_fits(&self, demand: Demand) -> Option<Refusal> {
         self.scopes().find_map(|(scope, c)| {
             let over = |which: &'static str, demand: u64, limit: Option<u64>| {
                 limit
-                    .filter(|l| demand > *l)
+                    .filter(|l| *l > 0 && demand > *l)
                     .map(|limit| Refusal::NeverFits {
                         scope,
                         which,

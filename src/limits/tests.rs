@@ -922,6 +922,17 @@ async fn a_request_that_can_never_fit_is_refused_as_invalid_and_counts_nothing()
     // Exactly at the limits: admitted.
     let k = l.admit(t, team, d(500, 8_000)).await.unwrap();
     l.settle(k, Actual::default()).await;
+    // A budget of 0 is a pause, not a size limit: 402 as before.
+    let mut paused = ApiKey::clone(plain);
+    paused.budget.monthly_nanousd = Some(0);
+    assert!(matches!(
+        l.admit(t, &paused, d(1, 1)).await,
+        Err(Refusal::Budget {
+            scope: Scope::Key,
+            which: "monthly",
+            ..
+        })
+    ));
 }
 
 #[tokio::test]
