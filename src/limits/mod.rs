@@ -25,8 +25,9 @@
 //!   flooding tenant costs no round trip; it never admits on its own, because
 //!   budgets must be exact and shared, and every admission needs the one round trip
 //!   anyway.
-//!   Tenants with no limit and no budget at all skip the admission round trip; their
-//!   request is counted when it settles.
+//!   Tenants with no limit and no budget at all, asked through a key without limits
+//!   of its own, skip the admission round trip; their request is counted when it
+//!   settles.
 //!
 //! Windows: rps counts per UTC second; tpm is a sliding 60 s of per-second buckets
 //! (reserved tokens in the admission second, traded for the actual ones at settle);
