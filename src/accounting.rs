@@ -35,6 +35,15 @@ pub fn cost_nanousd(usage: &Usage, price: &Price) -> u64 {
     total.div_ceil(1_000_000).min(u64::MAX as u128) as u64
 }
 
+/// Cost of `input` uncached prompt tokens and `output` tokens at `price`, rounded up
+/// to the next nano-USD; in 64 bits, for worst cases (a client's `max_tokens` may be
+/// far above what a [`Usage`] holds).
+pub fn worst_cost_nanousd(input: u64, output: u64, price: &Price) -> u64 {
+    let total = u128::from(input) * u128::from(price.input_nanousd_per_mtok)
+        + u128::from(output) * u128::from(price.output_nanousd_per_mtok);
+    total.div_ceil(1_000_000).min(u64::MAX as u128) as u64
+}
+
 /// The bill for a call whose upstream answered `upstream_status`.
 ///
 /// `prompt_bytes` is the size of the prompt as sent, for the input estimate.

@@ -416,12 +416,13 @@ impl Admin {
         let Some(k) = tenant.api_keys.iter().find(|k| k.id == key) else {
             return not_found("no such key");
         };
-        // KEY_USAGE_PENDING: wired to Limits::key_usage when the key limits land.
-        let _ = k;
-        json_reply(
-            501,
-            json!({"error": {"message": "per-key usage is not available yet", "status": 501}}),
-        )
+        match self.gateway.limits.key_usage(tenant, k).await {
+            Ok(view) => json_reply(200, serde_json::to_value(view).unwrap_or_default()),
+            Err(e) => json_reply(
+                503,
+                json!({"error": {"message": format!("counter store unavailable: {e}"), "status": 503}}),
+            ),
+        }
     }
 
     async fn changes(&self, query: &str) -> Response<Vec<u8>> {

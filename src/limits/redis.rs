@@ -1,11 +1,15 @@
 //! The shared counter store: every edge node's admissions go through one Redis.
 //!
-//! Each admission is one Lua script (`admit.lua`) that checks every limit and, only if
-//! all fit, reserves; Redis runs scripts one at a time, so admissions from any number
-//! of nodes can never together exceed a limit. Settling is one more script.
+//! Each admission is one Lua script (`admit.lua`) that checks every limit of every
+//! scope (the tenant and, for a key with limits of its own, the key) and, only if all
+//! fit, reserves in all; Redis runs scripts one at a time, so admissions from any
+//! number of nodes can never together exceed a limit. Settling is one more script,
+//! again over every scope at once.
 //!
-//! Keys, all under `llmgw:{TENANT}:` (the braces are a cluster hash tag: one tenant's
-//! keys share a slot, which a multi-key script needs), each with a TTL:
+//! Keys, each with a TTL, per scope: under `llmgw:{TENANT}:` for the tenant, under
+//! `llmgw:{TENANT}/KEY:` for one of its keys (tenant ids never contain `/`, so a key's
+//! names never meet a tenant's; the braces are a cluster hash tag: a tenant's and its
+//! keys' names share a slot, which a multi-key script needs):
 //!
 //! | key | type | holds | expires |
 //! |---|---|---|---|
@@ -39,9 +43,10 @@
 
 use super::calendar::{month_label, month_start_ms, Now};
 use super::conn::Conn;
-use super::memory::Figures;
-use super::{Actual, Clock, Demand, RateHeaders, Refusal, UsageView};
-use crate::config::Tenant;
+use super::memory::{Figures, KeyFigures};
+use super::UsageView;
+use super::{tighter, Actual, Clock, Demand, KeyUsageView, RateHeaders, Refusal, Subject};
+use crate::config::{ApiKey, Tenant};
 use redis::Script;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -74,7 +79,8 @@ const HOUR_KEEP_MS: u64 = 26 * 3_600_000;
 /// What a ticket needs for its settle script.
 #[derive(Debug, Clone)]
 pub(super) struct RemoteHold {
-    tenant: String,
+    /// The key prefix of each scope the ticket is counted in, the tenant's first.
+    scopes: Vec<String>,
     id: String,
     /// Holds a lease in Redis (not for fail-open or unlimited admissions).
     registered: bool,
@@ -91,9 +97,9 @@ pub(super) struct RemoteHold {
 
 impl RemoteHold {
     /// The hold of a reservation the admit script registered under `id`.
-    fn registered(tenant: &str, id: String, now: Now, tokens: u64) -> RemoteHold {
+    fn registered(scopes: Vec<String>, id: String, now: Now, tokens: u64) -> RemoteHold {
         RemoteHold {
-            tenant: tenant.to_string(),
+            scopes,
             id,
             registered: true,
             count_request: false,
@@ -118,8 +124,8 @@ pub(super) struct Shared {
     /// Prefix of this node's ticket ids: random per process.
     node: String,
     next_id: AtomicU64,
-    /// Tickets in flight on this node, by tenant, for lease renewal.
-    live: Mutex<HashMap<String, HashSet<String>>>,
+    /// Tickets in flight on this node, by the scopes they hold, for lease renewal.
+    live: Mutex<HashMap<Vec<String>, HashSet<String>>>,
     pending: Mutex<VecDeque<(RemoteHold, Actual)>>,
     worker: Mutex<Option<tokio::task::JoinHandle<()>>>,
     clock: Clock,
@@ -132,8 +138,28 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     }
 }
 
+/// The prefix of a tenant's names.
+fn tenant_prefix(tenant: &str) -> String {
+    format!("llmgw:{{{tenant}}}:")
+}
+
+/// The prefix of the names of one key (with limits of its own) of a tenant.
+fn key_prefix(tenant: &str, key: &str) -> String {
+    format!("llmgw:{{{tenant}}}/{key}:")
+}
+
+/// The prefixes of every scope of `who`, the tenant's first.
+fn prefixes(who: &Subject) -> Vec<String> {
+    let mut v = Vec::with_capacity(2);
+    v.push(tenant_prefix(who.tenant));
+    if let Some((k, _)) = who.key {
+        v.push(key_prefix(who.tenant, k));
+    }
+    v
+}
+
 fn key(tenant: &str, rest: &str) -> String {
-    format!("llmgw:{{{tenant}}}:{rest}")
+    format!("{}{rest}", tenant_prefix(tenant))
 }
 
 /// -1 stands for "no limit" in the scripts.
@@ -203,9 +229,9 @@ impl Shared {
 
     /// A hold for a request Redis does not know about (fail-open, or a tenant with
     /// nothing to enforce): its settle records the spend and counts the request.
-    pub(super) fn unregistered(&self, tenant: &Tenant, now: Now) -> RemoteHold {
+    pub(super) fn unregistered(&self, who: &Subject, now: Now) -> RemoteHold {
         RemoteHold {
-            tenant: tenant.id.clone(),
+            scopes: prefixes(who),
             id: String::new(),
             registered: false,
             count_request: true,
@@ -217,38 +243,35 @@ impl Shared {
         }
     }
 
-    /// One admission script; `demand: None` counts a request against rps only.
+    /// One admission script over every scope of `who`; `demand: None` counts a request
+    /// against rps only.
     pub(super) async fn admit(
         self: &Arc<Self>,
-        tenant: &Tenant,
+        who: &Subject<'_>,
         demand: Option<Demand>,
         now: Now,
     ) -> Result<(Option<RemoteHold>, RateHeaders), Failure> {
         self.ensure_worker();
-        let t = &tenant.id;
         let id = format!(
             "{}-{}",
             self.node,
             self.next_id.fetch_add(1, Ordering::Relaxed)
         );
-        let (rate, budget) = (&tenant.rate, &tenant.budget);
+        let scopes = prefixes(who);
         let d = demand.unwrap_or_default();
         let month = month_label(now.month);
         let mut inv = ADMIT.prepare_invoke();
-        inv.key(key(t, &format!("rps:{}", now.second)))
-            .key(key(t, "tpm"))
-            .key(key(t, &format!("m:{month}")))
-            .key(key(t, &format!("h:{}", now.hour)))
-            .key(key(t, "lease"))
-            .key(key(t, "tix"))
-            .arg(now.ms)
+        for p in &scopes {
+            inv.key(format!("{p}rps:{}", now.second))
+                .key(format!("{p}tpm"))
+                .key(format!("{p}m:{month}"))
+                .key(format!("{p}h:{}", now.hour))
+                .key(format!("{p}lease"))
+                .key(format!("{p}tix"));
+        }
+        inv.arg(now.ms)
             .arg(now.second)
             .arg(&id)
-            .arg(limit(rate.rps))
-            .arg(limit(rate.concurrency))
-            .arg(limit(rate.tpm))
-            .arg(limit(budget.monthly_nanousd))
-            .arg(limit(budget.hourly_nanousd))
             .arg(d.tokens)
             .arg(d.cost_nanousd)
             .arg(&month)
@@ -261,63 +284,87 @@ impl Shared {
             } else {
                 "request"
             });
-        let (verdict, retry, requests, tokens): (String, u64, i64, i64) =
-            match self.conn.invoke(&inv).await {
-                Ok(v) => v,
-                Err(e) => {
-                    if let (true, Some(d)) = (e.maybe_applied, demand) {
-                        // The script may have run with its reply lost (a timeout): the
-                        // ticket would hold a slot and a reservation for a request that
-                        // is not going ahead here until its lease lapsed. Give it back.
-                        self.release_in_background(RemoteHold::registered(t, id, now, d.tokens));
-                    }
-                    return Err(Failure::Down(e.msg));
+        let caps: Vec<_> = who.scopes().collect();
+        for (_, c) in &caps {
+            inv.arg(limit(c.rate.rps))
+                .arg(limit(c.rate.concurrency))
+                .arg(limit(c.rate.tpm))
+                .arg(limit(c.budget.monthly_nanousd))
+                .arg(limit(c.budget.hourly_nanousd));
+        }
+        type Reply = (String, usize, u64, Vec<i64>, Vec<i64>);
+        let (verdict, scope, retry, requests, tokens): Reply = match self.conn.invoke(&inv).await {
+            Ok(v) => v,
+            Err(e) => {
+                if let (true, Some(d)) = (e.maybe_applied, demand) {
+                    // The script may have run with its reply lost (a timeout): the
+                    // ticket would hold a slot and a reservation for a request that
+                    // is not going ahead here until its lease lapsed. Give it back.
+                    self.release_in_background(RemoteHold::registered(scopes, id, now, d.tokens));
                 }
-            };
-        let headers = RateHeaders {
-            limit_requests: rate.rps,
-            remaining_requests: header(requests).map(|v| v.min(i64::from(u32::MAX)) as u32),
-            remaining_tokens: header(tokens).map(|v| v as u64),
+                return Err(Failure::Down(e.msg));
+            }
         };
-        let which = match verdict.as_str() {
-            "ok" => {
-                let hold = demand.map(|d| {
-                    lock(&self.live)
-                        .entry(t.clone())
-                        .or_default()
-                        .insert(id.clone());
-                    RemoteHold::registered(t, id, now, d.tokens)
-                });
-                return Ok((hold, headers));
-            }
-            "monthly" => {
-                return Err(Failure::Refused(Refusal::Budget {
-                    which: "monthly",
-                    retry_after_s: now.secs_to_next_month(),
-                    headers,
-                }))
-            }
-            "hourly" => {
-                return Err(Failure::Refused(Refusal::Budget {
-                    which: "hourly",
-                    retry_after_s: now.secs_to_next_hour(),
-                    headers,
-                }))
-            }
-            "rps" => "rps",
-            "tpm" => "tpm",
-            "concurrency" => "concurrency",
+        // Each scope's remaining counts, then the tighter of them.
+        let headers = caps
+            .iter()
+            .enumerate()
+            .map(|(i, (_, c))| RateHeaders {
+                limit_requests: c.rate.rps,
+                remaining_requests: requests
+                    .get(i)
+                    .copied()
+                    .and_then(header)
+                    .map(|v| v.min(i64::from(u32::MAX)) as u32),
+                remaining_tokens: tokens.get(i).copied().and_then(header).map(|v| v as u64),
+            })
+            .reduce(tighter)
+            .unwrap_or_default();
+        if verdict == "ok" {
+            let hold = demand.map(|d| {
+                lock(&self.live)
+                    .entry(scopes.clone())
+                    .or_default()
+                    .insert(id.clone());
+                RemoteHold::registered(scopes, id, now, d.tokens)
+            });
+            return Ok((hold, headers));
+        }
+        let Some(&(scope, _)) = scope.checked_sub(1).and_then(|i| caps.get(i)) else {
+            return Err(Failure::Down(self.conn.failed(format!(
+                "admit script answered {verdict:?} for scope {scope}"
+            ))));
+        };
+        let refusal = match verdict.as_str() {
+            "monthly" => Refusal::Budget {
+                scope,
+                which: "monthly",
+                retry_after_s: now.secs_to_next_month(),
+                headers,
+            },
+            "hourly" => Refusal::Budget {
+                scope,
+                which: "hourly",
+                retry_after_s: now.secs_to_next_hour(),
+                headers,
+            },
+            which @ ("rps" | "tpm" | "concurrency") => Refusal::Rate {
+                scope,
+                which: match which {
+                    "rps" => "rps",
+                    "tpm" => "tpm",
+                    _ => "concurrency",
+                },
+                retry_after_s: retry.max(1),
+                headers,
+            },
             other => {
                 return Err(Failure::Down(
                     self.conn.failed(format!("admit script answered {other:?}")),
                 ))
             }
         };
-        Err(Failure::Refused(Refusal::Rate {
-            which,
-            retry_after_s: retry.max(1),
-            headers,
-        }))
+        Err(Failure::Refused(refusal))
     }
 
     /// Settles now; if Redis cannot be reached the settle is queued and replayed.
@@ -349,10 +396,10 @@ impl Shared {
     fn forget(&self, hold: &RemoteHold) {
         if hold.registered {
             let mut live = lock(&self.live);
-            if let Some(ids) = live.get_mut(&hold.tenant) {
+            if let Some(ids) = live.get_mut(&hold.scopes) {
                 ids.remove(&hold.id);
                 if ids.is_empty() {
-                    live.remove(&hold.tenant);
+                    live.remove(&hold.scopes);
                 }
             }
         }
@@ -375,14 +422,16 @@ impl Shared {
 
     /// One settle script; on failure, whether it may have run all the same.
     async fn run_settle(&self, hold: &RemoteHold, actual: Actual, now: Now) -> Result<(), bool> {
-        let t = &hold.tenant;
         let mut inv = SETTLE.prepare_invoke();
-        inv.key(key(t, "tpm"))
-            .key(key(t, &format!("m:{}", month_label(hold.month))))
-            .key(key(t, &format!("h:{}", hold.hour)))
-            .key(key(t, "lease"))
-            .key(key(t, "tix"))
-            .arg(now.second)
+        let month = month_label(hold.month);
+        for p in &hold.scopes {
+            inv.key(format!("{p}tpm"))
+                .key(format!("{p}m:{month}"))
+                .key(format!("{p}h:{}", hold.hour))
+                .key(format!("{p}lease"))
+                .key(format!("{p}tix"));
+        }
+        inv.arg(now.second)
             .arg(if hold.registered {
                 hold.id.as_str()
             } else {
@@ -439,6 +488,50 @@ impl Shared {
         ))
     }
 
+    /// One round trip: the key's month figures and reservation, and this hour's
+    /// spend and reservation.
+    pub(super) async fn key_usage(
+        &self,
+        tenant: &Tenant,
+        key: &ApiKey,
+        now: Now,
+    ) -> Result<KeyUsageView, String> {
+        let p = key_prefix(&tenant.id, &key.id);
+        let month = month_label(now.month);
+        let mut pipe = redis::pipe();
+        for field in ["spent", "tokens_in", "tokens_out", "requests"] {
+            pipe.cmd("HGET").arg(format!("{p}m:{month}")).arg(field);
+        }
+        pipe.cmd("HGET")
+            .arg(format!("{p}tix"))
+            .arg(format!("rm:{month}"));
+        pipe.cmd("HGET")
+            .arg(format!("{p}h:{}", now.hour))
+            .arg("spent");
+        pipe.cmd("HGET")
+            .arg(format!("{p}tix"))
+            .arg(format!("rh:{}", now.hour));
+        let replies: Vec<Option<String>> = self.conn.query(&pipe).await?;
+        let mut replies = replies.into_iter();
+        let mut next = || number(replies.next().flatten());
+        let (spent, tokens_in, tokens_out, requests, reserved, hour_spent, hour_reserved) =
+            (next(), next(), next(), next(), next(), next(), next());
+        Ok(super::memory::key_view(
+            tenant,
+            key,
+            KeyFigures {
+                month: now.month,
+                spent,
+                reserved,
+                tokens_in,
+                tokens_out,
+                requests,
+                hour_spent,
+                hour_reserved,
+            },
+        ))
+    }
+
     pub(super) async fn velocity(&self, tenant: &Tenant, now: Now) -> Result<(u64, u64), String> {
         let mut pipe = redis::pipe();
         hours_spent(&mut pipe, &tenant.id, now);
@@ -464,17 +557,18 @@ impl Shared {
     }
 
     async fn renew(&self) {
-        let snapshot: Vec<(String, Vec<String>)> = lock(&self.live)
+        let snapshot: Vec<(Vec<String>, Vec<String>)> = lock(&self.live)
             .iter()
-            .map(|(t, ids)| (t.clone(), ids.iter().cloned().collect()))
+            .map(|(scopes, ids)| (scopes.clone(), ids.iter().cloned().collect()))
             .collect();
         let now = (self.clock)();
-        for (tenant, ids) in snapshot {
+        for (scopes, ids) in snapshot {
             for chunk in ids.chunks(500) {
                 let mut inv = RENEW.prepare_invoke();
-                inv.key(key(&tenant, "lease"))
-                    .key(key(&tenant, "tix"))
-                    .arg(now + LEASE.as_millis() as u64)
+                for p in &scopes {
+                    inv.key(format!("{p}lease")).key(format!("{p}tix"));
+                }
+                inv.arg(now + LEASE.as_millis() as u64)
                     .arg(2 * LEASE.as_millis() as u64);
                 for id in chunk {
                     inv.arg(id);

@@ -1,5 +1,5 @@
 use super::*;
-use crate::config::{sha256_hex, Config, Counters};
+use crate::config::{sha256_hex, ApiKey, Config, Counters};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 const YAML: &str = r#"
@@ -30,6 +30,20 @@ tenants:
     api_keys: [ { id: k5, sha256: "H5" } ]
     models: [m1]
     budget: { monthly_usd: 20000000, hourly_usd: 10000000 }
+  keyed:
+    api_keys:
+      - id: "team/a"
+        sha256: "H6"
+        rate: { rps: 2, tpm: 500, concurrency: 1 }
+        budget: { monthly_usd: 0.00001, hourly_usd: 0.000008 }
+      - { id: plain, sha256: "H7" }
+    models: [m1]
+    rate: { rps: 5, tpm: 2000 }
+    budget: { monthly_usd: 0.000015 }
+  loose:
+    api_keys:
+      - { id: capped, sha256: "H8", budget: { monthly_usd: 0.000003 } }
+    models: [m1]
 "#;
 
 /// 2026-11-22 19:00:00 UTC
@@ -42,7 +56,10 @@ fn setup() -> (Config, Arc<AtomicU64>, Limits) {
             .replace("\"H2\"", &format!("\"{}\"", sha256_hex("b")))
             .replace("\"H3\"", &format!("\"{}\"", sha256_hex("c")))
             .replace("\"H4\"", &format!("\"{}\"", sha256_hex("d")))
-            .replace("\"H5\"", &format!("\"{}\"", sha256_hex("e"))),
+            .replace("\"H5\"", &format!("\"{}\"", sha256_hex("e")))
+            .replace("\"H6\"", &format!("\"{}\"", sha256_hex("f")))
+            .replace("\"H7\"", &format!("\"{}\"", sha256_hex("g")))
+            .replace("\"H8\"", &format!("\"{}\"", sha256_hex("h"))),
     )
     .unwrap();
     let now = Arc::new(AtomicU64::new(T0));
@@ -52,6 +69,11 @@ fn setup() -> (Config, Arc<AtomicU64>, Limits) {
         Arc::new(move || n.load(Ordering::SeqCst)),
     );
     (cfg, now, limits)
+}
+
+/// The tenant's first key (in this file's tenants: one without limits of its own).
+fn key0(t: &Tenant) -> &ApiKey {
+    &t.api_keys[0]
 }
 
 fn d(tokens: u64, cost: u64) -> Demand {
@@ -66,11 +88,12 @@ async fn rps_refuses_the_extra_request_in_the_same_second() {
     let (cfg, now, l) = setup();
     let t = cfg.tenant("t").unwrap();
     for _ in 0..3 {
-        let k = l.admit(t, d(1, 0)).await.unwrap();
+        let k = l.admit(t, key0(t), d(1, 0)).await.unwrap();
         l.settle(k, Actual::default()).await;
     }
-    match l.admit(t, d(1, 0)).await {
+    match l.admit(t, key0(t), d(1, 0)).await {
         Err(Refusal::Rate {
+            scope: Scope::Tenant,
             which: "rps",
             retry_after_s: 1,
             headers,
@@ -81,7 +104,7 @@ async fn rps_refuses_the_extra_request_in_the_same_second() {
         other => panic!("{other:?}"),
     }
     now.fetch_add(1000, Ordering::SeqCst);
-    let k = l.admit(t, d(1, 0)).await.unwrap();
+    let k = l.admit(t, key0(t), d(1, 0)).await.unwrap();
     assert_eq!(k.headers.remaining_requests, Some(2));
 }
 
@@ -89,12 +112,12 @@ async fn rps_refuses_the_extra_request_in_the_same_second() {
 async fn precheck_refuses_at_rps_or_concurrency_and_counts_nothing() {
     let (cfg, now, l) = setup();
     let t = cfg.tenant("t").unwrap();
-    assert_eq!(l.peek_headers(t).remaining_requests, Some(3));
-    let a = l.admit(t, d(100, 0)).await.unwrap();
-    let b = l.admit(t, d(100, 0)).await.unwrap();
+    assert_eq!(l.peek_headers(t, key0(t)).remaining_requests, Some(3));
+    let a = l.admit(t, key0(t), d(100, 0)).await.unwrap();
+    let b = l.admit(t, key0(t), d(100, 0)).await.unwrap();
     // rps 3 has room, concurrency 2 does not.
     assert!(matches!(
-        l.precheck(t),
+        l.precheck(t, key0(t)),
         Err(Refusal::Rate {
             which: "concurrency",
             retry_after_s: 1,
@@ -102,13 +125,13 @@ async fn precheck_refuses_at_rps_or_concurrency_and_counts_nothing() {
         })
     ));
     l.settle(a, Actual::default()).await;
-    l.precheck(t).unwrap();
-    l.precheck(t).unwrap();
-    let c = l.admit(t, d(1, 0)).await.unwrap();
+    l.precheck(t, key0(t)).unwrap();
+    l.precheck(t, key0(t)).unwrap();
+    let c = l.admit(t, key0(t), d(1, 0)).await.unwrap();
     // Three admitted this second: refused, and the refusals were not counted. (Only
     // `b` still holds tokens: `a` settled at none, `c` was dropped.)
     drop(c);
-    match l.precheck(t) {
+    match l.precheck(t, key0(t)) {
         Err(Refusal::Rate {
             which: "rps",
             headers,
@@ -116,51 +139,51 @@ async fn precheck_refuses_at_rps_or_concurrency_and_counts_nothing() {
         }) => assert_eq!(headers.remaining_requests, Some(0)),
         other => panic!("{other:?}"),
     }
-    let h = l.peek_headers(t);
+    let h = l.peek_headers(t, key0(t));
     assert_eq!(
         (h.limit_requests, h.remaining_requests, h.remaining_tokens),
         (Some(3), Some(0), Some(1000 - 100))
     );
     now.fetch_add(1000, Ordering::SeqCst);
-    l.precheck(t).unwrap();
-    assert_eq!(l.peek_headers(t).remaining_requests, Some(3));
+    l.precheck(t, key0(t)).unwrap();
+    assert_eq!(l.peek_headers(t, key0(t)).remaining_requests, Some(3));
     drop(b);
     // A tenant with no limits is never refused early.
     let free = cfg.tenant("free").unwrap();
-    l.precheck(free).unwrap();
-    assert_eq!(l.peek_headers(free), RateHeaders::default());
+    l.precheck(free, key0(free)).unwrap();
+    assert_eq!(l.peek_headers(free, key0(free)), RateHeaders::default());
 }
 
 #[tokio::test]
 async fn concurrency_is_released_by_settle_and_by_drop() {
     let (cfg, now, l) = setup();
     let t = cfg.tenant("t").unwrap();
-    let a = l.admit(t, d(1, 0)).await.unwrap();
-    let b = l.admit(t, d(1, 0)).await.unwrap();
+    let a = l.admit(t, key0(t), d(1, 0)).await.unwrap();
+    let b = l.admit(t, key0(t), d(1, 0)).await.unwrap();
     now.fetch_add(1000, Ordering::SeqCst);
     assert!(matches!(
-        l.admit(t, d(1, 0)).await,
+        l.admit(t, key0(t), d(1, 0)).await,
         Err(Refusal::Rate {
             which: "concurrency",
             ..
         })
     ));
     l.settle(a, Actual::default()).await;
-    let c = l.admit(t, d(1, 0)).await.unwrap();
+    let c = l.admit(t, key0(t), d(1, 0)).await.unwrap();
     drop(b);
     drop(c);
-    let _e = l.admit(t, d(1, 0)).await.unwrap();
-    let _f = l.admit(t, d(1, 0)).await.unwrap();
+    let _e = l.admit(t, key0(t), d(1, 0)).await.unwrap();
+    let _f = l.admit(t, key0(t), d(1, 0)).await.unwrap();
 }
 
 #[tokio::test]
 async fn tpm_counts_reserved_then_actual_tokens() {
     let (cfg, now, l) = setup();
     let t = cfg.tenant("t").unwrap();
-    let k = l.admit(t, d(900, 0)).await.unwrap();
+    let k = l.admit(t, key0(t), d(900, 0)).await.unwrap();
     assert_eq!(k.headers.remaining_tokens, Some(100));
     assert!(matches!(
-        l.admit(t, d(200, 0)).await,
+        l.admit(t, key0(t), d(200, 0)).await,
         Err(Refusal::Rate { which: "tpm", .. })
     ));
     // Settling at 300 actual tokens frees the other 600.
@@ -173,10 +196,10 @@ async fn tpm_counts_reserved_then_actual_tokens() {
         },
     )
     .await;
-    let k = l.admit(t, d(700, 0)).await.unwrap();
+    let k = l.admit(t, key0(t), d(700, 0)).await.unwrap();
     l.settle(k, Actual::default()).await;
     now.fetch_add(61_000, Ordering::SeqCst);
-    assert!(l.admit(t, d(1000, 0)).await.is_ok());
+    assert!(l.admit(t, key0(t), d(1000, 0)).await.is_ok());
 }
 
 #[tokio::test]
@@ -188,9 +211,9 @@ async fn concurrent_reservations_never_exceed_the_monthly_budget() {
     for _ in 0..200 {
         let l = l.clone();
         let t = t.clone();
-        tasks.push(tokio::spawn(
-            async move { l.admit(&t, d(10, 1_000)).await.ok() },
-        ));
+        tasks.push(tokio::spawn(async move {
+            l.admit(&t, key0(&t), d(10, 1_000)).await.ok()
+        }));
     }
     let mut held = Vec::new();
     for task in tasks {
@@ -218,12 +241,12 @@ async fn concurrent_reservations_never_exceed_the_monthly_budget() {
     assert_eq!(u.spent_usd, "0.000018500");
     assert_eq!(u.requests, 37);
     let mut more = 0;
-    while let Ok(k) = l.admit(t, d(1, 1_000)).await {
+    while let Ok(k) = l.admit(t, key0(t), d(1, 1_000)).await {
         more += 1;
         std::mem::forget(k);
     }
     assert_eq!(more, 18);
-    match l.admit(t, d(1, 1_000)).await {
+    match l.admit(t, key0(t), d(1, 1_000)).await {
         Err(Refusal::Budget {
             which: "monthly",
             retry_after_s,
@@ -241,7 +264,7 @@ async fn hourly_budget_stops_until_the_hour_rolls() {
     let (cfg, now, l) = setup();
     let t = cfg.tenant("t").unwrap();
     // hourly 500 nano-USD, monthly 1000
-    let k = l.admit(t, d(1, 400)).await.unwrap();
+    let k = l.admit(t, key0(t), d(1, 400)).await.unwrap();
     l.settle(
         k,
         Actual {
@@ -252,7 +275,7 @@ async fn hourly_budget_stops_until_the_hour_rolls() {
     )
     .await;
     now.fetch_add(1_800_000, Ordering::SeqCst);
-    match l.admit(t, d(1, 200)).await {
+    match l.admit(t, key0(t), d(1, 200)).await {
         Err(Refusal::Budget {
             which: "hourly",
             retry_after_s,
@@ -261,7 +284,7 @@ async fn hourly_budget_stops_until_the_hour_rolls() {
         other => panic!("{other:?}"),
     }
     now.fetch_add(1_800_000, Ordering::SeqCst);
-    let k = l.admit(t, d(1, 200)).await.unwrap();
+    let k = l.admit(t, key0(t), d(1, 200)).await.unwrap();
     l.settle(
         k,
         Actual {
@@ -281,7 +304,7 @@ async fn hourly_budget_stops_until_the_hour_rolls() {
 async fn a_new_month_starts_from_zero() {
     let (cfg, now, l) = setup();
     let t = cfg.tenant("big").unwrap();
-    let k = l.admit(t, d(1, 30_000)).await.unwrap();
+    let k = l.admit(t, key0(t), d(1, 30_000)).await.unwrap();
     l.settle(
         k,
         Actual {
@@ -291,11 +314,11 @@ async fn a_new_month_starts_from_zero() {
         },
     )
     .await;
-    assert!(l.admit(t, d(1, 30_000)).await.is_err());
+    assert!(l.admit(t, key0(t), d(1, 30_000)).await.is_err());
     now.store(T0 + (8 * 86_400 + 5 * 3600) * 1000, Ordering::SeqCst);
     let u = l.usage(t).await.unwrap();
     assert_eq!((u.month.as_str(), u.spent_nanousd), ("2026-12", 0));
-    assert!(l.admit(t, d(1, 30_000)).await.is_ok());
+    assert!(l.admit(t, key0(t), d(1, 30_000)).await.is_ok());
 }
 
 fn a(tokens_in: u64, tokens_out: u64, cost: u64) -> Actual {
@@ -310,9 +333,9 @@ fn a(tokens_in: u64, tokens_out: u64, cost: u64) -> Actual {
 async fn a_dropped_ticket_gives_back_its_slot_and_its_reservation() {
     let (cfg, _now, l) = setup();
     let t = cfg.tenant("big").unwrap();
-    let k = l.admit(t, d(10, 37_000)).await.unwrap();
+    let k = l.admit(t, key0(t), d(10, 37_000)).await.unwrap();
     assert!(matches!(
-        l.admit(t, d(1, 1)).await,
+        l.admit(t, key0(t), d(1, 1)).await,
         Err(Refusal::Budget {
             which: "monthly",
             ..
@@ -322,14 +345,14 @@ async fn a_dropped_ticket_gives_back_its_slot_and_its_reservation() {
     drop(k);
     let u = l.usage(t).await.unwrap();
     assert_eq!((u.reserved_nanousd, u.spent_nanousd), (0, 0));
-    assert!(l.admit(t, d(10, 37_000)).await.is_ok());
+    assert!(l.admit(t, key0(t), d(10, 37_000)).await.is_ok());
 }
 
 #[tokio::test]
 async fn an_actual_cost_above_the_reservation_is_recorded_as_it_is() {
     let (cfg, _now, l) = setup();
     let t = cfg.tenant("big").unwrap();
-    let k = l.admit(t, d(10, 1_000)).await.unwrap();
+    let k = l.admit(t, key0(t), d(10, 1_000)).await.unwrap();
     l.settle(k, a(7, 9, 1_500)).await;
     let u = l.usage(t).await.unwrap();
     assert_eq!(
@@ -351,11 +374,11 @@ async fn cache_hits_count_against_rps_only() {
     let (cfg, now, l) = setup();
     let t = cfg.tenant("huge").unwrap();
     // concurrency 1 is held, yet a cache hit still passes: it holds nothing.
-    let k = l.admit(t, d(1, 1)).await.unwrap();
-    let h = l.admit_request_only(t).await.unwrap();
+    let k = l.admit(t, key0(t), d(1, 1)).await.unwrap();
+    let h = l.admit_request_only(t, key0(t)).await.unwrap();
     assert_eq!((h.limit_requests, h.remaining_requests), (Some(2), Some(0)));
     assert!(matches!(
-        l.admit_request_only(t).await,
+        l.admit_request_only(t, key0(t)).await,
         Err(Refusal::Rate {
             which: "rps",
             retry_after_s: 1,
@@ -364,7 +387,7 @@ async fn cache_hits_count_against_rps_only() {
     ));
     now.fetch_add(1000, Ordering::SeqCst);
     assert!(matches!(
-        l.admit(t, d(1, 1)).await,
+        l.admit(t, key0(t), d(1, 1)).await,
         Err(Refusal::Rate {
             which: "concurrency",
             ..
@@ -379,13 +402,14 @@ async fn cache_hits_count_against_rps_only() {
 async fn tpm_retry_after_runs_until_the_oldest_tokens_leave_the_window() {
     let (cfg, now, l) = setup();
     let t = cfg.tenant("t").unwrap();
-    let k = l.admit(t, d(600, 0)).await.unwrap();
+    let k = l.admit(t, key0(t), d(600, 0)).await.unwrap();
     l.settle(k, a(300, 300, 0)).await;
     now.fetch_add(20_000, Ordering::SeqCst);
-    let k = l.admit(t, d(300, 0)).await.unwrap();
+    let k = l.admit(t, key0(t), d(300, 0)).await.unwrap();
     assert_eq!(k.headers.remaining_tokens, Some(100));
-    match l.admit(t, d(200, 0)).await {
+    match l.admit(t, key0(t), d(200, 0)).await {
         Err(Refusal::Rate {
+            scope: Scope::Tenant,
             which: "tpm",
             retry_after_s,
             headers,
@@ -396,7 +420,7 @@ async fn tpm_retry_after_runs_until_the_oldest_tokens_leave_the_window() {
         other => panic!("{other:?}"),
     }
     now.fetch_add(40_000, Ordering::SeqCst);
-    assert!(l.admit(t, d(200, 0)).await.is_ok());
+    assert!(l.admit(t, key0(t), d(200, 0)).await.is_ok());
 }
 
 #[tokio::test]
@@ -406,8 +430,8 @@ async fn a_request_straddling_the_month_end_is_billed_to_the_month_it_started_in
     // 2026-11-30 23:59:59 UTC
     let last_second = T0 + (8 * 86_400 + 5 * 3600 - 1) * 1000;
     now.store(last_second, Ordering::SeqCst);
-    let k = l.admit(t, d(1, 30_000)).await.unwrap();
-    assert!(l.admit(t, d(1, 30_000)).await.is_err());
+    let k = l.admit(t, key0(t), d(1, 30_000)).await.unwrap();
+    assert!(l.admit(t, key0(t), d(1, 30_000)).await.is_err());
     now.store(last_second + 2_000, Ordering::SeqCst);
     // December starts from zero while November's request is still in flight...
     let dec = l.usage(t).await.unwrap();
@@ -415,7 +439,7 @@ async fn a_request_straddling_the_month_end_is_billed_to_the_month_it_started_in
         (dec.month.as_str(), dec.reserved_nanousd, dec.requests),
         ("2026-12", 0, 0)
     );
-    let k2 = l.admit(t, d(1, 30_000)).await.unwrap();
+    let k2 = l.admit(t, key0(t), d(1, 30_000)).await.unwrap();
     // ...and November's spend stays in November.
     l.settle(k, a(1, 1, 25_000)).await;
     let dec = l.usage(t).await.unwrap();
@@ -438,12 +462,15 @@ async fn budgets_above_what_a_double_holds_stay_exact() {
     let mut t = Tenant::clone(cfg.tenant("rich").unwrap());
     t.budget.hourly_nanousd = Some(10_000_000_000_000_001);
     let t = &t;
-    let k = l.admit(t, d(1, 10_000_000_000_000_000)).await.unwrap();
+    let k = l
+        .admit(t, key0(t), d(1, 10_000_000_000_000_000))
+        .await
+        .unwrap();
     l.settle(k, a(0, 0, 10_000_000_000_000_000)).await;
-    let k = l.admit(t, d(1, 1)).await.unwrap();
+    let k = l.admit(t, key0(t), d(1, 1)).await.unwrap();
     l.settle(k, a(0, 0, 1)).await;
     assert!(matches!(
-        l.admit(t, d(1, 1)).await,
+        l.admit(t, key0(t), d(1, 1)).await,
         Err(Refusal::Budget {
             which: "hourly",
             ..
@@ -457,11 +484,11 @@ async fn velocity_compares_this_hour_with_the_last_24() {
     let (cfg, now, l) = setup();
     let t = cfg.tenant("free").unwrap();
     for _ in 0..24 {
-        let k = l.admit(t, d(1, 1_000)).await.unwrap();
+        let k = l.admit(t, key0(t), d(1, 1_000)).await.unwrap();
         l.settle(k, a(1, 1, 100)).await;
         now.fetch_add(3_600_000, Ordering::SeqCst);
     }
-    let k = l.admit(t, d(1, 1_000)).await.unwrap();
+    let k = l.admit(t, key0(t), d(1, 1_000)).await.unwrap();
     l.settle(k, a(1, 1, 5_000)).await;
     assert_eq!(l.velocity(t).await, Some((5_000, 100)));
     // The usage view carries the same two figures.
@@ -500,11 +527,11 @@ async fn unreachable_redis_fail_closed_refuses_without_panicking() {
     let t = cfg.tenant("t").unwrap();
     for _ in 0..5 {
         assert!(matches!(
-            l.admit(t, d(1, 1)).await,
+            l.admit(t, key0(t), d(1, 1)).await,
             Err(Refusal::Unavailable(_))
         ));
         assert!(matches!(
-            l.admit_request_only(t).await,
+            l.admit_request_only(t, key0(t)).await,
             Err(Refusal::Unavailable(_))
         ));
     }
@@ -512,7 +539,8 @@ async fn unreachable_redis_fail_closed_refuses_without_panicking() {
     assert_eq!(l.velocity(t).await, None);
     assert!(l.store_errors() >= 10);
     // A tenant with nothing to enforce needs no round trip to be admitted.
-    let k = l.admit(cfg.tenant("free").unwrap(), d(1, 1)).await.unwrap();
+    let free = cfg.tenant("free").unwrap();
+    let k = l.admit(free, key0(free), d(1, 1)).await.unwrap();
     l.settle(k, a(1, 1, 1)).await;
 }
 
@@ -521,11 +549,12 @@ async fn unreachable_redis_fail_open_enforces_rps_and_concurrency_per_node() {
     let (cfg, _now, _) = setup();
     let l = unreachable(OnError::FailOpen);
     let t = cfg.tenant("t").unwrap();
-    // Budgets cannot be checked (this one fits 1 request), rps 3 and concurrency 2 can.
-    let k1 = l.admit(t, d(1, 1_000)).await.unwrap();
-    let k2 = l.admit(t, d(1, 1_000)).await.unwrap();
+    // Budgets cannot be checked (the hourly one fits 1 of these), rps 3 and
+    // concurrency 2 can.
+    let k1 = l.admit(t, key0(t), d(1, 400)).await.unwrap();
+    let k2 = l.admit(t, key0(t), d(1, 400)).await.unwrap();
     assert!(matches!(
-        l.admit(t, d(1, 1_000)).await,
+        l.admit(t, key0(t), d(1, 400)).await,
         Err(Refusal::Rate {
             which: "concurrency",
             ..
@@ -533,11 +562,458 @@ async fn unreachable_redis_fail_open_enforces_rps_and_concurrency_per_node() {
     ));
     drop(k1);
     l.settle(k2, a(1, 1, 1)).await;
-    let k3 = l.admit(t, d(1, 1_000)).await.unwrap();
+    let k3 = l.admit(t, key0(t), d(1, 400)).await.unwrap();
     assert!(matches!(
-        l.admit(t, d(1, 1_000)).await,
+        l.admit(t, key0(t), d(1, 400)).await,
         Err(Refusal::Rate { which: "rps", .. })
     ));
     drop(k3);
     assert!(l.store_errors() >= 3);
+}
+
+// ------------------------------------------------------------------ keys' own limits
+
+/// `keyed` (rps 5, tpm 2000, $0.000015 a month) with its keys `team/a` (rps 2, tpm 500,
+/// concurrency 1, $0.00001 a month, $0.000008 an hour) and `plain` (no limits).
+fn keyed(cfg: &Config) -> (&Tenant, &ApiKey, &ApiKey) {
+    let t = cfg.tenant("keyed").unwrap();
+    (t, &t.api_keys[0], &t.api_keys[1])
+}
+
+#[tokio::test]
+async fn a_key_budget_refuses_naming_the_key_and_the_tenant_budget_holds_for_the_other_key() {
+    let (cfg, now, l) = setup();
+    let (t, team, plain) = keyed(&cfg);
+    assert!(team.has_limits() && !plain.has_limits());
+    // Key: 10_000 a month, 8_000 an hour; tenant: 15_000 a month.
+    let a1 = l.admit(t, team, d(1, 4_000)).await.unwrap();
+    let a2 = l.admit(t, team, d(1, 4_000)).await.unwrap_err();
+    // Both scopes reserved: the key's hour is full at 8_000 of its own, the month not.
+    assert!(matches!(
+        a2,
+        Refusal::Rate {
+            scope: Scope::Key,
+            which: "concurrency",
+            ..
+        }
+    ));
+    l.settle(a1, a(1, 1, 3_000)).await;
+    let a2 = l.admit(t, team, d(1, 5_000)).await.unwrap();
+    l.settle(a2, a(1, 1, 5_000)).await;
+    // The key has spent 8_000 of 10_000 (and 8_000 of its 8_000 this hour). In a
+    // new second: its rps 2 is not what refuses.
+    now.fetch_add(1000, Ordering::SeqCst);
+    let r = l.admit(t, team, d(1, 1)).await.unwrap_err();
+    match &r {
+        Refusal::Budget {
+            scope: Scope::Key,
+            which: "hourly",
+            retry_after_s: 3599,
+            ..
+        } => {}
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        r.message(),
+        "budget exceeded for this API key: hourly (this request could cost more than what is left)"
+    );
+    // The other key spends the tenant's budget only: 8_000 + 7_000 = 15_000.
+    let p1 = l.admit(t, plain, d(1, 7_000)).await.unwrap();
+    let r = l.admit(t, plain, d(1, 1)).await.unwrap_err();
+    assert!(matches!(
+        r,
+        Refusal::Budget {
+            scope: Scope::Tenant,
+            which: "monthly",
+            ..
+        }
+    ));
+    assert_eq!(
+        r.message(),
+        "budget exceeded for this tenant: monthly (this request could cost more than what is left)"
+    );
+    // The tenant's refusal holds for the limited key too, whose own room is left.
+    assert!(matches!(
+        l.admit(t, team, d(1, 1)).await,
+        Err(Refusal::Budget {
+            scope: Scope::Tenant,
+            ..
+        }) | Err(Refusal::Budget {
+            scope: Scope::Key,
+            which: "hourly",
+            ..
+        })
+    ));
+    l.settle(p1, a(2, 3, 6_000)).await;
+    let u = l.usage(t).await.unwrap();
+    assert_eq!(
+        (u.spent_nanousd, u.reserved_nanousd, u.requests),
+        (14_000, 0, 3)
+    );
+    let k = l.key_usage(t, team).await.unwrap();
+    assert_eq!(
+        (k.tracked, k.spent_nanousd, k.reserved_nanousd, k.requests),
+        (true, 8_000, 0, 2)
+    );
+    assert_eq!((k.tokens_in, k.tokens_out), (2, 2));
+    assert_eq!(k.budget_nanousd, Some(10_000));
+    assert_eq!(k.remaining_nanousd, Some(2_000));
+    assert_eq!(k.remaining_usd.as_deref(), Some("0.000002000"));
+    assert_eq!(k.spend_this_hour_nanousd, 8_000);
+    assert_eq!(
+        (k.hourly_budget_nanousd, k.hourly_remaining_nanousd),
+        (Some(8_000), Some(0))
+    );
+    assert_eq!((k.tenant.as_str(), k.key_id.as_str()), ("keyed", "team/a"));
+    let json = serde_json::to_value(&k).unwrap();
+    assert_eq!(json["spent_usd"], "0.000008000");
+    assert_eq!(json["hourly_budget_usd"], "0.000008000");
+    // A key without limits of its own has no figures of its own.
+    let p = l.key_usage(t, plain).await.unwrap();
+    assert_eq!(
+        (p.tracked, p.spent_nanousd, p.requests, p.budget_nanousd),
+        (false, 0, 0, None)
+    );
+}
+
+#[tokio::test]
+async fn both_scopes_are_reserved_together_and_released_by_settle_and_by_drop() {
+    let (cfg, _now, l) = setup();
+    let (t, team, _) = keyed(&cfg);
+    let k = l.admit(t, team, d(100, 2_500)).await.unwrap();
+    assert_eq!(l.usage(t).await.unwrap().reserved_nanousd, 2_500);
+    assert_eq!(l.key_usage(t, team).await.unwrap().reserved_nanousd, 2_500);
+    drop(k);
+    assert_eq!(l.usage(t).await.unwrap().reserved_nanousd, 0);
+    let ku = l.key_usage(t, team).await.unwrap();
+    assert_eq!((ku.reserved_nanousd, ku.spent_nanousd), (0, 0));
+    // The key's concurrency slot came back with the drop.
+    let k = l.admit(t, team, d(100, 2_500)).await.unwrap();
+    l.settle(k, a(10, 20, 1_000)).await;
+    let (u, ku) = (
+        l.usage(t).await.unwrap(),
+        l.key_usage(t, team).await.unwrap(),
+    );
+    assert_eq!(
+        (u.spent_nanousd, u.tokens_in, u.tokens_out, u.requests),
+        (1_000, 10, 20, 2)
+    );
+    assert_eq!(
+        (ku.spent_nanousd, ku.tokens_in, ku.tokens_out, ku.requests),
+        (1_000, 10, 20, 2)
+    );
+    assert_eq!(ku.hourly_remaining_nanousd, Some(7_000));
+}
+
+#[tokio::test]
+async fn a_key_rps_limit_refuses_naming_the_key_while_its_tenant_has_room() {
+    let (cfg, now, l) = setup();
+    let (t, team, plain) = keyed(&cfg);
+    for _ in 0..2 {
+        let k = l.admit(t, team, d(1, 0)).await.unwrap();
+        l.settle(k, Actual::default()).await;
+    }
+    let r = l.admit(t, team, d(1, 0)).await.unwrap_err();
+    match &r {
+        Refusal::Rate {
+            scope: Scope::Key,
+            which: "rps",
+            retry_after_s: 1,
+            headers,
+        } => {
+            // The key's window is the tighter one: 0 of 2 left (the tenant has 3 of 5).
+            assert_eq!(
+                (headers.limit_requests, headers.remaining_requests),
+                (Some(2), Some(0))
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        r.message(),
+        "rate limit exceeded for this API key: requests per second"
+    );
+    // The pre-check refuses the key too; the tenant's other key is not affected.
+    assert!(matches!(
+        l.precheck(t, team),
+        Err(Refusal::Rate {
+            scope: Scope::Key,
+            which: "rps",
+            ..
+        })
+    ));
+    l.precheck(t, plain).unwrap();
+    for _ in 0..3 {
+        let k = l.admit(t, plain, d(1, 0)).await.unwrap();
+        l.settle(k, Actual::default()).await;
+    }
+    // Now the tenant's window is full: the tenant's refusal, for either key.
+    let r = l.admit(t, plain, d(1, 0)).await.unwrap_err();
+    assert_eq!(
+        r.message(),
+        "rate limit exceeded for this tenant: requests per second"
+    );
+    assert!(matches!(
+        l.precheck(t, plain),
+        Err(Refusal::Rate {
+            scope: Scope::Tenant,
+            ..
+        })
+    ));
+    now.fetch_add(1000, Ordering::SeqCst);
+    l.precheck(t, team).unwrap();
+    // A cache hit counts against the key's rps too.
+    l.admit_request_only(t, team).await.unwrap();
+    l.admit_request_only(t, team).await.unwrap();
+    assert!(matches!(
+        l.admit_request_only(t, team).await,
+        Err(Refusal::Rate {
+            scope: Scope::Key,
+            which: "rps",
+            ..
+        })
+    ));
+}
+
+#[tokio::test]
+async fn headers_show_the_tighter_scope() {
+    let (cfg, _now, l) = setup();
+    let (t, team, plain) = keyed(&cfg);
+    // Nothing counted yet: the key's limits are the tighter (2 of 2, 500 tokens).
+    let h = l.peek_headers(t, team);
+    assert_eq!(
+        (h.limit_requests, h.remaining_requests, h.remaining_tokens),
+        (Some(2), Some(2), Some(500))
+    );
+    let k = l.admit(t, team, d(100, 0)).await.unwrap();
+    assert_eq!(
+        (
+            k.headers.limit_requests,
+            k.headers.remaining_requests,
+            k.headers.remaining_tokens
+        ),
+        (Some(2), Some(1), Some(400))
+    );
+    // The other key sees the tenant's: 5 - 2 requests, 2000 - 100 - 1200 tokens.
+    let p = l.admit(t, plain, d(1_200, 0)).await.unwrap();
+    assert_eq!(
+        (
+            p.headers.limit_requests,
+            p.headers.remaining_requests,
+            p.headers.remaining_tokens
+        ),
+        (Some(5), Some(3), Some(700))
+    );
+    // Once the tenant has fewer tokens left than the key, its figure is shown.
+    let p2 = l.admit(t, plain, d(600, 0)).await.unwrap();
+    let h = l.peek_headers(t, team);
+    assert_eq!(
+        (h.limit_requests, h.remaining_requests, h.remaining_tokens),
+        (Some(2), Some(1), Some(100))
+    );
+    // A refusal carries the same combined view.
+    match l.admit(t, team, d(1, 0)).await {
+        Err(Refusal::Rate {
+            scope: Scope::Key,
+            which: "concurrency",
+            headers,
+            ..
+        }) => assert_eq!(headers.remaining_tokens, Some(100)),
+        other => panic!("{other:?}"),
+    }
+    drop((k, p, p2));
+    // The combination itself: fewer requests left wins, with its own limit; with no
+    // count known (in front of Redis), the smaller limit.
+    let hd = |l: Option<u32>, r: Option<u32>, t: Option<u64>| RateHeaders {
+        limit_requests: l,
+        remaining_requests: r,
+        remaining_tokens: t,
+    };
+    assert_eq!(
+        tighter(hd(Some(10), Some(3), None), hd(Some(5), Some(4), Some(7))),
+        hd(Some(10), Some(3), Some(7))
+    );
+    assert_eq!(
+        tighter(hd(Some(10), None, None), hd(Some(5), None, None)),
+        hd(Some(5), None, None)
+    );
+    assert_eq!(
+        tighter(hd(None, None, Some(9)), hd(Some(5), Some(5), None)),
+        hd(Some(5), Some(5), Some(9))
+    );
+}
+
+#[tokio::test]
+async fn a_request_that_can_never_fit_is_refused_as_invalid_and_counts_nothing() {
+    let (cfg, _now, l) = setup();
+    let (t, team, plain) = keyed(&cfg);
+    let cases = [
+        (
+            plain,
+            d(1_000_000_000_000_015, 0),
+            Refusal::NeverFits {
+                scope: Scope::Tenant,
+                which: "tpm",
+                demand: 1_000_000_000_000_015,
+                limit: 2000,
+            },
+        ),
+        (
+            team,
+            d(501, 0),
+            Refusal::NeverFits {
+                scope: Scope::Key,
+                which: "tpm",
+                demand: 501,
+                limit: 500,
+            },
+        ),
+        (
+            plain,
+            d(1, 15_001),
+            Refusal::NeverFits {
+                scope: Scope::Tenant,
+                which: "monthly",
+                demand: 15_001,
+                limit: 15_000,
+            },
+        ),
+        (
+            team,
+            d(1, 8_001),
+            Refusal::NeverFits {
+                scope: Scope::Key,
+                which: "hourly",
+                demand: 8_001,
+                limit: 8_000,
+            },
+        ),
+    ];
+    for (key, demand, want) in cases {
+        assert_eq!(l.admit(t, key, demand).await.unwrap_err(), want);
+    }
+    assert_eq!(
+        Refusal::NeverFits {
+            scope: Scope::Tenant,
+            which: "tpm",
+            demand: 1_000_000_000_000_015,
+            limit: 2_000_000,
+        }
+        .message(),
+        "this request can use up to 1000000000000015 tokens (max_tokens plus the prompt), \
+         above this tenant's limit of 2000000 tokens per minute: lower max_tokens"
+    );
+    assert_eq!(
+        Refusal::NeverFits {
+            scope: Scope::Key,
+            which: "monthly",
+            demand: 10_000_000_001,
+            limit: 10_000_000_000,
+        }
+        .message(),
+        "this request can cost up to 10.000000001 USD (max_tokens plus the prompt, at the \
+         model's prices), above this API key's whole monthly budget of 10.000000000 USD: \
+         lower max_tokens"
+    );
+    // Nothing was counted: not a request, not a token.
+    assert_eq!(l.usage(t).await.unwrap().requests, 0);
+    assert_eq!(l.peek_headers(t, plain).remaining_tokens, Some(2000));
+    assert_eq!(l.peek_headers(t, team).remaining_requests, Some(2));
+    // Exactly at the limits: admitted.
+    let k = l.admit(t, team, d(500, 8_000)).await.unwrap();
+    l.settle(k, Actual::default()).await;
+    // A budget of 0 is a pause, not a size limit: 402 as before.
+    let mut paused = ApiKey::clone(plain);
+    paused.budget.monthly_nanousd = Some(0);
+    assert!(matches!(
+        l.admit(t, &paused, d(1, 1)).await,
+        Err(Refusal::Budget {
+            scope: Scope::Key,
+            which: "monthly",
+            ..
+        })
+    ));
+}
+
+#[tokio::test]
+async fn a_key_without_limits_touches_no_key_state() {
+    let (cfg, _now, l) = setup();
+    let (t, team, plain) = keyed(&cfg);
+    for _ in 0..3 {
+        let k = l.admit(t, plain, d(10, 100)).await.unwrap();
+        l.settle(k, a(1, 1, 50)).await;
+    }
+    l.admit_request_only(t, plain).await.unwrap();
+    l.precheck(t, plain).unwrap();
+    let _ = l.peek_headers(t, plain);
+    let _ = l.key_usage(t, plain).await.unwrap();
+    assert_eq!(l.inner.local.key_states("keyed"), 0);
+    assert_eq!(l.usage(t).await.unwrap().requests, 4);
+    let k = l.admit(t, team, d(10, 100)).await.unwrap();
+    assert_eq!(l.inner.local.key_states("keyed"), 1);
+    drop(k);
+}
+
+#[tokio::test]
+async fn a_key_with_limits_under_a_tenant_without_any_is_enforced() {
+    let (cfg, _now, l) = setup();
+    let t = cfg.tenant("loose").unwrap();
+    let key = &t.api_keys[0];
+    // $0.000003 for the key: three requests of 1_000, the tenant has no limit at all.
+    let mut held = Vec::new();
+    while let Ok(k) = l.admit(t, key, d(1, 1_000)).await {
+        held.push(k);
+    }
+    assert_eq!(held.len(), 3);
+    for k in held {
+        l.settle(k, a(1, 1, 1_000)).await;
+    }
+    assert_eq!(l.usage(t).await.unwrap().spent_nanousd, 3_000);
+    assert_eq!(l.key_usage(t, key).await.unwrap().spent_nanousd, 3_000);
+}
+
+#[tokio::test]
+async fn concurrent_admissions_overshoot_neither_the_key_nor_the_tenant_budget() {
+    let (cfg, _now, l) = setup();
+    let (t, team, plain) = keyed(&cfg);
+    // Raise the key's rate limits out of the way: only the budgets are raced.
+    let mut t = Tenant::clone(t);
+    let mut team = ApiKey::clone(team);
+    team.rate = Rate::default();
+    team.budget.hourly_nanousd = None;
+    t.rate = Rate::default();
+    let (t, team, plain) = (Arc::new(t), Arc::new(team), Arc::new(ApiKey::clone(plain)));
+    // 1_000 each: the key fits 10, the tenant 15 in all.
+    let tasks: Vec<_> = (0..200)
+        .map(|i| {
+            let (l, t) = (l.clone(), t.clone());
+            let key = if i % 2 == 0 {
+                team.clone()
+            } else {
+                plain.clone()
+            };
+            tokio::spawn(async move {
+                l.admit(&t, &key, d(10, 1_000))
+                    .await
+                    .ok()
+                    .map(|k| (i % 2 == 0, k))
+            })
+        })
+        .collect();
+    let mut held = Vec::new();
+    for task in tasks {
+        if let Some(k) = task.await.unwrap() {
+            held.push(k);
+        }
+    }
+    let on_team = held.iter().filter(|(team, _)| *team).count();
+    assert_eq!(held.len(), 15);
+    assert!(on_team <= 10, "{on_team}");
+    for (_, k) in held {
+        l.settle(k, a(1, 1, 1_000)).await;
+    }
+    assert_eq!(l.usage(&t).await.unwrap().spent_nanousd, 15_000);
+    let ku = l.key_usage(&t, &team).await.unwrap();
+    assert_eq!(ku.spent_nanousd, on_team as u64 * 1_000);
+    assert!(ku.spent_nanousd <= 10_000);
 }

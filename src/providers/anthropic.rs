@@ -51,15 +51,17 @@ pub fn upstream_request(
 }
 
 /// `/v1/messages` to an Anthropic provider: the client's body with the upstream model
-/// name and, when the client sent none, the model's `max_tokens`.
+/// name and, when the client sent none, the model's `max_tokens` (a fallback's
+/// smaller bound caps the client's).
 pub fn prepare_native(req: &ClientRequest, model: &Model) -> Result<UpstreamRequest, GatewayError> {
     let mut body = req.body.clone();
     body.insert("model".into(), Value::String(model.upstream_model.clone()));
-    if req.max_tokens.is_none() {
-        let max = model
-            .max_output_tokens
-            .map_or(DEFAULT_MAX_TOKENS, u64::from);
-        body.insert("max_tokens".into(), Value::from(max));
+    // The client's, capped at a fallback's smaller bound; else the model's.
+    if req.max_tokens != super::max_tokens_for(req, model) || req.max_tokens.is_none() {
+        body.insert(
+            "max_tokens".into(),
+            Value::from(super::output_bound(req, model)),
+        );
     }
     upstream_request(req, model, body)
 }

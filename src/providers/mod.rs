@@ -159,13 +159,39 @@ pub struct UpstreamRequest {
     pub strip_usage: bool,
 }
 
-/// The most output tokens `model` can produce for `req`: the client's `max_tokens`,
-/// else the model's `max_output_tokens` (which the adapters then send upstream), else
-/// the Anthropic default the adapters also use.
+/// The most output tokens `model` can produce for `req`: what [`max_tokens_for`]
+/// sends upstream, else the Anthropic default the adapters also use.
 pub fn output_bound(req: &ClientRequest, model: &Model) -> u64 {
-    req.max_tokens
-        .or(model.max_output_tokens.map(u64::from))
-        .unwrap_or(anthropic::DEFAULT_MAX_TOKENS)
+    max_tokens_for(req, model).unwrap_or(anthropic::DEFAULT_MAX_TOKENS)
+}
+
+/// The output bound the adapters send to `model`: the client's `max_tokens` capped at
+/// the model's `max_output_tokens`, else the model's. The cap only ever applies to a
+/// fallback: a client asking the first choice for more is refused by
+/// [`check_max_tokens`]; a fallback with a smaller bound answers within its own
+/// bound (the operator's cap) rather than fail the request.
+pub fn max_tokens_for(req: &ClientRequest, model: &Model) -> Option<u64> {
+    let cap = model.max_output_tokens.map(u64::from);
+    match (req.max_tokens, cap) {
+        (Some(n), Some(cap)) => Some(n.min(cap)),
+        (n, cap) => n.or(cap),
+    }
+}
+
+/// Refuses (400 `invalid_request`) a `max_tokens` above the `max_output_tokens` of
+/// the chain's first choice, `first`, instead of forwarding what the operator capped
+/// (and reserving a worst case the model can never produce). Only the first choice
+/// is held to it: it is the model the client asked for; fallbacks with a smaller
+/// bound get the request capped to theirs (see [`max_tokens_for`]).
+pub fn check_max_tokens(req: &ClientRequest, first: &Model) -> Result<(), GatewayError> {
+    match (req.max_tokens, first.max_output_tokens) {
+        (Some(n), Some(cap)) if n > u64::from(cap) => Err(invalid(format!(
+            "'max_tokens' is {n}, above model '{}''s limit of {cap} output tokens \
+             (max_output_tokens): lower max_tokens",
+            first.name
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// Builds the upstream request for `model` from the client's request.
@@ -181,7 +207,7 @@ pub fn prepare(req: &ClientRequest, model: &Model) -> Result<UpstreamRequest, Ga
             let body = translate_request::chat_to_messages(
                 &req.body,
                 &model.upstream_model,
-                req.max_tokens.or(model.max_output_tokens.map(u64::from)),
+                max_tokens_for(req, model),
             )?;
             anthropic::upstream_request(req, model, body)
         }
@@ -190,7 +216,7 @@ pub fn prepare(req: &ClientRequest, model: &Model) -> Result<UpstreamRequest, Ga
             let body = translate_request::messages_to_chat(
                 &req.body,
                 &model.upstream_model,
-                req.max_tokens.or(model.max_output_tokens.map(u64::from)),
+                max_tokens_for(req, model),
                 kind == ProviderKind::OpenAi,
             )?;
             openai::chat_request(model, body, false)
@@ -355,5 +381,79 @@ impl ResponseTranslator {
     /// What is known so far, for a stream that was cut before its end.
     pub fn snapshot(&self) -> Completion {
         self.inner().snapshot()
+    }
+}
+
+#[cfg(test)]
+mod output_bound_tests {
+    use super::translate_fixtures::model;
+    use super::*;
+    use serde_json::json;
+
+    fn req(format: ApiFormat, body: Value) -> ClientRequest {
+        ClientRequest::parse(format, body.to_string().as_bytes()).expect("valid request")
+    }
+
+    fn sent(up: &UpstreamRequest) -> Value {
+        serde_json::from_slice(&up.body).expect("json body")
+    }
+
+    #[test]
+    fn max_tokens_above_the_first_choice_bound_is_refused_naming_it() {
+        let m = model(ProviderKind::OpenAiCompatible, Some(256));
+        let over = req(
+            ApiFormat::OpenAi,
+            json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 257}),
+        );
+        let e = check_max_tokens(&over, &m).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::InvalidRequest);
+        assert_eq!(
+            e.message,
+            "'max_tokens' is 257, above model 'public-model''s limit of 256 output tokens \
+             (max_output_tokens): lower max_tokens"
+        );
+        let at = req(
+            ApiFormat::Anthropic,
+            json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 256}),
+        );
+        check_max_tokens(&at, &m).unwrap();
+        // No bound configured: anything goes, as before.
+        check_max_tokens(&over, &model(ProviderKind::OpenAiCompatible, None)).unwrap();
+    }
+
+    #[test]
+    fn a_fallback_with_a_smaller_bound_gets_the_request_capped_at_it() {
+        let small = model(ProviderKind::OpenAi, Some(100));
+        let chat = req(
+            ApiFormat::OpenAi,
+            json!({"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 500}),
+        );
+        assert_eq!(output_bound(&chat, &small), 100);
+        assert_eq!(
+            sent(&prepare(&chat, &small).unwrap())["max_completion_tokens"],
+            100
+        );
+        let roomy = model(ProviderKind::OpenAi, Some(1000));
+        assert_eq!(
+            sent(&prepare(&chat, &roomy).unwrap())["max_completion_tokens"],
+            500
+        );
+        let msgs = req(
+            ApiFormat::Anthropic,
+            json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 500}),
+        );
+        let small_anthropic = model(ProviderKind::Anthropic, Some(100));
+        assert_eq!(
+            sent(&prepare(&msgs, &small_anthropic).unwrap())["max_tokens"],
+            100
+        );
+        assert_eq!(
+            sent(&prepare(&msgs, &small).unwrap())["max_completion_tokens"],
+            100
+        );
+        assert_eq!(
+            sent(&prepare(&chat, &small_anthropic).unwrap())["max_tokens"],
+            100
+        );
     }
 }

@@ -13,9 +13,9 @@ pub const CHAT_PATH: &str = "/v1/chat/completions";
 pub fn prepare_chat(req: &ClientRequest, model: &Model) -> Result<UpstreamRequest, GatewayError> {
     let mut body = req.body.clone();
     body.insert("model".into(), Value::String(model.upstream_model.clone()));
-    if req.max_tokens.is_none() {
-        // The budget reservation assumes this bound: make the provider keep to it.
-        if let Some(cap) = model.max_output_tokens {
+    // The budget reservation assumes this bound: make the provider keep to it.
+    match (req.max_tokens, super::max_tokens_for(req, model)) {
+        (None, Some(cap)) => {
             let key = if model.provider.kind == crate::config::ProviderKind::OpenAi {
                 "max_completion_tokens"
             } else {
@@ -23,6 +23,16 @@ pub fn prepare_chat(req: &ClientRequest, model: &Model) -> Result<UpstreamReques
             };
             body.insert(key.into(), Value::from(cap));
         }
+        // A fallback with a smaller bound than the client's: capped in every field
+        // the client set.
+        (Some(asked), Some(cap)) if cap < asked => {
+            for key in ["max_completion_tokens", "max_tokens"] {
+                if body.get(key).is_some_and(|v| !v.is_null()) {
+                    body.insert(key.into(), Value::from(cap));
+                }
+            }
+        }
+        _ => {}
     }
     let strip_usage = req.stream && !req.include_usage;
     if strip_usage {

@@ -5,7 +5,7 @@ use crate::audit::AuditRow;
 use crate::config::Tenant;
 use crate::error::{ErrorKind, GatewayError};
 use crate::limits::{Actual, Demand, Refusal};
-use crate::providers::{self, end_user, ClientRequest, Usage};
+use crate::providers::{self, end_user, ClientRequest};
 use crate::{accounting, auth, routing};
 use bytes::{Bytes, BytesMut};
 use pingora_proxy::Session;
@@ -59,8 +59,8 @@ impl Gateway {
             // Every response to a known tenant says where its limits stand, also
             // errors raised before admission (a 400, 403 or 413).
             if ctx.rate_headers.is_none() {
-                if let Some(t) = &ctx.tenant {
-                    ctx.rate_headers = Some(self.limits.peek_headers(t));
+                if let (Some(t), Some(k)) = (&ctx.tenant, &ctx.api_key) {
+                    ctx.rate_headers = Some(self.limits.peek_headers(t, k));
                 }
             }
             if let Some(h) = &ctx.rate_headers {
@@ -112,7 +112,7 @@ impl Gateway {
         if endpoint == Endpoint::Models {
             let body = models_list(&tenant);
             let mut extra = Vec::with_capacity(3);
-            respond::rate_headers(&self.limits.peek_headers(&tenant), &mut extra);
+            respond::rate_headers(&self.limits.peek_headers(&tenant, &api_key), &mut extra);
             ctx.status = 200;
             self.seal(ctx).await;
             return respond::json(session, 200, body, &ctx.request_id, &extra)
@@ -123,7 +123,7 @@ impl Gateway {
         // A tenant already over its rps or concurrency is refused before its body is
         // read, let alone parsed: a flood costs a hash lookup per request.
         self.limits
-            .precheck(&tenant)
+            .precheck(&tenant, &api_key)
             .map_err(|r| refusal_error(r, ctx))?;
         let body = read_body(session, cfg.max_body_bytes).await?;
         let prompt_bytes = body.len();
@@ -154,9 +154,10 @@ impl Gateway {
             req.model.as_deref(),
             override_header,
         )?;
+        providers::check_max_tokens(&req, chain.first())?;
         let ticket = self
             .limits
-            .admit(&tenant, demand(&req, &chain, prompt_bytes))
+            .admit(&tenant, &api_key, demand(&req, &chain, prompt_bytes))
             .await
             .map_err(|r| refusal_error(r, ctx))?;
         ctx.rate_headers = Some(ticket.headers.clone());
@@ -435,60 +436,45 @@ fn models_list(tenant: &Tenant) -> Bytes {
 /// bytes, and the JSON around the text adds slack); output by the bound the adapters
 /// send upstream. The costliest candidate is reserved, so a fallback never overdraws.
 fn demand(req: &ClientRequest, chain: &routing::Chain, prompt_bytes: usize) -> Demand {
-    let prompt = prompt_bytes.div_ceil(2).min(u32::MAX as usize) as u32;
+    let prompt = prompt_bytes.div_ceil(2) as u64;
     let mut d = Demand::default();
     for m in &chain.models {
-        let output = providers::output_bound(req, m).min(u32::MAX as u64) as u32;
-        let usage = Usage {
-            input: prompt,
-            output,
-            ..Usage::default()
-        };
-        d.tokens = d.tokens.max(u64::from(prompt) + u64::from(output));
+        // Unclamped: a limit can only refuse a huge max_tokens if it sees it whole.
+        let output = providers::output_bound(req, m);
+        d.tokens = d.tokens.max(prompt.saturating_add(output));
         d.cost_nanousd = d
             .cost_nanousd
-            .max(accounting::cost_nanousd(&usage, &m.price));
+            .max(accounting::worst_cost_nanousd(prompt, output, &m.price));
     }
     d
 }
 
-/// A refusal by the limits, as the client sees it.
+/// A refusal by the limits, as the client sees it; the message names the scope
+/// (tenant or key) whose limit refused.
 fn refusal_error(r: Refusal, ctx: &mut Ctx) -> GatewayError {
+    let message = r.message();
     match r {
         Refusal::Rate {
-            which,
             retry_after_s,
             headers,
+            ..
         } => {
             ctx.rate_headers = Some(headers);
-            let what = match which {
-                "rps" => "requests per second",
-                "tpm" => "tokens per minute",
-                _ => "concurrent requests",
-            };
-            GatewayError::new(
-                ErrorKind::RateLimited,
-                format!("rate limit exceeded: {what}"),
-            )
-            .with_retry_after(retry_after_s)
+            GatewayError::new(ErrorKind::RateLimited, message).with_retry_after(retry_after_s)
         }
-        Refusal::Unavailable(e) => GatewayError::new(
-            ErrorKind::UpstreamUnavailable,
-            format!("the shared rate-limit store is unreachable (on_error: fail_closed): {e}"),
-        )
-        .with_retry_after(1),
+        Refusal::Unavailable(_) => {
+            GatewayError::new(ErrorKind::UpstreamUnavailable, message).with_retry_after(1)
+        }
         Refusal::Budget {
-            which,
             retry_after_s,
             headers,
+            ..
         } => {
             ctx.rate_headers = Some(headers);
-            GatewayError::new(
-                ErrorKind::BudgetExceeded,
-                format!("{which} budget exhausted: this request could cost more than what is left"),
-            )
-            .with_retry_after(retry_after_s)
+            GatewayError::new(ErrorKind::BudgetExceeded, message).with_retry_after(retry_after_s)
         }
+        // Never admitted however long the client waits: no retry-after.
+        Refusal::NeverFits { .. } => GatewayError::new(ErrorKind::InvalidRequest, message),
     }
 }
 

@@ -4,8 +4,9 @@ Each test runs its own `clickhouse-server` (Debian's 18.16, see chserver.py) on 
 loopback ports and its own gateway processes (they are stopped and restarted on one
 spool directory), driven through the official SDKs and raw HTTP:
 
-* mixed requests (ok, stream, Anthropic, models, 401, 402, 429, 413, fallback, cache hit) give
-  exactly one row each with the right tenant, status, flags, tokens and nano-USD cost;
+* mixed requests (ok, stream, Anthropic, models, 401, 400 for a worst case above the
+  whole budget, 429, 413, fallback, cache hit) give exactly one row each with the right
+  tenant, status, flags, tokens and nano-USD cost;
 * ClickHouse down during load, the gateway restarted, ClickHouse back: every row
   arrives, and the documented queries (conf/clickhouse/queries.sql) count each request
   once even when rows were shipped twice;
@@ -329,12 +330,12 @@ def test_mixed_requests_give_exactly_one_row_each(clickhouse, private_gateway, c
     assert r.status_code == 401, r.text
     expected[rid] = dict(tenant="", status=401, error_code="invalid_api_key", cost_nanousd=0, tokens_out=0)
 
-    # 402: the worst case does not fit the budget
+    # 400: the worst case is above the whole budget, so it could never fit (not a 402 to retry)
     rid = new_request_id("broke")
     r = raw("/v1/chat/completions", BROKE,
             json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}).encode(), rid)
-    assert r.status_code == 402, r.text
-    expected[rid] = dict(tenant="broke", status=402, error_code="budget_exceeded", cost_nanousd=0, tokens_out=0)
+    assert r.status_code == 400, r.text
+    expected[rid] = dict(tenant="broke", status=400, error_code="invalid_request", cost_nanousd=0, tokens_out=0)
 
     # 429: three requests at once against rps 1 (at most one second boundary falls between them)
     statuses = {}

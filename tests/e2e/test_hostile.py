@@ -350,7 +350,10 @@ def test_thousands_of_idle_connections(gw):
 def test_client_that_never_reads_is_cut_off_and_its_upstream_cancelled(gateway):
     """A blocked write to the client times out (LLM_GATEWAY_CLIENT_WRITE_TIMEOUT_MS):
     the request ends as `client_closed` instead of holding its upstream call forever."""
-    gw = gateway(OWN, env={"LLM_GATEWAY_CLIENT_WRITE_TIMEOUT_MS": "1500"})
+    # No output bound on the model: a max_tokens above one would be refused (400), and
+    # the answer must be far longer than what the socket buffers hold.
+    unbounded = {**OWN, "models": {"gpt-4o-mini": {"max_output_tokens": None}}}
+    gw = gateway(unbounded, env={"LLM_GATEWAY_CLIENT_WRITE_TIMEOUT_MS": "1500"})
     rid = f"never-reads-{time.monotonic_ns()}"
     body = json.dumps(chat_body("[[mock: tokens=100000; gap_ms=0]] a very long answer", stream=True,
                                 max_tokens=100000)).encode()

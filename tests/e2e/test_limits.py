@@ -6,7 +6,8 @@ tokens at the input price plus the output bound at the output price (the output 
 is the client's `max_tokens`, else the model's `max_output_tokens`, which is then sent
 upstream) -- and settles to the actual cost and tokens (the audit row's) at the end.
 Checked here: the monthly budget is never overshot however many requests race (402
-`budget_exceeded`), a request whose worst case does not fit is refused without an
+`budget_exceeded`), a request that can never fit (a worst case above the whole budget,
+or `max_tokens` above the model's `max_output_tokens`) is refused with 400 without an
 upstream call, rps / concurrency / tpm give 429 `rate_limited` with `retry-after`,
 the `x-ratelimit-*` headers carry exact values, a flooding tenant leaves another
 tenant's counters alone, the admin usage endpoint agrees with the audit rows, and the
@@ -55,10 +56,11 @@ HOURLY_SLOW_BODY = chat_body("[[mock: gap_ms=200; tokens=4]] hour", model="lim",
 HOURLY_SLOW_W = worst(HOURLY_SLOW_BODY)[1]
 HOURLY_BUDGET = 3 * HOURLY_SLOW_W + HOURLY_SLOW_W // 2
 
-# Noisy neighbour: A's budget fits FAST_BODY many times, never NOISY_HUGE_BODY.
-NOISY_A_BUDGET = 10_000_000
-NOISY_HUGE_BODY = chat_body("[[mock: tokens=1]] huge", model="lim", max_tokens=10_000)
-assert worst(NOISY_HUGE_BODY)[1] > NOISY_A_BUDGET > 50 * FAST_W
+# Noisy neighbour: A's budget fits NOISY_HUGE_BODY's worst case (so it is not a 400),
+# but not once A has spent a few of its FAST_BODY requests (402).
+NOISY_HUGE_BODY = chat_body("[[mock: tokens=1]] huge", model="lim", max_tokens=LIM_MAX_OUT)
+NOISY_A_BUDGET = 1_000_000
+assert worst(NOISY_HUGE_BODY)[1] < NOISY_A_BUDGET < 2 * worst(NOISY_HUGE_BODY)[1]
 
 TPM = 2000
 HDR_RPS, HDR_TPM = 1000, 1_000_000
@@ -74,7 +76,7 @@ OVERRIDES = {
         "cap": _tenant("cap", ["lim", "lim-big"], budget={"monthly_usd": 0.01}),
         "rps": _tenant("rps", rate={"rps": 3}),
         "conc": _tenant("conc", rate={"concurrency": 2}),
-        "tpm": _tenant("tpm", rate={"tpm": TPM}),
+        "tpm": _tenant("tpm", ["lim", "lim-big"], rate={"tpm": TPM}),
         "hdr": _tenant("hdr", rate={"rps": HDR_RPS, "tpm": HDR_TPM}),
         "noisy-a": _tenant("noisy-a", rate={"rps": 5, "concurrency": 2},
                            budget={"monthly_usd": usd(NOISY_A_BUDGET)}),
@@ -176,33 +178,41 @@ def test_concurrent_burst_never_overshoots_the_monthly_budget(gw, mock):
 # --------------------------------------------------------------------------- 2. worst case does not fit
 
 
-def test_402_when_the_worst_case_does_not_fit_no_upstream_call(gw, mock):
-    """A budget of $0.01 with nothing spent: a request that could cost more (a huge
-    max_tokens, or no max_tokens on a model whose output cap is huge) is refused with
-    402 in the endpoint's format, before any upstream call, with an audit row."""
+def test_400_when_the_request_can_never_fit_no_upstream_call(gw, mock):
+    """A budget of $0.01 with nothing spent: a request that could cost more than the
+    whole budget (no max_tokens on a model whose output cap is huge), or that asks for
+    more than the model's max_output_tokens, is refused with 400 in the endpoint's
+    format (not a 402 to retry later), before any upstream call, with an audit row."""
     assert usage(gw, "cap")["spent_nanousd"] == 0
     budget = 10_000_000
+    over_cap = f"'max_tokens' is 100000, above model 'lim''s limit of {LIM_MAX_OUT} output tokens"
     cases = [
-        ("/v1/chat/completions", chat_body("hi", model="lim", max_tokens=100_000)),
-        ("/v1/chat/completions", chat_body("hi", model="lim", stream=True, max_completion_tokens=100_000)),
-        ("/v1/chat/completions", chat_body("hi", model="lim-big")),  # the model's cap is the bound
-        ("/v1/messages", messages_body("hi", model="lim", max_tokens=100_000)),
-        ("/v1/messages", messages_body("hi", model="lim", stream=True, max_tokens=100_000)),
+        ("/v1/chat/completions", chat_body("hi", model="lim", max_tokens=100_000), over_cap),
+        ("/v1/chat/completions", chat_body("hi", model="lim", stream=True, max_completion_tokens=100_000),
+         over_cap),
+        ("/v1/chat/completions", chat_body("hi", model="lim-big"),  # the model's cap is the bound
+         "above this tenant's whole monthly budget of 0.010000000 USD: lower max_tokens"),
+        ("/v1/messages", messages_body("hi", model="lim", max_tokens=100_000), over_cap),
+        ("/v1/messages", messages_body("hi", model="lim-big", stream=True, max_tokens=BIG_MAX_OUT),
+         "above this tenant's whole monthly budget"),
     ]
     calls = []
-    for path, body in cases:
+    for path, body, message in cases:
         assert worst(body)[1] > budget
         c = call(gw, "cap", body, path=path)
         if path == "/v1/messages":
-            assert_anthropic_error(c.r, 402, "billing_error")
+            err = assert_anthropic_error(c.r, 400, "invalid_request_error")
         else:
-            assert_openai_error(c.r, 402, "budget_exceeded")
+            err = assert_openai_error(c.r, 400, "invalid_request")
+        assert message in err["message"], err
+        assert "retry-after" not in c.headers, c.headers
         calls.append(c)
     assert mock.requests() == [], "a refused request must not reach the provider"
-    for c, (path, _) in zip(calls, cases):
+    for c, (path, _, _) in zip(calls, cases):
         row = row_of(gw, c)
-        assert_refused_row(row, 402, "budget_exceeded")
+        assert_refused_row(row, 400, "invalid_request")
         assert row["tenant"] == "cap" and row["endpoint"] == ("messages" if "messages" in path else "chat_completions")
+    assert usage(gw, "cap")["requests"] == 0
 
     # Not a spend problem: a request whose worst case fits is served, and without a
     # client max_tokens the model's cap (what was reserved) is sent upstream.
@@ -304,10 +314,11 @@ def test_concurrency_slot_frees_while_another_stream_is_still_in_flight(gw):
 
 
 def body_with_worst_tokens(target: int, prompt: str = FAST_PROMPT) -> dict:
-    """A chat body to `lim` whose reserved tokens are exactly `target`."""
-    guess = target - math.ceil(len(raw(chat_body(prompt, model="lim", max_tokens=target))) / 2)
+    """A chat body to `lim-big` (whose output bound leaves room for any max_tokens
+    here) whose reserved tokens are exactly `target`."""
+    guess = target - math.ceil(len(raw(chat_body(prompt, model="lim-big", max_tokens=target))) / 2)
     for m in range(max(1, guess - 5), guess + 6):
-        b = chat_body(prompt, model="lim", max_tokens=m)
+        b = chat_body(prompt, model="lim-big", max_tokens=m)
         if worst(b)[0] == target:
             return b
     raise AssertionError(f"no max_tokens gives a worst case of {target} tokens")
@@ -429,6 +440,8 @@ def test_noisy_neighbour_does_not_touch_another_tenants_counters(gw):
                 f.result()
 
     statuses = sorted({c.status for c in a_calls})
+    assert any(c.status == 402 and c.body and b"budget exceeded for this tenant: monthly" in c.body
+               for c in a_calls), "a 402 that names the tenant's budget"
     assert set(statuses) <= {200, 402, 429}, statuses
     assert 429 in statuses and 402 in statuses, f"tenant A was not limited: {statuses}"
     for c in b_calls:
@@ -461,9 +474,10 @@ def test_usage_endpoint_matches_the_audit_rows(gw):
              path="/v1/messages"),
         call(gw, "usage", messages_body("[[mock: tokens=19]] four", model="lim", stream=True, max_tokens=50),
              path="/v1/messages"),
-        call(gw, "usage", chat_body("[[mock: tokens=3]] five", model="lim", max_tokens=600_000)),  # > $1: 402
+        # Above lim's max_output_tokens (and the $1 budget): 400, not counted.
+        call(gw, "usage", chat_body("[[mock: tokens=3]] five", model="lim", max_tokens=600_000)),
     ]
-    assert [c.status for c in calls] == [200, 200, 200, 200, 402], calls
+    assert [c.status for c in calls] == [200, 200, 200, 200, 400], calls
     rows = wait_rows(gw, calls)
     assert all(r["tenant"] == "usage" for r in rows)
     # Rows reach the spool in the order requests end, which need not be the order of the calls.

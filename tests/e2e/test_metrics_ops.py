@@ -32,7 +32,9 @@ OVERRIDES = {"tenants": {
                     cache={"enabled": True, "ttl_s": 60}),
     "ops-b": tenant("ops-b"),
     "ops-tight": tenant("ops-tight", rate={"rps": 1}),
-    "ops-broke": tenant("ops-broke", budget={"monthly_usd": 0.000001}),
+    # A budget of 0 (a paused tenant) is a 402; one merely below a request's worst case
+    # would be a 400 (it can never fit).
+    "ops-broke": tenant("ops-broke", budget={"monthly_usd": 0}),
 }}
 
 

@@ -7,8 +7,8 @@
 //! they do not skip.
 
 use crate::Proc;
-use llm_gateway::config::{sha256_hex, Config, Counters, OnError, Tenant};
-use llm_gateway::limits::{Actual, Demand, Limits, Refusal, Ticket};
+use llm_gateway::config::{sha256_hex, ApiKey, Config, Counters, OnError, Tenant};
+use llm_gateway::limits::{Actual, Demand, Limits, Refusal, Scope, Ticket};
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
@@ -141,11 +141,36 @@ tenants:
     api_keys: [ { id: k6, sha256: "H6" } ]
     models: [m1]
     budget: { monthly_usd: 0.00001, hourly_usd: 0.000004 }
+  keyed:
+    api_keys:
+      - { id: "team/a", sha256: "H7", rate: { rps: 3 }, budget: { monthly_usd: 0.00001 } }
+      - { id: plain, sha256: "H8" }
+    models: [m1]
+    budget: { monthly_usd: 0.000025 }
+  mixed:
+    api_keys:
+      - { id: "team/a", sha256: "H9", budget: { monthly_usd: 0.00001 } }
+      - { id: plain, sha256: "H10" }
+    models: [m1]
+    budget: { monthly_usd: 0.000025 }
+  mixed2:
+    api_keys:
+      - { id: "team/a", sha256: "H11", budget: { monthly_usd: 0.00001 } }
+      - { id: plain, sha256: "H12" }
+    models: [m1]
+    budget: { monthly_usd: 0.000025 }
+  leased:
+    api_keys:
+      - { id: only, sha256: "H13", rate: { concurrency: 1, tpm: 1000 }, budget: { monthly_usd: 0.001 } }
+    models: [m1]
 "#;
 
 fn tenants() -> Config {
     let mut yaml = TENANTS.to_string();
-    for (i, key) in ["a", "b", "c", "d", "e", "f"].iter().enumerate() {
+    let names = [
+        "a", "b", "c", "d", "e", "f", "g", "h", "i", "j", "k", "l", "m",
+    ];
+    for (i, key) in names.iter().enumerate() {
         yaml = yaml.replace(
             &format!("\"H{}\"", i + 1),
             &format!("\"{}\"", sha256_hex(key)),
@@ -180,6 +205,11 @@ fn two_nodes(redis: &Redis, on_error: OnError) -> (Arc<AtomicU64>, Limits, Limit
     )
 }
 
+/// The tenant's first key (in [`TENANTS`], one without limits of its own).
+fn key0(t: &Tenant) -> &ApiKey {
+    &t.api_keys[0]
+}
+
 fn demand(tokens: u64, cost: u64) -> Demand {
     Demand {
         tokens,
@@ -193,7 +223,7 @@ async fn race(a: &Limits, b: &Limits, t: &Arc<Tenant>, n: usize, d: Demand) -> V
         .map(|i| {
             let node = if i % 2 == 0 { a.clone() } else { b.clone() };
             let t = t.clone();
-            tokio::spawn(async move { node.admit(&t, d).await })
+            tokio::spawn(async move { node.admit(&t, key0(&t), d).await })
         })
         .collect();
     let mut admitted = Vec::new();
@@ -216,7 +246,7 @@ async fn two_nodes_never_together_exceed_one_monthly_budget() {
     // Budget 37_000 nano-USD, each request may cost up to 1_000: exactly 37 fit.
     let held = race(&a, &b, &t, 200, demand(10, 1_000)).await;
     assert_eq!(held.len(), 37);
-    match a.admit(&t, demand(1, 1)).await {
+    match a.admit(&t, key0(&t), demand(1, 1)).await {
         Err(Refusal::Budget {
             which: "monthly",
             retry_after_s,
@@ -273,7 +303,7 @@ async fn commands_processed(c: &mut redis::aio::MultiplexedConnection) -> u64 {
 
 /// Admits `cost` on `node`, settles it at the full cost, or returns the refusal.
 async fn spend(node: &Limits, t: &Arc<Tenant>, cost: u64) -> Result<(), Refusal> {
-    let k = node.admit(t, demand(1, cost)).await?;
+    let k = node.admit(t, key0(t), demand(1, cost)).await?;
     node.settle(
         k,
         Actual {
@@ -343,8 +373,9 @@ async fn two_nodes_enforce_one_rps_and_one_concurrency_limit() {
     let admitted = race(&a, &b, &t, 200, demand(1, 0)).await;
     assert_eq!(admitted.len(), 50);
     assert_eq!(admitted[0].headers.limit_requests, Some(50));
-    match a.admit_request_only(&t).await {
+    match a.admit_request_only(&t, key0(&t)).await {
         Err(Refusal::Rate {
+            scope: Scope::Tenant,
             which: "rps",
             retry_after_s: 1,
             headers,
@@ -357,12 +388,12 @@ async fn two_nodes_enforce_one_rps_and_one_concurrency_limit() {
     // rest of this second is refused locally, before the body and without a round
     // trip: even with Redis gone the answer is the rps refusal, not "unavailable".
     assert!(matches!(
-        b.admit(&t, demand(1, 0)).await,
+        b.admit(&t, key0(&t), demand(1, 0)).await,
         Err(Refusal::Rate { which: "rps", .. })
     ));
     let mut watch = redis.conn().await;
     let before = commands_processed(&mut watch).await;
-    match b.precheck(&t) {
+    match b.precheck(&t, key0(&t)) {
         Err(Refusal::Rate {
             which: "rps",
             headers,
@@ -371,15 +402,19 @@ async fn two_nodes_enforce_one_rps_and_one_concurrency_limit() {
         other => panic!("{other:?}"),
     }
     assert!(matches!(
-        b.admit(&t, demand(1, 0)).await,
+        b.admit(&t, key0(&t), demand(1, 0)).await,
         Err(Refusal::Rate { which: "rps", .. })
     ));
     // Only the first INFO ran in between.
     assert_eq!(commands_processed(&mut watch).await, before + 1);
     drop(admitted);
     now.fetch_add(1000, Ordering::SeqCst);
-    b.precheck(&t).expect("a new second, asked of Redis again");
-    let h = b.admit_request_only(&t).await.expect("a new second");
+    b.precheck(&t, key0(&t))
+        .expect("a new second, asked of Redis again");
+    let h = b
+        .admit_request_only(&t, key0(&t))
+        .await
+        .expect("a new second");
     assert_eq!(h.remaining_requests, Some(49));
 
     let t = tenant(&cfg, "conc10");
@@ -393,7 +428,7 @@ async fn two_nodes_enforce_one_rps_and_one_concurrency_limit() {
         Some(true)
     );
     assert!(matches!(
-        a.admit(&t, demand(1, 1)).await,
+        a.admit(&t, key0(&t), demand(1, 1)).await,
         Err(Refusal::Rate {
             which: "concurrency",
             ..
@@ -410,9 +445,12 @@ async fn two_nodes_enforce_one_rps_and_one_concurrency_limit() {
         },
     )
     .await;
-    let k = b.admit(&t, demand(1, 1)).await.expect("the freed slot");
+    let k = b
+        .admit(&t, key0(&t), demand(1, 1))
+        .await
+        .expect("the freed slot");
     held.push(k);
-    assert!(b.admit(&t, demand(1, 1)).await.is_err());
+    assert!(b.admit(&t, key0(&t), demand(1, 1)).await.is_err());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -425,7 +463,7 @@ async fn money_beyond_double_precision_is_exact() {
     t.budget.monthly_nanousd = Some(10_000_000_000_000_001);
     let t = Arc::new(t);
     let k = a
-        .admit(&t, demand(1, 10_000_000_000_000_000))
+        .admit(&t, key0(&t), demand(1, 10_000_000_000_000_000))
         .await
         .expect("fits");
     a.settle(
@@ -438,11 +476,11 @@ async fn money_beyond_double_precision_is_exact() {
     )
     .await;
     let k = b
-        .admit(&t, demand(1, 1))
+        .admit(&t, key0(&t), demand(1, 1))
         .await
         .expect("the last nano-dollar fits");
     assert!(matches!(
-        a.admit(&t, demand(1, 1)).await,
+        a.admit(&t, key0(&t), demand(1, 1)).await,
         Err(Refusal::Budget {
             which: "monthly",
             ..
@@ -469,7 +507,10 @@ async fn every_key_expires_and_dropped_or_lost_tickets_are_given_back() {
     let (now, a, b) = two_nodes(&redis, OnError::FailClosed);
     let cfg = tenants();
     let t = tenant(&cfg, "conc10");
-    let k = a.admit(&t, demand(100, 1_000)).await.expect("admit");
+    let k = a
+        .admit(&t, key0(&t), demand(100, 1_000))
+        .await
+        .expect("admit");
     a.settle(
         k,
         Actual {
@@ -486,8 +527,14 @@ async fn every_key_expires_and_dropped_or_lost_tickets_are_given_back() {
         (700, 0)
     );
     // A dropped ticket (a cancelled request) is released from a background task.
-    let k = a.admit(&t, demand(100, 5_000)).await.expect("admit");
-    let crashed = b.admit(&t, demand(100, 3_000)).await.expect("admit");
+    let k = a
+        .admit(&t, key0(&t), demand(100, 5_000))
+        .await
+        .expect("admit");
+    let crashed = b
+        .admit(&t, key0(&t), demand(100, 3_000))
+        .await
+        .expect("admit");
     assert_eq!(a.usage(&t).await.expect("usage").reserved_nanousd, 8_000);
     drop(k);
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -526,7 +573,7 @@ async fn every_key_expires_and_dropped_or_lost_tickets_are_given_back() {
     // run out, the next admission on any node gives its reservation and slot back.
     std::mem::forget(crashed);
     now.fetch_add(61_000, Ordering::SeqCst);
-    let k = a.admit(&t, demand(1, 1)).await.expect("admit");
+    let k = a.admit(&t, key0(&t), demand(1, 1)).await.expect("admit");
     let u = a.usage(&t).await.expect("usage");
     assert_eq!((u.reserved_nanousd, u.spent_nanousd), (1, 700));
     a.settle(k, Actual::default()).await;
@@ -544,19 +591,25 @@ async fn redis_down_follows_on_error_and_recovers_without_a_restart() {
     let free = tenant(&tenants(), "free");
     let cfg = tenants();
     let t = tenant(&cfg, "conc10");
-    let held = open.admit(&t, demand(10, 100)).await.expect("admit");
-    let k = closed.admit(&t, demand(10, 100)).await.expect("admit");
+    let held = open
+        .admit(&t, key0(&t), demand(10, 100))
+        .await
+        .expect("admit");
+    let k = closed
+        .admit(&t, key0(&t), demand(10, 100))
+        .await
+        .expect("admit");
     closed.settle(k, Actual::default()).await;
 
     redis.kill();
     for _ in 0..20 {
         let started = Instant::now();
-        match closed.admit(&t, demand(10, 100)).await {
+        match closed.admit(&t, key0(&t), demand(10, 100)).await {
             Err(Refusal::Unavailable(_)) => {}
             other => panic!("fail_closed with redis down: {other:?}"),
         }
         let k = open
-            .admit(&t, demand(10, 100))
+            .admit(&t, key0(&t), demand(10, 100))
             .await
             .expect("fail_open admits");
         open.settle(
@@ -574,7 +627,10 @@ async fn redis_down_follows_on_error_and_recovers_without_a_restart() {
         );
     }
     // Nothing to enforce: admitted even by fail_closed, its spend kept for later.
-    let k = idle.admit(&free, demand(10, 100)).await.expect("no limits");
+    let k = idle
+        .admit(&free, key0(&free), demand(10, 100))
+        .await
+        .expect("no limits");
     idle.settle(
         k,
         Actual {
@@ -599,7 +655,7 @@ async fn redis_down_follows_on_error_and_recovers_without_a_restart() {
     // fail_open still holds each node to the tenant's concurrency on its own.
     let ten: Vec<Ticket> = {
         let mut v = Vec::new();
-        while let Ok(k) = open.admit(&t, demand(1, 1)).await {
+        while let Ok(k) = open.admit(&t, key0(&t), demand(1, 1)).await {
             v.push(k);
         }
         v
@@ -612,7 +668,7 @@ async fn redis_down_follows_on_error_and_recovers_without_a_restart() {
     redis.spawn();
     let deadline = Instant::now() + Duration::from_secs(10);
     let k = loop {
-        match closed.admit(&t, demand(10, 100)).await {
+        match closed.admit(&t, key0(&t), demand(10, 100)).await {
             Ok(k) => break k,
             Err(Refusal::Unavailable(_)) if Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(50)).await
@@ -694,13 +750,13 @@ async fn a_stalled_redis_costs_a_bounded_wait_and_leaks_no_slot() {
     let cfg = tenants();
     let t = tenant(&cfg, "conc1");
     // Warm up: the connection is open and the scripts are loaded.
-    let k = l.admit(&t, demand(10, 0)).await.expect("admit");
+    let k = l.admit(&t, key0(&t), demand(10, 0)).await.expect("admit");
     l.settle(k, Actual::default()).await;
 
     let busy = stall(&redis, 700).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     let started = Instant::now();
-    match l.admit(&t, demand(10, 0)).await {
+    match l.admit(&t, key0(&t), demand(10, 0)).await {
         Err(Refusal::Unavailable(_)) => {}
         other => panic!("admission during the stall: {other:?}"),
     }
@@ -726,7 +782,7 @@ async fn a_stalled_redis_costs_a_bounded_wait_and_leaks_no_slot() {
     // lease lapses a minute later.
     let deadline = Instant::now() + Duration::from_secs(5);
     let k = loop {
-        match l.admit(&t, demand(10, 0)).await {
+        match l.admit(&t, key0(&t), demand(10, 0)).await {
             Ok(k) => break k,
             Err(_) if Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(50)).await
@@ -754,9 +810,15 @@ async fn a_settle_whose_reply_was_lost_is_counted_once() {
     let cfg = tenants();
     let t = tenant(&cfg, "conc10");
     // Warm up: the scripts are loaded, so the settle below goes out as one EVALSHA.
-    let k = l.admit(&t, demand(10, 1_000)).await.expect("admit");
+    let k = l
+        .admit(&t, key0(&t), demand(10, 1_000))
+        .await
+        .expect("admit");
     l.settle(k, Actual::default()).await;
-    let k = l.admit(&t, demand(10, 1_000)).await.expect("admit");
+    let k = l
+        .admit(&t, key0(&t), demand(10, 1_000))
+        .await
+        .expect("admit");
     // Redis is busy for 700 ms: the settle times out after it was sent, Redis runs it
     // once free, and the node replays it (it cannot know it ran).
     let busy = stall(&redis, 700).await;
@@ -790,4 +852,291 @@ async fn a_settle_whose_reply_was_lost_is_counted_once() {
         (700, 3, 4, 2),
         "the replayed settle was counted twice"
     );
+}
+
+// ------------------------------------------------------------------ keys' own limits
+
+/// `n` concurrent admissions spread over both nodes, alternating over `keys`: each
+/// admitted ticket with the index of its key, and each refusal with the same.
+async fn race_keys(
+    a: &Limits,
+    b: &Limits,
+    t: &Arc<Tenant>,
+    keys: &[Arc<ApiKey>],
+    n: usize,
+    d: Demand,
+) -> (Vec<(usize, Ticket)>, Vec<(usize, Refusal)>) {
+    let tasks: Vec<_> = (0..n)
+        .map(|i| {
+            let node = if (i / keys.len()).is_multiple_of(2) {
+                a.clone()
+            } else {
+                b.clone()
+            };
+            let (t, k) = (t.clone(), i % keys.len());
+            let key = keys[k].clone();
+            tokio::spawn(async move { (k, node.admit(&t, &key, d).await) })
+        })
+        .collect();
+    let (mut admitted, mut refused) = (Vec::new(), Vec::new());
+    for task in tasks {
+        match task.await.expect("admit task") {
+            (_, Err(Refusal::Unavailable(e))) => panic!("redis unavailable: {e}"),
+            (k, Ok(ticket)) => admitted.push((k, ticket)),
+            (k, Err(r)) => refused.push((k, r)),
+        }
+    }
+    (admitted, refused)
+}
+
+fn keys_of(t: &Tenant) -> Vec<Arc<ApiKey>> {
+    t.api_keys.clone()
+}
+
+async fn settle_all(node: &Limits, held: Vec<(usize, Ticket)>, cost: u64) {
+    for (_, k) in held {
+        node.settle(
+            k,
+            Actual {
+                tokens_in: 1,
+                tokens_out: 1,
+                cost_nanousd: cost,
+            },
+        )
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_nodes_race_a_key_budget_and_its_tenant_budget_with_no_overshoot_at_either() {
+    let redis = Redis::start();
+    let (_now, a, b) = two_nodes(&redis, OnError::FailClosed);
+    let cfg = tenants();
+    // The key `team/a` may reserve 10_000, the tenant 25_000; each request up to 1_000.
+    let t = tenant(&cfg, "mixed");
+    let keys = keys_of(&t);
+    let team = &keys[0..1];
+
+    // The key's budget binds: exactly 10 of 100 on that key alone, from both nodes.
+    let (held, refused) = race_keys(&a, &b, &t, team, 100, demand(10, 1_000)).await;
+    assert_eq!(held.len(), 10);
+    for (_, r) in &refused {
+        assert!(
+            matches!(
+                r,
+                Refusal::Budget {
+                    scope: Scope::Key,
+                    which: "monthly",
+                    ..
+                }
+            ),
+            "{r:?}"
+        );
+    }
+    // Then both keys race: the limited one gets nothing more, the other exactly what
+    // is left of the tenant's budget.
+    let (more, refused) = race_keys(&a, &b, &t, &keys, 100, demand(10, 1_000)).await;
+    assert!(
+        more.iter().all(|(k, _)| *k == 1),
+        "the key's budget was overshot"
+    );
+    assert_eq!(more.len(), 15);
+    // The plain key is refused by the tenant's budget; the other, once both are
+    // full, by whichever scope is checked first (the tenant's).
+    for (k, r) in &refused {
+        assert!(
+            matches!(r, Refusal::Budget { scope, .. } if *k == 0 || *scope == Scope::Tenant),
+            "key {k}: {r:?}"
+        );
+    }
+    let (u, ku) = (
+        b.usage(&t).await.expect("usage"),
+        a.key_usage(&t, &keys[0]).await.expect("key usage"),
+    );
+    assert_eq!((u.reserved_nanousd, u.requests), (25_000, 25));
+    assert_eq!(
+        (ku.reserved_nanousd, ku.requests, ku.tracked),
+        (10_000, 10, true)
+    );
+    assert_eq!(ku.remaining_nanousd, Some(0));
+    // Settled at 600 each, on the other node: both scopes get the spend.
+    settle_all(&b, held, 600).await;
+    settle_all(&a, more, 600).await;
+    let (u, ku) = (
+        a.usage(&t).await.expect("usage"),
+        b.key_usage(&t, &keys[0]).await.expect("key usage"),
+    );
+    assert_eq!((u.spent_nanousd, u.reserved_nanousd), (15_000, 0));
+    assert_eq!((ku.spent_nanousd, ku.reserved_nanousd), (6_000, 0));
+    assert_eq!((ku.tokens_in, ku.tokens_out), (10, 10));
+    assert_eq!(ku.remaining_usd.as_deref(), Some("0.000004000"));
+    let plain = b.key_usage(&t, &keys[1]).await.expect("key usage");
+    assert_eq!((plain.tracked, plain.requests), (false, 0));
+
+    // Both at once from the start, on a fresh tenant: neither scope overshoots.
+    let t = tenant(&cfg, "mixed2");
+    let keys = keys_of(&t);
+    let (held, _) = race_keys(&a, &b, &t, &keys, 200, demand(10, 1_000)).await;
+    let on_team = held.iter().filter(|(k, _)| *k == 0).count();
+    assert_eq!(held.len(), 25);
+    assert!(on_team <= 10, "{on_team} admitted on a key that fits 10");
+    settle_all(&a, held, 1_000).await;
+    let (u, ku) = (
+        b.usage(&t).await.expect("usage"),
+        a.key_usage(&t, &keys[0]).await.expect("key usage"),
+    );
+    assert_eq!(u.spent_nanousd, 25_000);
+    assert_eq!(ku.spent_nanousd, on_team as u64 * 1_000);
+    assert_eq!(a.store_errors() + b.store_errors(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_key_rps_limit_holds_across_nodes_and_a_key_without_limits_has_no_redis_names() {
+    let redis = Redis::start();
+    let (now, a, b) = two_nodes(&redis, OnError::FailClosed);
+    let cfg = tenants();
+    let t = tenant(&cfg, "keyed");
+    let (team, plain) = (&t.api_keys[0], &t.api_keys[1]);
+    // The plain key first: its requests leave names of the tenant only.
+    for node in [&a, &b] {
+        let k = node.admit(&t, plain, demand(5, 100)).await.expect("admit");
+        node.settle(k, Actual::default()).await;
+    }
+    let mut c = redis.conn().await;
+    let names = |c: &mut redis::aio::MultiplexedConnection| {
+        let mut c = c.clone();
+        async move {
+            let keys: Vec<String> = redis::cmd("KEYS")
+                .arg("llmgw:*")
+                .query_async(&mut c)
+                .await
+                .expect("KEYS");
+            keys
+        }
+    };
+    let before = names(&mut c).await;
+    assert!(!before.is_empty());
+    assert!(
+        before.iter().all(|k| k.starts_with("llmgw:{keyed}:")),
+        "{before:?}"
+    );
+
+    // Start at the beginning of a second, so the three fit into one.
+    let ms = now.load(Ordering::SeqCst);
+    now.store(ms - ms % 1000 + 1000, Ordering::SeqCst);
+    for node in [&a, &b, &a] {
+        let k = node.admit(&t, team, demand(5, 100)).await.expect("admit");
+        node.settle(k, Actual::default()).await;
+    }
+    let r = b.admit(&t, team, demand(5, 100)).await.unwrap_err();
+    match &r {
+        Refusal::Rate {
+            scope: Scope::Key,
+            which: "rps",
+            headers,
+            ..
+        } => assert_eq!(
+            (headers.limit_requests, headers.remaining_requests),
+            (Some(3), Some(0))
+        ),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        r.message(),
+        "rate limit exceeded for this API key: requests per second"
+    );
+    // Remembered by the node Redis refused: the rest of the second costs no round trip.
+    assert!(matches!(
+        b.precheck(&t, team),
+        Err(Refusal::Rate {
+            scope: Scope::Key,
+            ..
+        })
+    ));
+    // The tenant's other key is not limited by it.
+    b.precheck(&t, plain).expect("the other key");
+    let k = b.admit(&t, plain, demand(5, 100)).await.expect("other key");
+    b.settle(k, Actual::default()).await;
+
+    let after = names(&mut c).await;
+    let own: Vec<_> = after
+        .iter()
+        .filter(|k| k.starts_with("llmgw:{keyed}/team/a:"))
+        .collect();
+    // Its second's rps counter and its month (its tickets are settled and gone).
+    assert!(own.len() >= 2, "{after:?}");
+    assert!(!after.iter().any(|k| k.contains("plain")), "{after:?}");
+    for key in &after {
+        let ttl: i64 = redis::cmd("PTTL")
+            .arg(key)
+            .query_async(&mut c)
+            .await
+            .expect("PTTL");
+        assert!(ttl > 0 || ttl == -2, "{key} has no TTL ({ttl})");
+    }
+    let ku = a.key_usage(&t, team).await.expect("key usage");
+    assert_eq!(ku.requests, 3);
+    let u = a.usage(&t).await.expect("usage");
+    assert_eq!(u.requests, 6);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_crashed_nodes_ticket_is_reclaimed_in_the_key_scope_too() {
+    let redis = Redis::start();
+    let (now, a, b) = two_nodes(&redis, OnError::FailClosed);
+    let cfg = tenants();
+    let t = tenant(&cfg, "leased");
+    let key = &t.api_keys[0];
+    let crashed = b.admit(&t, key, demand(600, 3_000)).await.expect("admit");
+    match a.admit(&t, key, demand(100, 1_000)).await {
+        Err(Refusal::Rate {
+            scope: Scope::Key,
+            which: "concurrency",
+            headers,
+            ..
+        }) => assert_eq!(headers.remaining_tokens, Some(400)),
+        other => panic!("{other:?}"),
+    }
+    // Never settled nor renewed: once its lease is over, the next admission gives its
+    // slot, tokens and reservation back in both scopes.
+    std::mem::forget(crashed);
+    now.fetch_add(61_000, Ordering::SeqCst);
+    let k = a
+        .admit(&t, key, demand(100, 1_000))
+        .await
+        .expect("reclaimed");
+    assert_eq!(k.headers.remaining_tokens, Some(900));
+    let (u, ku) = (
+        a.usage(&t).await.expect("usage"),
+        b.key_usage(&t, key).await.expect("key usage"),
+    );
+    assert_eq!((u.reserved_nanousd, ku.reserved_nanousd), (1_000, 1_000));
+    a.settle(
+        k,
+        Actual {
+            tokens_in: 3,
+            tokens_out: 4,
+            cost_nanousd: 700,
+        },
+    )
+    .await;
+    let ku = b.key_usage(&t, key).await.expect("key usage");
+    assert_eq!(
+        (ku.spent_nanousd, ku.reserved_nanousd, ku.tokens_out),
+        (700, 0, 4)
+    );
+    // A demand above the key's tokens per minute is refused without asking Redis.
+    let mut c = redis.conn().await;
+    let before = commands_processed(&mut c).await;
+    assert!(matches!(
+        a.admit(&t, key, demand(1_001, 1)).await,
+        Err(Refusal::NeverFits {
+            scope: Scope::Key,
+            which: "tpm",
+            demand: 1_001,
+            limit: 1_000,
+        })
+    ));
+    // Only the INFO itself ran in between.
+    assert_eq!(commands_processed(&mut c).await, before + 1);
 }
