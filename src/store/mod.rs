@@ -21,6 +21,7 @@ pub mod db;
 pub mod import;
 pub mod ops;
 pub mod snapshot;
+pub mod spec;
 pub mod sync;
 
 use crate::config::{Config, StoreBackend, StoreConf, StoreTenantBuilder, Tenant};
@@ -58,46 +59,20 @@ pub struct KeyRec {
     pub revoked_ms: Option<i64>,
 }
 
-/// Everything the store holds, at one version.
+/// The store's tenants in their stored form, at one version: what the snapshot file
+/// holds (and what a node writes back from its built tenants, see [`spec`]).
 #[derive(Debug, Clone, Default)]
 pub struct State {
     pub version: i64,
     pub tenants: HashMap<String, TenantRec>,
 }
 
-/// What changed above a version: whole rows, to be laid over the state.
-#[derive(Debug, Default)]
-pub struct Changes {
+/// What a read found: the version it reached, and whether it was the whole store
+/// (then tenants it did not emit are gone) or only the tenants that changed.
+#[derive(Debug, Clone, Copy)]
+pub struct Read {
     pub version: i64,
-    pub tenants: Vec<TenantRec>,
-    /// `(tenant, key)`.
-    pub keys: Vec<(String, KeyRec)>,
-}
-
-impl State {
-    pub fn apply(&mut self, ch: Changes) -> Vec<String> {
-        let mut touched = Vec::with_capacity(ch.tenants.len() + ch.keys.len());
-        for mut t in ch.tenants {
-            if let Some(old) = self.tenants.remove(&t.id) {
-                t.keys = old.keys;
-            }
-            touched.push(t.id.clone());
-            self.tenants.insert(t.id.clone(), t);
-        }
-        for (tenant, k) in ch.keys {
-            if let Some(t) = self.tenants.get_mut(&tenant) {
-                match t.keys.iter_mut().find(|x| x.id == k.id) {
-                    Some(slot) => *slot = k,
-                    None => t.keys.push(k),
-                }
-                touched.push(tenant);
-            }
-        }
-        self.version = self.version.max(ch.version);
-        touched.sort();
-        touched.dedup();
-        touched
-    }
+    pub full: bool,
 }
 
 /// What a node uses the store for: the config it serves, to swap in a new one.
@@ -155,13 +130,97 @@ pub struct Store {
 
 #[derive(Default)]
 struct Inner {
-    state: State,
-    /// Built tenants by id; a tenant whose stored form no longer validates against
-    /// the running config (a model it names was removed from the file) is left out.
-    built: HashMap<String, Arc<Tenant>>,
-    /// Why a stored tenant is left out, for the admin API and the log.
-    broken: HashMap<String, String>,
+    version: i64,
+    tenants: HashMap<String, Entry>,
     snapshot_dirty: bool,
+}
+
+/// One stored tenant as a node holds it: built, plus what the built form lacks.
+struct Entry {
+    created_ms: i64,
+    updated_ms: i64,
+    /// Every key's dates and revocation (revoked keys are not in the built tenant).
+    keys: Vec<KeyMeta>,
+    built: Built,
+}
+
+enum Built {
+    Ok(Arc<Tenant>),
+    /// Does not validate against the running config (a model it names was removed
+    /// from the file): not served; its stored form is kept to be shown and rebuilt.
+    Broken(String, Box<TenantRec>),
+}
+
+struct KeyMeta {
+    id: String,
+    created_ms: i64,
+    updated_ms: i64,
+    revoked_ms: Option<i64>,
+}
+
+impl Entry {
+    fn new(builder: &StoreTenantBuilder, rec: TenantRec) -> Entry {
+        let keys = rec
+            .keys
+            .iter()
+            .map(|k| KeyMeta {
+                id: k.id.clone(),
+                created_ms: k.created_ms,
+                updated_ms: k.updated_ms,
+                revoked_ms: k.revoked_ms,
+            })
+            .collect();
+        let built = match build(builder, &rec) {
+            Ok(t) => Built::Ok(Arc::new(t)),
+            Err(e) => {
+                log::error!(
+                    "store: tenant `{}` does not validate against the running config and is not served: {e}",
+                    rec.id
+                );
+                Built::Broken(e, Box::new(rec.clone()))
+            }
+        };
+        Entry {
+            created_ms: rec.created_ms,
+            updated_ms: rec.updated_ms,
+            keys,
+            built,
+        }
+    }
+
+    /// The stored form, written back from the built one.
+    fn record(&self, id: &str) -> TenantRec {
+        let t = match &self.built {
+            Built::Broken(_, rec) => return (**rec).clone(),
+            Built::Ok(t) => t,
+        };
+        let keys = self
+            .keys
+            .iter()
+            .map(|m| {
+                let spec = match t.api_keys.iter().find(|k| k.id == m.id) {
+                    Some(k) if m.revoked_ms.is_none() => spec::key(k, true),
+                    // Revoked: never built again, so only its id is kept.
+                    _ => serde_json::json!({ "id": m.id }),
+                };
+                KeyRec {
+                    id: m.id.clone(),
+                    spec: spec.to_string(),
+                    created_ms: m.created_ms,
+                    updated_ms: m.updated_ms,
+                    revoked_ms: m.revoked_ms,
+                }
+            })
+            .collect();
+        TenantRec {
+            id: id.to_string(),
+            spec: spec::tenant(t).to_string(),
+            disabled: t.disabled,
+            created_ms: self.created_ms,
+            updated_ms: self.updated_ms,
+            keys,
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -205,29 +264,32 @@ impl Store {
     }
 
     pub fn version(&self) -> i64 {
-        lock(&self.inner).state.version
+        lock(&self.inner).version
     }
 
     /// Migrates and loads the whole state; on failure, the snapshot (if configured and
     /// sound). Called once before the node serves.
     pub async fn initial_load(&self, timeout: Duration) -> Result<(), String> {
         let started = std::time::Instant::now();
+        let builder = self.builder();
+        let mut entries = Vec::new();
         let result = tokio::time::timeout(timeout, async {
             self.db.migrate().await?;
-            ops::read_changes(&self.db, 0).await
+            ops::read_changes(&self.db, 0, |rec| {
+                entries.push((rec.id.clone(), Entry::new(&builder, rec)))
+            })
+            .await
         })
         .await
         .unwrap_or_else(|_| Err(DbError("timed out".into())));
         match result {
-            Ok(changes) => {
-                let mut state = State::default();
-                state.apply(changes);
-                let n = state.tenants.len();
-                self.replace_state(state, "database");
+            Ok(read) => {
+                let n = entries.len();
+                self.install(read, entries, "database");
                 log::info!(
                     "store: loaded {n} tenants from {} (version {}) in {} ms",
                     self.backend(),
-                    self.version(),
+                    read.version,
                     started.elapsed().as_millis()
                 );
                 Ok(())
@@ -243,12 +305,21 @@ impl Store {
                 match snapshot::read(path) {
                     Ok(state) => {
                         let n = state.tenants.len();
-                        self.replace_state(state, "snapshot");
+                        let read = Read {
+                            version: state.version,
+                            full: true,
+                        };
+                        let entries = state
+                            .tenants
+                            .into_iter()
+                            .map(|(id, rec)| (id, Entry::new(&builder, rec)))
+                            .collect();
+                        self.install(read, entries, "snapshot");
                         log::warn!(
                             "store: the {} database is unreachable ({e}); serving {n} tenants from the snapshot {} (version {})",
                             self.backend(),
                             path.display(),
-                            self.version()
+                            read.version
                         );
                         Ok(())
                     }
@@ -261,40 +332,31 @@ impl Store {
         }
     }
 
-    fn replace_state(&self, state: State, source: &'static str) {
+    /// Lays what a read found over the state (replacing it when the read was whole)
+    /// and publishes the result.
+    fn install(&self, read: Read, entries: Vec<(String, Entry)>, source: &'static str) {
         {
             let mut inner = lock(&self.inner);
-            inner.state = state;
-            inner.built.clear();
-            inner.broken.clear();
-            let ids: Vec<String> = inner.state.tenants.keys().cloned().collect();
-            let cfg = self.host.config();
-            rebuild(&mut inner, &cfg, &ids);
-            inner.snapshot_dirty = source == "database";
-            self.publish(&inner, &cfg);
+            if !read.full && entries.is_empty() && read.version <= inner.version {
+                return;
+            }
+            if read.full {
+                inner.tenants.clear();
+            }
+            for (id, e) in entries {
+                inner.tenants.insert(id, e);
+            }
+            inner.version = if read.full {
+                read.version
+            } else {
+                inner.version.max(read.version)
+            };
+            inner.snapshot_dirty |= source == "database";
+            self.publish(&inner, &self.host.config());
         }
         let mut h = lock(&self.health);
         h.loaded = true;
         h.source = source;
-    }
-
-    /// Lays changes read from the database over the state and publishes the result.
-    pub(crate) fn apply(&self, changes: Changes) {
-        let mut inner = lock(&self.inner);
-        if changes.version <= inner.state.version
-            && changes.tenants.is_empty()
-            && changes.keys.is_empty()
-        {
-            return;
-        }
-        let touched = inner.state.apply(changes);
-        let cfg = self.host.config();
-        rebuild(&mut inner, &cfg, &touched);
-        inner.snapshot_dirty = true;
-        self.publish(&inner, &cfg);
-        drop(inner);
-        let mut h = lock(&self.health);
-        h.source = "database";
     }
 
     /// Installs `base` (a config just loaded from the file) with the store's tenants
@@ -305,7 +367,7 @@ impl Store {
         let mut clashes: Vec<&str> = base.tenants[..base.file_tenants]
             .iter()
             .map(|t| t.id.as_str())
-            .filter(|id| inner.state.tenants.contains_key(*id) && old.file_tenant(id).is_none())
+            .filter(|id| inner.tenants.contains_key(*id) && old.file_tenant(id).is_none())
             .collect();
         clashes.sort();
         if !clashes.is_empty() {
@@ -315,16 +377,27 @@ impl Store {
                 .collect::<Vec<_>>()
                 .join("\n"));
         }
-        let ids: Vec<String> = inner.state.tenants.keys().cloned().collect();
-        inner.built.clear();
-        inner.broken.clear();
-        rebuild(&mut inner, &base, &ids);
+        let builder = StoreTenantBuilder::new(&base);
+        let ids: Vec<String> = inner.tenants.keys().cloned().collect();
+        for id in ids {
+            if let Some(old) = inner.tenants.remove(&id) {
+                let rec = old.record(&id);
+                inner.tenants.insert(id, Entry::new(&builder, rec));
+            }
+        }
         self.publish(&inner, &base);
         Ok(())
     }
 
     fn publish(&self, inner: &Inner, base: &Config) {
-        let mut list: Vec<Arc<Tenant>> = inner.built.values().cloned().collect();
+        let mut list: Vec<Arc<Tenant>> = inner
+            .tenants
+            .values()
+            .filter_map(|e| match &e.built {
+                Built::Ok(t) => Some(t.clone()),
+                Built::Broken(..) => None,
+            })
+            .collect();
         // Stable order: listings and the metrics' tenant loops read like the store.
         list.sort_by(|a, b| a.id.cmp(&b.id));
         let (merged, skipped) = base.with_store_tenants(&list);
@@ -361,33 +434,43 @@ impl Store {
 
     /// The stored tenant, as this node last saw it.
     pub fn tenant(&self, id: &str) -> Option<TenantRec> {
-        lock(&self.inner).state.tenants.get(id).cloned()
+        lock(&self.inner).tenants.get(id).map(|e| e.record(id))
     }
 
     /// Why a stored tenant is not served, if it is not.
     pub fn broken(&self, id: &str) -> Option<String> {
-        lock(&self.inner).broken.get(id).cloned()
+        match &lock(&self.inner).tenants.get(id)?.built {
+            Built::Broken(e, _) => Some(e.clone()),
+            Built::Ok(_) => None,
+        }
     }
 
     pub fn tenant_count(&self) -> usize {
-        lock(&self.inner).state.tenants.len()
+        lock(&self.inner).tenants.len()
     }
 
     /// Every stored tenant id, sorted.
     pub fn tenant_ids(&self) -> Vec<String> {
-        let mut ids: Vec<String> = lock(&self.inner).state.tenants.keys().cloned().collect();
+        let mut ids: Vec<String> = lock(&self.inner).tenants.keys().cloned().collect();
         ids.sort();
         ids
     }
 
-    /// Takes the snapshot-needed flag.
+    /// The whole state in stored form when it changed since the last snapshot.
     pub(crate) fn take_snapshot_state(&self) -> Option<State> {
         let mut inner = lock(&self.inner);
         if !inner.snapshot_dirty || self.conf.snapshot.is_none() {
             return None;
         }
         inner.snapshot_dirty = false;
-        Some(inner.state.clone())
+        Some(State {
+            version: inner.version,
+            tenants: inner
+                .tenants
+                .iter()
+                .map(|(id, e)| (id.clone(), e.record(id)))
+                .collect(),
+        })
     }
 
     pub fn conf(&self) -> &StoreConf {
@@ -402,34 +485,46 @@ impl Store {
     pub async fn sync_now(&self) -> Result<(), DbError> {
         let since = self.version();
         let read_timeout = Duration::from_millis(self.conf.sync_ms.max(1_000));
-        let changes = tokio::time::timeout(read_timeout, ops::read_changes(&self.db, since))
-            .await
-            .unwrap_or_else(|_| Err(DbError("timed out".into())));
-        match changes {
-            Ok(ch) if ch.version < since => {
-                // The database is behind what this node saw (restored from a backup,
-                // or a snapshot newer than it): take the database's state whole.
-                log::warn!(
-                    "store: the database is at version {} but this node saw {since}: reloading it whole",
-                    ch.version
-                );
-                let all = ops::read_changes(&self.db, 0).await?;
-                let mut state = State::default();
-                state.apply(all);
-                self.mark_fresh();
-                self.replace_state(state, "database");
-                Ok(())
-            }
-            Ok(ch) => {
-                self.mark_fresh();
-                self.apply(ch);
-                Ok(())
-            }
+        let builder = self.builder();
+        let mut entries = Vec::new();
+        let read = tokio::time::timeout(
+            read_timeout,
+            ops::read_changes(&self.db, since, |rec| {
+                entries.push((rec.id.clone(), Entry::new(&builder, rec)))
+            }),
+        )
+        .await
+        .unwrap_or_else(|_| Err(DbError("timed out".into())));
+        let read = match read {
+            Ok(r) => r,
             Err(e) => {
                 self.mark_stale(&e.0);
-                Err(e)
+                return Err(e);
             }
+        };
+        if read.version < since {
+            // The database is behind what this node saw (restored from a backup, or a
+            // snapshot newer than it): take the database's state whole.
+            log::warn!(
+                "store: the database is at version {} but this node saw {since}: reloading it whole",
+                read.version
+            );
+            entries.clear();
+            let all = tokio::time::timeout(
+                read_timeout,
+                ops::read_changes(&self.db, 0, |rec| {
+                    entries.push((rec.id.clone(), Entry::new(&builder, rec)))
+                }),
+            )
+            .await
+            .unwrap_or_else(|_| Err(DbError("timed out".into())))?;
+            self.mark_fresh();
+            self.install(all, entries, "database");
+            return Ok(());
         }
+        self.mark_fresh();
+        self.install(read, entries, "database");
+        Ok(())
     }
 
     pub fn builder(&self) -> StoreTenantBuilder {
@@ -438,27 +533,6 @@ impl Store {
 
     pub fn host_config(&self) -> Arc<Config> {
         self.host.config()
-    }
-}
-
-/// Builds the named tenants (those still stored) into `inner.built`.
-fn rebuild(inner: &mut Inner, cfg: &Config, ids: &[String]) {
-    let builder = StoreTenantBuilder::new(cfg);
-    for id in ids {
-        inner.built.remove(id);
-        inner.broken.remove(id);
-        let Some(rec) = inner.state.tenants.get(id) else {
-            continue;
-        };
-        match build(&builder, rec) {
-            Ok(t) => {
-                inner.built.insert(id.clone(), Arc::new(t));
-            }
-            Err(e) => {
-                log::error!("store: tenant `{id}` does not validate against the running config and is not served: {e}");
-                inner.broken.insert(id.clone(), e);
-            }
-        }
     }
 }
 

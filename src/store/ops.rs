@@ -8,22 +8,32 @@
 //! tenant cannot together produce a tenant neither checked.
 
 use super::db::{Conn, Db, DbError, Val, CHANNEL};
-use super::{flag, Changes, KeyRec, Store, StoreError, TenantRec};
+use super::{flag, KeyRec, Store, StoreError, TenantRec};
 use crate::audit::time::{now_ms, rfc3339};
 use crate::config::ConfigError;
 use rand::Rng;
 use serde_json::{json, Map, Value};
 
-/// Reads every row stamped above `since`, and the version they add up to, in one
-/// consistent snapshot.
-pub async fn read_changes(db: &Db, since: i64) -> Result<Changes, DbError> {
+/// Above this many changed tenants a read takes the whole store in one pass instead
+/// of each changed tenant by id (an import, a node that was away for long).
+const FULL_READ_ABOVE: usize = 1_000;
+
+/// Emits each tenant that changed above version `since` (every tenant when `since`
+/// is 0), whole: its row and all its keys, so it can be rebuilt from what is emitted
+/// alone. One consistent snapshot of the database; tenants are emitted one at a time
+/// as their rows stream in, so a load of the whole store never holds it all as rows.
+pub async fn read_changes(
+    db: &Db,
+    since: i64,
+    emit: impl FnMut(TenantRec) + Send,
+) -> Result<super::Read, DbError> {
     let mut conn = db.connect().await?;
     conn.begin_read().await?;
-    let r = read_in(&mut conn, since).await;
+    let r = read_in(&mut conn, since, emit).await;
     match r {
-        Ok(ch) => {
+        Ok(read) => {
             conn.commit().await?;
-            Ok(ch)
+            Ok(read)
         }
         Err(e) => {
             conn.rollback().await;
@@ -32,34 +42,76 @@ pub async fn read_changes(db: &Db, since: i64) -> Result<Changes, DbError> {
     }
 }
 
-async fn read_in(conn: &mut Conn, since: i64) -> Result<Changes, DbError> {
+const JOINED: &str = "SELECT t.id, t.spec, t.disabled, t.created_ms, t.updated_ms, \
+    k.id, k.spec, k.created_ms, k.updated_ms, k.revoked_ms \
+    FROM gw_tenants t LEFT JOIN gw_keys k ON k.tenant = t.id";
+
+async fn read_in(
+    conn: &mut Conn,
+    since: i64,
+    mut emit: impl FnMut(TenantRec) + Send,
+) -> Result<super::Read, DbError> {
     let v = conn
         .query("SELECT version FROM gw_meta WHERE id = 1", &[])
         .await?;
     let version = v.first().and_then(|r| r[0].int()).unwrap_or(0);
-    let mut out = Changes {
-        version,
-        ..Changes::default()
-    };
-    if version <= since {
-        return Ok(out);
+    if version <= since && since > 0 {
+        return Ok(super::Read {
+            version,
+            full: false,
+        });
     }
-    let params = [Val::Int(since), Val::Int(version)];
-    let tenants = &mut out.tenants;
-    conn.for_each(
-        "SELECT id, spec, disabled, created_ms, updated_ms FROM gw_tenants WHERE version > $1 AND version <= $2",
-        &params,
-        |r| tenants.push(tenant_rec(r)),
-    )
-    .await?;
-    let keys = &mut out.keys;
-    conn.for_each(
-        "SELECT tenant, id, spec, created_ms, updated_ms, revoked_ms FROM gw_keys WHERE version > $1 AND version <= $2",
-        &params,
-        |r| keys.push((text(r, 0), key_rec(&r[1..]))),
-    )
-    .await?;
-    Ok(out)
+    let mut ids: Vec<String> = Vec::new();
+    if since > 0 {
+        let params = [Val::Int(since), Val::Int(version)];
+        for r in conn
+            .query(
+                "SELECT id FROM gw_tenants WHERE version > $1 AND version <= $2 \
+                 UNION SELECT tenant FROM gw_keys WHERE version > $1 AND version <= $2",
+                &params,
+            )
+            .await?
+        {
+            ids.push(text(&r, 0));
+        }
+    }
+    let full = since == 0 || ids.len() > FULL_READ_ABOVE;
+    let mut cur: Option<TenantRec> = None;
+    let mut on_row = |r: &[Val]| {
+        let id = r.first().and_then(Val::text).unwrap_or("");
+        if cur.as_ref().is_some_and(|c| c.id != id) {
+            if let Some(done) = cur.take() {
+                emit(done);
+            }
+        }
+        let rec = cur.get_or_insert_with(|| tenant_rec(r));
+        if r.get(5).and_then(Val::text).is_some() {
+            rec.keys.push(key_rec(&r[5..]));
+        }
+    };
+    if full {
+        conn.for_each(&format!("{JOINED} ORDER BY t.id, k.id"), &[], &mut on_row)
+            .await?;
+    } else {
+        for chunk in ids.chunks(100) {
+            let marks: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
+            let params: Vec<Val> = chunk.iter().map(|id| Val::Text(id.clone())).collect();
+            conn.for_each(
+                &format!(
+                    "{JOINED} WHERE t.id IN ({}) ORDER BY t.id, k.id",
+                    marks.join(", ")
+                ),
+                &params,
+                &mut on_row,
+            )
+            .await?;
+        }
+    }
+    drop(on_row);
+    if let Some(done) = cur.take() {
+        emit(done);
+    }
+    Ok(super::Read { version, full })
 }
 
 fn text(r: &[Val], i: usize) -> String {
