@@ -107,7 +107,6 @@ async fn read_in(
             .await?;
         }
     }
-    drop(on_row);
     if let Some(done) = cur.take() {
         emit(done);
     }
