@@ -178,8 +178,11 @@ impl Admin {
             };
             m.circuit_state.with_label_values(&[&p.name]).set(state);
         }
-        for t in &cfg.tenants {
+        for (i, t) in cfg.tenants.iter().enumerate() {
             let limits = &self.gateway.limits;
+            if i >= cfg.file_tenants && !limits.seen_here(t) {
+                continue;
+            }
             if let Ok(u) = limits.usage(t).await {
                 if let Some(b) = u.budget_nanousd.filter(|b| *b > 0) {
                     let used =

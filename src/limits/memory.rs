@@ -326,6 +326,14 @@ pub(super) struct Store {
 }
 
 impl Store {
+    /// Whether this node has counted anything for the tenant since it started.
+    pub(super) fn has(&self, tenant: &str) -> bool {
+        match self.tenants.lock() {
+            Ok(m) => m.contains_key(tenant),
+            Err(p) => p.into_inner().contains_key(tenant),
+        }
+    }
+
     /// Runs `f` on the tenant's counters and, when `key` is given, on that key's,
     /// both under the one lock (created empty when new).
     fn with<R>(

@@ -683,6 +683,14 @@ impl Limits {
         }
     }
 
+    /// Whether this node has admitted or counted a request of the tenant since it
+    /// started: the metrics' per-tenant gauges cover such tenants (and the file's), not
+    /// every one of a store's hundred thousand, which would cost a shared-store round
+    /// trip each per scrape and as many series.
+    pub fn seen_here(&self, tenant: &Tenant) -> bool {
+        self.inner.local.has(&tenant.id)
+    }
+
     /// Failed calls to the shared store since start (0 for `memory`), for metrics:
     /// connects, commands and scripts that failed or timed out.
     pub fn store_errors(&self) -> u64 {
