@@ -11,7 +11,7 @@ use crate::audit::time::rfc3339;
 use crate::config::{ApiKey, Tenant};
 use crate::store::{ops, KeyRec, Store, StoreError, TenantRec};
 use http::Response;
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 use std::sync::Arc;
 
 /// A request to the tenant API, already authorised.
@@ -68,53 +68,16 @@ fn no_store() -> Response<Vec<u8>> {
     ))
 }
 
-fn usd_number(nanos: Option<u64>) -> Value {
-    nanos.map_or(Value::Null, |n| {
-        serde_json::Number::from_f64(n as f64 / 1e9).map_or(Value::Null, Value::Number)
-    })
-}
-
-fn rate_json(r: &crate::config::Rate) -> Value {
-    let mut m = Map::new();
-    if let Some(v) = r.rps {
-        m.insert("rps".into(), v.into());
-    }
-    if let Some(v) = r.tpm {
-        m.insert("tpm".into(), v.into());
-    }
-    if let Some(v) = r.concurrency {
-        m.insert("concurrency".into(), v.into());
-    }
-    Value::Object(m)
-}
-
-fn budget_json(b: &crate::config::Budget) -> Value {
-    let mut m = Map::new();
-    if b.monthly_nanousd.is_some() {
-        m.insert("monthly_usd".into(), usd_number(b.monthly_nanousd));
-    }
-    if b.hourly_nanousd.is_some() {
-        m.insert("hourly_usd".into(), usd_number(b.hourly_nanousd));
-    }
-    Value::Object(m)
-}
-
-/// A tenant from the file, in the API's shape.
+/// A tenant from the file, in the API's shape (the same as a store tenant's).
 fn file_tenant_view(t: &Tenant) -> Value {
-    json!({
-        "id": t.id,
-        "source": "file",
-        "disabled": false,
-        "models": t.models.iter().map(|m| m.name.clone()).collect::<Vec<_>>(),
-        "pin_model": t.pin_model.as_ref().map(|m| m.name.clone()),
-        "fallback": t.fallback.iter().map(|m| m.name.clone()).collect::<Vec<_>>(),
-        "allow_fallback_override": t.allow_fallback_override,
-        "region": t.region,
-        "rate": rate_json(&t.rate),
-        "budget": budget_json(&t.budget),
-        "cache": {"enabled": t.cache.enabled, "ttl_s": t.cache.ttl_s},
-        "keys": t.api_keys.len(),
-    })
+    let mut v = crate::store::spec::tenant(t);
+    if let Value::Object(m) = &mut v {
+        m.insert("id".into(), t.id.clone().into());
+        m.insert("source".into(), "file".into());
+        m.insert("disabled".into(), false.into());
+        m.insert("keys".into(), t.api_keys.len().into());
+    }
+    v
 }
 
 /// A stored tenant: the fields as set through the API, plus where it stands.
@@ -148,18 +111,14 @@ fn store_tenant_view(rec: &TenantRec, broken: Option<String>) -> Value {
 }
 
 fn file_key_view(tenant: &str, k: &ApiKey) -> Value {
-    json!({
-        "id": k.id,
-        "tenant": tenant,
-        "source": "file",
-        "name": k.name,
-        "models": k.models,
-        "rate": rate_json(&k.rate),
-        "budget": budget_json(&k.budget),
-        "expires_at": k.expires_at_ms.map(rfc3339),
-        "disabled": k.disabled,
-        "revoked": false,
-    })
+    let mut v = crate::store::spec::key(k, false);
+    if let Value::Object(m) = &mut v {
+        m.insert("tenant".into(), tenant.into());
+        m.insert("source".into(), "file".into());
+        m.entry("disabled").or_insert(false.into());
+        m.insert("revoked".into(), false.into());
+    }
+    v
 }
 
 fn store_key_view(tenant: &str, k: &KeyRec) -> Value {

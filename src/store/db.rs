@@ -72,9 +72,9 @@ impl From<tokio_postgres::Error> for DbError {
     }
 }
 
-/// SQLite and PostgreSQL differ in their auto-increment column and little else the
-/// store needs.
-const MIGRATIONS_SQLITE: &[&str] = &[r#"
+/// The schema's versions, in order; `{SEQ}` is the one thing the two databases spell
+/// differently (an auto-increment key).
+const MIGRATIONS: &[&str] = &[r#"
 CREATE TABLE gw_meta (id INTEGER PRIMARY KEY, version BIGINT NOT NULL);
 INSERT INTO gw_meta (id, version) VALUES (1, 0);
 CREATE TABLE gw_tenants (
@@ -87,25 +87,7 @@ CREATE TABLE gw_keys (
     version BIGINT NOT NULL, PRIMARY KEY (tenant, id));
 CREATE INDEX gw_keys_version ON gw_keys (version);
 CREATE TABLE gw_changes (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT, at_ms BIGINT NOT NULL, action TEXT NOT NULL,
-    tenant TEXT NOT NULL, key_id TEXT, actor TEXT, fields TEXT NOT NULL);
-CREATE INDEX gw_changes_at ON gw_changes (at_ms);
-"#];
-
-const MIGRATIONS_POSTGRES: &[&str] = &[r#"
-CREATE TABLE gw_meta (id INTEGER PRIMARY KEY, version BIGINT NOT NULL);
-INSERT INTO gw_meta (id, version) VALUES (1, 0);
-CREATE TABLE gw_tenants (
-    id TEXT PRIMARY KEY, spec TEXT NOT NULL, disabled BIGINT NOT NULL DEFAULT 0,
-    created_ms BIGINT NOT NULL, updated_ms BIGINT NOT NULL, version BIGINT NOT NULL);
-CREATE INDEX gw_tenants_version ON gw_tenants (version);
-CREATE TABLE gw_keys (
-    tenant TEXT NOT NULL, id TEXT NOT NULL, spec TEXT NOT NULL,
-    created_ms BIGINT NOT NULL, updated_ms BIGINT NOT NULL, revoked_ms BIGINT,
-    version BIGINT NOT NULL, PRIMARY KEY (tenant, id));
-CREATE INDEX gw_keys_version ON gw_keys (version);
-CREATE TABLE gw_changes (
-    seq BIGSERIAL PRIMARY KEY, at_ms BIGINT NOT NULL, action TEXT NOT NULL,
+    seq {SEQ}, at_ms BIGINT NOT NULL, action TEXT NOT NULL,
     tenant TEXT NOT NULL, key_id TEXT, actor TEXT, fields TEXT NOT NULL);
 CREATE INDEX gw_changes_at ON gw_changes (at_ms);
 "#];
@@ -200,9 +182,9 @@ impl Db {
 
     /// Applies the migrations this binary knows and the database has not seen.
     pub async fn migrate(&self) -> Result<(), DbError> {
-        let migrations = match self {
-            Db::Sqlite(_) => MIGRATIONS_SQLITE,
-            Db::Postgres(_) => MIGRATIONS_POSTGRES,
+        let seq = match self {
+            Db::Sqlite(_) => "INTEGER PRIMARY KEY AUTOINCREMENT",
+            Db::Postgres(_) => "BIGSERIAL PRIMARY KEY",
         };
         let mut conn = self.connect().await?;
         // One transaction for the lot, under a lock every node takes first: nodes
@@ -217,7 +199,7 @@ impl Db {
             }
             conn.batch("CREATE TABLE IF NOT EXISTS gw_schema (version BIGINT NOT NULL)")
                 .await?;
-            for (i, sql) in migrations.iter().enumerate() {
+            for (i, sql) in MIGRATIONS.iter().enumerate() {
                 let version = i as i64 + 1;
                 let done = conn
                     .query(
@@ -226,7 +208,7 @@ impl Db {
                     )
                     .await?;
                 if done.is_empty() {
-                    conn.batch(sql).await?;
+                    conn.batch(&sql.replace("{SEQ}", seq)).await?;
                     conn.exec(
                         "INSERT INTO gw_schema (version) VALUES ($1)",
                         &[Val::Int(version)],
