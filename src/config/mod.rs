@@ -178,7 +178,7 @@ impl Config {
             .get(slot.key as usize)
             .ok_or(AuthFailure::Unknown)?;
         let stored = if slot.previous {
-            match &key.previous {
+            match key.previous.as_deref() {
                 Some((hash, until_ms)) if now_ms < *until_ms => hash,
                 _ => return Err(AuthFailure::Unknown),
             }
@@ -265,7 +265,7 @@ fn add_keys(keys: &mut HashMap<[u8; 32], KeySlot>, tenant: usize, t: &Tenant) {
             previous,
         };
         keys.insert(key.sha256, slot(false));
-        if let Some((hash, _)) = &key.previous {
+        if let Some((hash, _)) = key.previous.as_deref() {
             keys.entry(*hash).or_insert(slot(true));
         }
     }
@@ -475,7 +475,8 @@ pub struct ApiKey {
     pub expires_at_ms: Option<u64>,
     pub disabled: bool,
     /// A rotated-out secret's hash and the Unix ms until which it is still accepted.
-    pub previous: Option<([u8; 32], u64)>,
+    /// Boxed: most keys have none, and a store may hold hundreds of thousands of keys.
+    pub previous: Option<Box<([u8; 32], u64)>>,
 }
 
 impl ApiKey {

@@ -309,7 +309,7 @@ fn key_policy(key: &RawApiKey, at: &str, report: &mut Report) -> Option<ApiKey> 
         (Some(h), Some(until)) => {
             let hash = parse_hash(h, &child(at, "previous_sha256"), report);
             ok &= hash.is_some();
-            hash.map(|h| (h, until))
+            hash.map(|h| Box::new((h, until)))
         }
         (None, None) => None,
         (Some(_), None) if key.previous_until.is_none() => {

@@ -102,7 +102,7 @@ pub fn key(k: &ApiKey, hashes: bool) -> Value {
     if k.disabled {
         m.insert("disabled".into(), true.into());
     }
-    if let Some((hash, until)) = &k.previous {
+    if let Some((hash, until)) = k.previous.as_deref() {
         if hashes {
             m.insert("previous_sha256".into(), hex::encode(hash).into());
         }
