@@ -116,6 +116,10 @@ pub struct SqliteDb {
 
 pub struct PgTarget {
     pub config: tokio_postgres::Config,
+    /// One idle connection kept for the next unit of work: a node reads after every
+    /// change anywhere, and a new Postgres connection (a server process forked,
+    /// authenticated) costs tens of milliseconds of that delay.
+    idle: Mutex<Option<tokio_postgres::Client>>,
 }
 
 impl std::fmt::Debug for Db {
@@ -153,7 +157,10 @@ impl Db {
             .map_err(|e: tokio_postgres::Error| DbError(format!("store url: {e}")))?;
         config.connect_timeout(connect_timeout);
         config.application_name("llm-gateway");
-        Ok(Db::Postgres(Arc::new(PgTarget { config })))
+        Ok(Db::Postgres(Arc::new(PgTarget {
+            config,
+            idle: Mutex::new(None),
+        })))
     }
 
     pub fn backend(&self) -> &'static str {
@@ -171,11 +178,32 @@ impl Db {
                 Ok(Conn::Sqlite(db.clone(), guard))
             }
             Db::Postgres(t) => {
+                let idle = match t.idle.lock() {
+                    Ok(mut g) => g.take(),
+                    Err(p) => p.into_inner().take(),
+                };
+                if let Some(client) = idle.filter(|c| !c.is_closed()) {
+                    return Ok(Conn::Pg(client));
+                }
                 let (client, connection) = t.config.connect(tokio_postgres::NoTls).await?;
                 tokio::spawn(async move {
                     let _ = connection.await;
                 });
                 Ok(Conn::Pg(client))
+            }
+        }
+    }
+
+    /// Hands back a connection whose unit of work ended cleanly (committed or rolled
+    /// back), for the next one. A connection from a failed or timed-out unit is
+    /// dropped instead, never reused.
+    pub fn release(&self, conn: Conn) {
+        if let (Db::Postgres(t), Conn::Pg(client)) = (self, conn) {
+            if !client.is_closed() {
+                match t.idle.lock() {
+                    Ok(mut g) => *g = Some(client),
+                    Err(p) => *p.into_inner() = Some(client),
+                }
             }
         }
     }

@@ -33,6 +33,7 @@ pub async fn read_changes(
     match r {
         Ok(read) => {
             conn.commit().await?;
+            db.release(conn);
             Ok(read)
         }
         Err(e) => {
@@ -168,6 +169,7 @@ macro_rules! write_tx {
             match r {
                 Ok(x) => {
                     $conn.commit().await?;
+                    $store.db.release($conn);
                     Ok(x)
                 }
                 Err(e) => {
