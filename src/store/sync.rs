@@ -11,6 +11,7 @@ use super::Store;
 use futures_util::StreamExt;
 use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -52,20 +53,33 @@ impl BackgroundService for StoreSync {
             }
             if last_snapshot.elapsed() >= SNAPSHOT_EVERY {
                 last_snapshot = Instant::now();
-                write_snapshot(&store).await;
+                // Not awaited: writing (and fsyncing) 100,000 tenants must not hold up
+                // the next change.
+                if !WRITING.swap(true, Ordering::AcqRel) {
+                    let s = store.clone();
+                    tokio::spawn(async move {
+                        write_snapshot(&s).await;
+                        WRITING.store(false, Ordering::Release);
+                    });
+                }
             }
         }
     }
 }
 
+/// One snapshot write at a time (a process runs one store).
+static WRITING: AtomicBool = AtomicBool::new(false);
+
 async fn write_snapshot(store: &Arc<Store>) {
-    let (Some(path), Some(state)) = (store.conf().snapshot.clone(), store.take_snapshot_state())
-    else {
+    let Some(path) = store.conf().snapshot.clone() else {
         return;
     };
-    let r =
-        tokio::task::spawn_blocking(move || super::snapshot::write(&path, &state).map(|_| path))
-            .await;
+    let s = store.clone();
+    let r = tokio::task::spawn_blocking(move || match s.take_snapshot_state() {
+        Some(state) => super::snapshot::write(&path, &state),
+        None => Ok(()),
+    })
+    .await;
     match r {
         Ok(Ok(_)) => {}
         Ok(Err(e)) => log::error!("store: cannot write the snapshot: {e}"),
