@@ -42,10 +42,10 @@ def models_status(gw, key: str) -> int:
 
 def wait_status(gw, key: str, status: int, deadline_s: float = 10.0) -> float:
     """Seconds until `GET /v1/models` with `key` answers `status` (polled, with a deadline)."""
-    t0 = time.monotonic()
-    # One kept-alive connection: the poll's own cost is then well under a millisecond,
-    # so the delay measured is the gateway's.
+    # One kept-alive connection, made before the clock starts (an httpx client loads
+    # its CA bundle when created: ~40 ms), so the delay measured is the gateway's.
     with httpx.Client(timeout=5.0) as c:
+        t0 = time.monotonic()
         while True:
             r = c.get(f"{gw.base_url}/v1/models", headers={"authorization": f"Bearer {key}"})
             if r.status_code == status:
