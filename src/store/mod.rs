@@ -126,6 +126,9 @@ pub struct Store {
     /// Wakes the sync task (a write on this node, a NOTIFY).
     pub(crate) wake: tokio::sync::Notify,
     write_timeout: Duration,
+    /// The schema is known to be this binary's: a node that started from the snapshot
+    /// migrates when the database first answers, before it reads.
+    migrated: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Default)]
@@ -252,6 +255,7 @@ impl Store {
             health: Mutex::new(Health::default()),
             wake: tokio::sync::Notify::new(),
             write_timeout,
+            migrated: std::sync::atomic::AtomicBool::new(false),
         }))
     }
 
@@ -275,6 +279,8 @@ impl Store {
         let mut entries = Vec::new();
         let result = tokio::time::timeout(timeout, async {
             self.db.migrate().await?;
+            self.migrated
+                .store(true, std::sync::atomic::Ordering::Release);
             ops::read_changes(&self.db, 0, |rec| {
                 entries.push((rec.id.clone(), Entry::new(&builder, rec)))
             })
@@ -487,12 +493,17 @@ impl Store {
         let read_timeout = Duration::from_millis(self.conf.sync_ms.max(1_000));
         let builder = self.builder();
         let mut entries = Vec::new();
-        let read = tokio::time::timeout(
-            read_timeout,
+        let read = tokio::time::timeout(read_timeout, async {
+            if !self.migrated.load(std::sync::atomic::Ordering::Acquire) {
+                self.db.migrate().await?;
+                self.migrated
+                    .store(true, std::sync::atomic::Ordering::Release);
+            }
             ops::read_changes(&self.db, since, |rec| {
                 entries.push((rec.id.clone(), Entry::new(&builder, rec)))
-            }),
-        )
+            })
+            .await
+        })
         .await
         .unwrap_or_else(|_| Err(DbError("timed out".into())));
         let read = match read {

@@ -110,3 +110,42 @@ async fn nodes_race_migrations_and_writes_and_converge() {
     let changes = ops::changes(&nodes[0].0, 0, 100).await.unwrap();
     assert_eq!(changes.len(), 41);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_started_from_its_snapshot_migrates_a_database_it_meets_fresh() {
+    let Some(pg) = PgServer::start() else {
+        return;
+    };
+    let dir = std::env::temp_dir().join(format!("gw-store-pg-snap-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let snapshot = dir.join("snap.json");
+    let state = llm_gateway::store::State {
+        version: 3,
+        ..Default::default()
+    };
+    llm_gateway::store::snapshot::write(&snapshot, &state).unwrap();
+    // The database `fresh` does not exist yet: the node starts from the snapshot.
+    let url = pg.url().replace("/gateway", "/fresh");
+    let host = Arc::new(Node(RwLock::new(Arc::new(
+        Config::from_yaml_str(YAML).unwrap(),
+    ))));
+    let conf = StoreConf {
+        backend: StoreBackend::Postgres { url: url.clone() },
+        sync_ms: 1000,
+        snapshot: Some(snapshot),
+    };
+    let store = Store::open(&conf, host).unwrap();
+    store.initial_load(Duration::from_secs(5)).await.unwrap();
+    assert_eq!(store.health().source, "snapshot");
+    assert!(store.sync_now().await.is_err());
+    // It appears, empty: the next read migrates it first, then takes it whole
+    // (its version 0 is below the snapshot's 3).
+    pg.psql("gateway", "CREATE DATABASE fresh");
+    store.sync_now().await.unwrap();
+    assert_eq!(store.health().source, "database");
+    assert_eq!(store.version(), 0);
+    ops::create_tenant(&store, &json!({"id": "t", "models": ["a"]}), None)
+        .await
+        .unwrap();
+    let _ = std::fs::remove_dir_all(dir);
+}
