@@ -699,4 +699,6 @@ impl Limits {
 }
 
 #[cfg(test)]
+mod key_tests;
+#[cfg(test)]
 mod tests;
