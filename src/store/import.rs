@@ -7,8 +7,11 @@
 //! (the file wins for an id in both); remove them from the file and reload to hand
 //! them to the store.
 
-use super::{Host, Store};
+use super::db::Val;
+use super::ops::{key_row, public_fields, record, tenant_row, validate, write_tx, Change};
+use super::{Host, Store, StoreError};
 use crate::config::Config;
+use serde_json::json;
 use serde_json::Value;
 use std::path::Path;
 use std::sync::{Arc, RwLock};
@@ -77,7 +80,7 @@ pub fn run(path: &Path) -> Result<String, String> {
         if store.health().source != "database" {
             return Err(format!("the {} database is unreachable", store.backend()));
         }
-        let r = super::ops::import(&store, &tenants)
+        let r = import(&store, &tenants)
             .await
             .map_err(|e| match e {
                 super::StoreError::Invalid(errors) => errors
@@ -100,4 +103,109 @@ pub fn run(path: &Path) -> Result<String, String> {
             r.keys_updated
         ))
     })
+}
+
+/// What `import-tenants` did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Imported {
+    pub created: usize,
+    pub updated: usize,
+    pub unchanged: usize,
+    pub keys_added: usize,
+    pub keys_updated: usize,
+}
+
+/// Moves file tenants into the store: creates missing tenants and keys, updates those
+/// that differ, leaves equal ones alone, so running it twice changes nothing.
+/// `tenants` are `(id, spec without api_keys, api_keys entries)` as JSON.
+pub async fn import(
+    store: &Store,
+    tenants: &[(String, Value, Vec<Value>)],
+) -> Result<Imported, StoreError> {
+    let mut out = Imported::default();
+    for (id, spec, keys) in tenants {
+        let spec_text = spec.to_string();
+        let key_texts: Vec<String> = keys.iter().map(Value::to_string).collect();
+        validate(store, id, &spec_text, &key_texts, None)?;
+        let r: Result<Imported, StoreError> = write_tx!(store, |conn, v, now| {
+            let mut one = Imported::default();
+            match tenant_row(&mut conn, id).await {
+                Ok(t) => {
+                    let same = serde_json::from_str::<Value>(&t.spec).ok().as_ref() == Some(spec);
+                    if same && !t.disabled {
+                        one.unchanged += 1;
+                    } else {
+                        conn.exec(
+                            "UPDATE gw_tenants SET spec = $2, disabled = 0, updated_ms = $3, version = $4 WHERE id = $1",
+                            &[Val::Text(id.clone()), Val::Text(spec_text.clone()), Val::Int(now), Val::Int(v)],
+                        )
+                        .await?;
+                        one.updated += 1;
+                    }
+                }
+                Err(StoreError::NotFound(_)) => {
+                    conn.exec(
+                        "INSERT INTO gw_tenants (id, spec, disabled, created_ms, updated_ms, version) VALUES ($1, $2, 0, $3, $3, $4)",
+                        &[Val::Text(id.clone()), Val::Text(spec_text.clone()), Val::Int(now), Val::Int(v)],
+                    )
+                    .await?;
+                    one.created += 1;
+                }
+                Err(e) => return Err(e),
+            }
+            for (k, text_k) in keys.iter().zip(&key_texts) {
+                let kid = k
+                    .get("id")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_string();
+                match key_row(&mut conn, id, &kid).await {
+                    Ok(rec) => {
+                        let same =
+                            serde_json::from_str::<Value>(&rec.spec).ok().as_ref() == Some(k);
+                        if !same || rec.revoked_ms.is_some() {
+                            conn.exec(
+                                "UPDATE gw_keys SET spec = $3, revoked_ms = NULL, updated_ms = $4, version = $5 WHERE tenant = $1 AND id = $2",
+                                &[Val::Text(id.clone()), Val::Text(kid.clone()), Val::Text(text_k.clone()), Val::Int(now), Val::Int(v)],
+                            )
+                            .await?;
+                            one.keys_updated += 1;
+                        }
+                    }
+                    Err(StoreError::NotFound(_)) => {
+                        conn.exec(
+                            "INSERT INTO gw_keys (tenant, id, spec, created_ms, updated_ms, revoked_ms, version) VALUES ($1, $2, $3, $4, $4, NULL, $5)",
+                            &[Val::Text(id.clone()), Val::Text(kid.clone()), Val::Text(text_k.clone()), Val::Int(now), Val::Int(v)],
+                        )
+                        .await?;
+                        one.keys_added += 1;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            if one.unchanged == 0 || one.keys_added + one.keys_updated > 0 {
+                let public: Vec<Value> = keys.iter().map(public_fields).collect();
+                record(
+                    &mut conn,
+                    now,
+                    Some("import-tenants"),
+                    Change {
+                        action: "tenant.import",
+                        tenant: id,
+                        key_id: None,
+                        fields: json!({"tenant": spec, "api_keys": public}),
+                    },
+                )
+                .await?;
+            }
+            Ok(one)
+        });
+        let one = r?;
+        out.created += one.created;
+        out.updated += one.updated;
+        out.unchanged += one.unchanged;
+        out.keys_added += one.keys_added;
+        out.keys_updated += one.keys_updated;
+    }
+    Ok(out)
 }

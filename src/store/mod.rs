@@ -20,6 +20,7 @@
 pub mod db;
 pub mod import;
 pub mod ops;
+pub mod read;
 pub mod snapshot;
 pub mod spec;
 pub mod sync;
@@ -281,7 +282,7 @@ impl Store {
             self.db.migrate().await?;
             self.migrated
                 .store(true, std::sync::atomic::Ordering::Release);
-            ops::read_changes(&self.db, 0, |rec| {
+            read::read_changes(&self.db, 0, |rec| {
                 entries.push((rec.id.clone(), Entry::new(&builder, rec)))
             })
             .await
@@ -499,7 +500,7 @@ impl Store {
                 self.migrated
                     .store(true, std::sync::atomic::Ordering::Release);
             }
-            ops::read_changes(&self.db, since, |rec| {
+            read::read_changes(&self.db, since, |rec| {
                 entries.push((rec.id.clone(), Entry::new(&builder, rec)))
             })
             .await
@@ -523,7 +524,7 @@ impl Store {
             entries.clear();
             let all = tokio::time::timeout(
                 read_timeout,
-                ops::read_changes(&self.db, 0, |rec| {
+                read::read_changes(&self.db, 0, |rec| {
                     entries.push((rec.id.clone(), Entry::new(&builder, rec)))
                 }),
             )

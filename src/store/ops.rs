@@ -7,150 +7,21 @@
 //! inside the transaction, on the rows as they are then, so two nodes patching one
 //! tenant cannot together produce a tenant neither checked.
 
-use super::db::{Conn, Db, DbError, Val, CHANNEL};
+use super::db::{Conn, Val, CHANNEL};
+use super::read::{int, key_rec, tenant_rec, text};
 use super::{flag, KeyRec, Store, StoreError, TenantRec};
-use crate::audit::time::{now_ms, rfc3339};
+use crate::audit::time::rfc3339;
 use crate::config::ConfigError;
 use rand::Rng;
 use serde_json::{json, Map, Value};
 
-/// Above this many changed tenants a read takes the whole store in one pass instead
-/// of each changed tenant by id (an import, a node that was away for long).
-const FULL_READ_ABOVE: usize = 1_000;
-
-/// Emits each tenant that changed above version `since` (every tenant when `since`
-/// is 0), whole: its row and all its keys, so it can be rebuilt from what is emitted
-/// alone. One consistent snapshot of the database; tenants are emitted one at a time
-/// as their rows stream in, so a load of the whole store never holds it all as rows.
-pub async fn read_changes(
-    db: &Db,
-    since: i64,
-    emit: impl FnMut(TenantRec) + Send,
-) -> Result<super::Read, DbError> {
-    let mut conn = db.connect().await?;
-    conn.begin_read().await?;
-    let r = read_in(&mut conn, since, emit).await;
-    match r {
-        Ok(read) => {
-            conn.commit().await?;
-            db.release(conn);
-            Ok(read)
-        }
-        Err(e) => {
-            conn.rollback().await;
-            Err(e)
-        }
-    }
-}
-
-const JOINED: &str = "SELECT t.id, t.spec, t.disabled, t.created_ms, t.updated_ms, \
-    k.id, k.spec, k.created_ms, k.updated_ms, k.revoked_ms \
-    FROM gw_tenants t LEFT JOIN gw_keys k ON k.tenant = t.id";
-
-async fn read_in(
-    conn: &mut Conn,
-    since: i64,
-    mut emit: impl FnMut(TenantRec) + Send,
-) -> Result<super::Read, DbError> {
-    let v = conn
-        .query("SELECT version FROM gw_meta WHERE id = 1", &[])
-        .await?;
-    let version = v.first().and_then(|r| r[0].int()).unwrap_or(0);
-    if version <= since && since > 0 {
-        return Ok(super::Read {
-            version,
-            full: false,
-        });
-    }
-    let mut ids: Vec<String> = Vec::new();
-    if since > 0 {
-        let params = [Val::Int(since), Val::Int(version)];
-        for r in conn
-            .query(
-                "SELECT id FROM gw_tenants WHERE version > $1 AND version <= $2 \
-                 UNION SELECT tenant FROM gw_keys WHERE version > $1 AND version <= $2",
-                &params,
-            )
-            .await?
-        {
-            ids.push(text(&r, 0));
-        }
-    }
-    let full = since == 0 || ids.len() > FULL_READ_ABOVE;
-    let mut cur: Option<TenantRec> = None;
-    let mut on_row = |r: &[Val]| {
-        let id = r.first().and_then(Val::text).unwrap_or("");
-        if cur.as_ref().is_some_and(|c| c.id != id) {
-            if let Some(done) = cur.take() {
-                emit(done);
-            }
-        }
-        let rec = cur.get_or_insert_with(|| tenant_rec(r));
-        if r.get(5).and_then(Val::text).is_some() {
-            rec.keys.push(key_rec(&r[5..]));
-        }
-    };
-    if full {
-        conn.for_each(&format!("{JOINED} ORDER BY t.id, k.id"), &[], &mut on_row)
-            .await?;
-    } else {
-        for chunk in ids.chunks(100) {
-            let marks: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
-            let params: Vec<Val> = chunk.iter().map(|id| Val::Text(id.clone())).collect();
-            conn.for_each(
-                &format!(
-                    "{JOINED} WHERE t.id IN ({}) ORDER BY t.id, k.id",
-                    marks.join(", ")
-                ),
-                &params,
-                &mut on_row,
-            )
-            .await?;
-        }
-    }
-    if let Some(done) = cur.take() {
-        emit(done);
-    }
-    Ok(super::Read { version, full })
-}
-
-fn text(r: &[Val], i: usize) -> String {
-    r.get(i).and_then(Val::text).unwrap_or("").to_string()
-}
-
-fn int(r: &[Val], i: usize) -> i64 {
-    r.get(i).and_then(Val::int).unwrap_or(0)
-}
-
-fn tenant_rec(r: &[Val]) -> TenantRec {
-    TenantRec {
-        id: text(r, 0),
-        spec: text(r, 1),
-        disabled: int(r, 2) != 0,
-        created_ms: int(r, 3),
-        updated_ms: int(r, 4),
-        keys: Vec::new(),
-    }
-}
-
-/// `id, spec, created_ms, updated_ms, revoked_ms`.
-fn key_rec(r: &[Val]) -> KeyRec {
-    KeyRec {
-        id: text(r, 0),
-        spec: text(r, 1),
-        created_ms: int(r, 2),
-        updated_ms: int(r, 3),
-        revoked_ms: r.get(4).and_then(Val::int),
-    }
-}
-
 /// One admin write, as `GET /admin/v1/changes` lists it.
-struct Change<'a> {
-    action: &'static str,
-    tenant: &'a str,
-    key_id: Option<&'a str>,
+pub(super) struct Change<'a> {
+    pub action: &'static str,
+    pub tenant: &'a str,
+    pub key_id: Option<&'a str>,
     /// The fields set, with their new values; never a secret or a hash.
-    fields: Value,
+    pub fields: Value,
 }
 
 /// Runs `$body` in a write transaction with `$v` the new version and `$now` the
@@ -160,9 +31,9 @@ macro_rules! write_tx {
         let fut = async {
             let mut $conn = $store.db.connect().await?;
             $conn.begin().await?;
-            let r: Result<_, StoreError> = async {
-                let $v = bump(&mut $conn).await?;
-                let $now = now_ms() as i64;
+            let r: Result<_, $crate::store::StoreError> = async {
+                let $v = $crate::store::ops::bump(&mut $conn).await?;
+                let $now = $crate::audit::time::now_ms() as i64;
                 $body
             }
             .await;
@@ -180,7 +51,7 @@ macro_rules! write_tx {
         };
         let r = match tokio::time::timeout($store.write_timeout, fut).await {
             Ok(r) => r,
-            Err(_) => Err(StoreError::Unavailable(format!(
+            Err(_) => Err($crate::store::StoreError::Unavailable(format!(
                 "the {} database did not answer within {} ms",
                 $store.db.backend(),
                 $store.write_timeout.as_millis()
@@ -190,14 +61,15 @@ macro_rules! write_tx {
             // This node sees its own write before the answer goes out; the others
             // see it by NOTIFY or, at the latest, their next poll.
             let _ = $store.sync_now().await;
-        } else if let Err(StoreError::Unavailable(e)) = &r {
+        } else if let Err($crate::store::StoreError::Unavailable(e)) = &r {
             $store.mark_stale(e);
         }
         r
     }};
 }
+pub(super) use write_tx;
 
-async fn bump(conn: &mut Conn) -> Result<i64, StoreError> {
+pub(crate) async fn bump(conn: &mut Conn) -> Result<i64, StoreError> {
     let rows = conn
         .query(
             "UPDATE gw_meta SET version = version + 1 WHERE id = 1 RETURNING version",
@@ -209,7 +81,7 @@ async fn bump(conn: &mut Conn) -> Result<i64, StoreError> {
         .ok_or_else(|| StoreError::Unavailable("gw_meta has no version row".into()))
 }
 
-async fn record(
+pub(super) async fn record(
     conn: &mut Conn,
     now: i64,
     actor: Option<&str>,
@@ -296,7 +168,7 @@ fn only_fields(m: &Map<String, Value>, allowed: &[&str]) -> Result<(), StoreErro
 
 /// Validates a tenant with its keys; errors name fields relative to `at_key` when
 /// checking one key (`rate.rps` rather than `api_keys[3].rate.rps`).
-fn validate(
+pub(super) fn validate(
     store: &Store,
     id: &str,
     spec: &str,
@@ -341,7 +213,7 @@ async fn live_keys(
         .collect())
 }
 
-async fn tenant_row(conn: &mut Conn, id: &str) -> Result<TenantRec, StoreError> {
+pub(super) async fn tenant_row(conn: &mut Conn, id: &str) -> Result<TenantRec, StoreError> {
     let rows = conn
         .query(
             "SELECT id, spec, disabled, created_ms, updated_ms FROM gw_tenants WHERE id = $1",
@@ -353,7 +225,7 @@ async fn tenant_row(conn: &mut Conn, id: &str) -> Result<TenantRec, StoreError> 
         .ok_or(StoreError::NotFound("no such tenant"))
 }
 
-async fn key_row(conn: &mut Conn, tenant: &str, id: &str) -> Result<KeyRec, StoreError> {
+pub(super) async fn key_row(conn: &mut Conn, tenant: &str, id: &str) -> Result<KeyRec, StoreError> {
     let rows = conn
         .query(
             "SELECT id, spec, created_ms, updated_ms, revoked_ms FROM gw_keys WHERE tenant = $1 AND id = $2",
@@ -376,18 +248,6 @@ fn file_tenant(store: &Store, id: &str) -> Result<(), StoreError> {
     }
     Ok(())
 }
-
-pub const TENANT_CREATE_FIELDS: &[&str] = &[
-    "id",
-    "models",
-    "pin_model",
-    "fallback",
-    "allow_fallback_override",
-    "region",
-    "rate",
-    "budget",
-    "cache",
-];
 
 pub async fn create_tenant(
     store: &Store,
@@ -837,109 +697,4 @@ pub async fn changes(store: &Store, since_ms: u64, limit: usize) -> Result<Vec<V
             })
         })
         .collect())
-}
-
-/// What `import-tenants` did.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct Imported {
-    pub created: usize,
-    pub updated: usize,
-    pub unchanged: usize,
-    pub keys_added: usize,
-    pub keys_updated: usize,
-}
-
-/// Moves file tenants into the store: creates missing tenants and keys, updates those
-/// that differ, leaves equal ones alone, so running it twice changes nothing.
-/// `tenants` are `(id, spec without api_keys, api_keys entries)` as JSON.
-pub async fn import(
-    store: &Store,
-    tenants: &[(String, Value, Vec<Value>)],
-) -> Result<Imported, StoreError> {
-    let mut out = Imported::default();
-    for (id, spec, keys) in tenants {
-        let spec_text = spec.to_string();
-        let key_texts: Vec<String> = keys.iter().map(Value::to_string).collect();
-        validate(store, id, &spec_text, &key_texts, None)?;
-        let r: Result<Imported, StoreError> = write_tx!(store, |conn, v, now| {
-            let mut one = Imported::default();
-            match tenant_row(&mut conn, id).await {
-                Ok(t) => {
-                    let same = serde_json::from_str::<Value>(&t.spec).ok().as_ref() == Some(spec);
-                    if same && !t.disabled {
-                        one.unchanged += 1;
-                    } else {
-                        conn.exec(
-                            "UPDATE gw_tenants SET spec = $2, disabled = 0, updated_ms = $3, version = $4 WHERE id = $1",
-                            &[Val::Text(id.clone()), Val::Text(spec_text.clone()), Val::Int(now), Val::Int(v)],
-                        )
-                        .await?;
-                        one.updated += 1;
-                    }
-                }
-                Err(StoreError::NotFound(_)) => {
-                    conn.exec(
-                        "INSERT INTO gw_tenants (id, spec, disabled, created_ms, updated_ms, version) VALUES ($1, $2, 0, $3, $3, $4)",
-                        &[Val::Text(id.clone()), Val::Text(spec_text.clone()), Val::Int(now), Val::Int(v)],
-                    )
-                    .await?;
-                    one.created += 1;
-                }
-                Err(e) => return Err(e),
-            }
-            for (k, text_k) in keys.iter().zip(&key_texts) {
-                let kid = k
-                    .get("id")
-                    .and_then(Value::as_str)
-                    .unwrap_or("")
-                    .to_string();
-                match key_row(&mut conn, id, &kid).await {
-                    Ok(rec) => {
-                        let same =
-                            serde_json::from_str::<Value>(&rec.spec).ok().as_ref() == Some(k);
-                        if !same || rec.revoked_ms.is_some() {
-                            conn.exec(
-                                "UPDATE gw_keys SET spec = $3, revoked_ms = NULL, updated_ms = $4, version = $5 WHERE tenant = $1 AND id = $2",
-                                &[Val::Text(id.clone()), Val::Text(kid.clone()), Val::Text(text_k.clone()), Val::Int(now), Val::Int(v)],
-                            )
-                            .await?;
-                            one.keys_updated += 1;
-                        }
-                    }
-                    Err(StoreError::NotFound(_)) => {
-                        conn.exec(
-                            "INSERT INTO gw_keys (tenant, id, spec, created_ms, updated_ms, revoked_ms, version) VALUES ($1, $2, $3, $4, $4, NULL, $5)",
-                            &[Val::Text(id.clone()), Val::Text(kid.clone()), Val::Text(text_k.clone()), Val::Int(now), Val::Int(v)],
-                        )
-                        .await?;
-                        one.keys_added += 1;
-                    }
-                    Err(e) => return Err(e),
-                }
-            }
-            if one.unchanged == 0 || one.keys_added + one.keys_updated > 0 {
-                let public: Vec<Value> = keys.iter().map(public_fields).collect();
-                record(
-                    &mut conn,
-                    now,
-                    Some("import-tenants"),
-                    Change {
-                        action: "tenant.import",
-                        tenant: id,
-                        key_id: None,
-                        fields: json!({"tenant": spec, "api_keys": public}),
-                    },
-                )
-                .await?;
-            }
-            Ok(one)
-        });
-        let one = r?;
-        out.created += one.created;
-        out.updated += one.updated;
-        out.unchanged += one.unchanged;
-        out.keys_added += one.keys_added;
-        out.keys_updated += one.keys_updated;
-    }
-    Ok(out)
 }
