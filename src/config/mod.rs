@@ -8,6 +8,7 @@
 //! consistent, and the proxy never has to handle a dangling reference.
 
 mod money;
+mod named;
 mod net;
 mod raw;
 mod report;

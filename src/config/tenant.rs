@@ -5,9 +5,9 @@
 //! already explains it.
 
 use super::money::usd_to_nanousd;
+use super::named::{sub, Named, Ref};
 use super::raw::{RawApiKey, RawTenant};
 use super::report::{child, item, Report};
-use super::validate::{sub, Named, Ref};
 use super::{ApiKey, Budget, Model, Provider, Rate, Tenant, TenantCache, TenantSource};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -436,7 +436,7 @@ impl StoreTenantBuilder {
         disabled: bool,
     ) -> Result<Tenant, super::ConfigErrors> {
         let mut report = Report::default();
-        if super::validate::check_name("tenants", id, "id", &mut report) {
+        if super::named::check_name("tenants", id, "id", &mut report) {
             let mut de = serde_json::Deserializer::from_str(spec);
             let raw: Option<RawTenant> = super::report::deserialize_from(&mut de, "", &mut report);
             let mut parsed_keys = Vec::with_capacity(keys.len());
