@@ -129,11 +129,7 @@ impl Admin {
         let mut limit = 100usize;
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            let v = v
-                .replace("%3A", ":")
-                .replace("%3a", ":")
-                .replace("%2B", "+")
-                .replace("%2b", "+");
+            let v = decode_time(v);
             match k {
                 "since" => match crate::audit::time::parse_rfc3339(&v) {
                     Some(ms) => since_ms = ms,
@@ -415,6 +411,15 @@ impl ServeHttp for Admin {
             _ => error(404, "not found"),
         }
     }
+}
+
+/// A query value holding an RFC 3339 time, with the two characters clients
+/// percent-encode in one (`:` and `+`) decoded.
+fn decode_time(v: &str) -> String {
+    v.replace("%3A", ":")
+        .replace("%3a", ":")
+        .replace("%2B", "+")
+        .replace("%2b", "+")
 }
 
 /// Where to connect to reach a listener bound to `addr` from this host.

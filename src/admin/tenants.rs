@@ -158,13 +158,6 @@ fn query_param<'a>(query: &'a str, name: &str) -> Option<&'a str> {
         .map(|(_, v)| v)
 }
 
-fn decode(v: &str) -> String {
-    v.replace("%3A", ":")
-        .replace("%3a", ":")
-        .replace("%2B", "+")
-        .replace("%2b", "+")
-}
-
 fn limit_param(query: &str, default: usize) -> Result<usize, StoreError> {
     match query_param(query, "limit") {
         None => Ok(default),
@@ -394,7 +387,7 @@ impl Admin {
         };
         let since = match query_param(query, "since") {
             None => 0,
-            Some(v) => match crate::audit::time::parse_rfc3339(&decode(v)) {
+            Some(v) => match crate::audit::time::parse_rfc3339(&super::decode_time(v)) {
                 Some(ms) => ms,
                 None => {
                     return store_error(StoreError::Invalid(vec![crate::config::ConfigError {

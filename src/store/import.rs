@@ -9,26 +9,12 @@
 
 use super::db::Val;
 use super::ops::{key_row, public_fields, record, tenant_row, validate, write_tx, Change};
-use super::{Host, Store, StoreError};
+use super::{Store, StoreError};
 use crate::config::Config;
 use serde_json::json;
 use serde_json::Value;
 use std::path::Path;
-use std::sync::{Arc, RwLock};
-
-/// The config the importer validates against; nothing is served.
-struct Offline(RwLock<Arc<Config>>);
-
-impl Host for Offline {
-    fn config(&self) -> Arc<Config> {
-        match self.0.read() {
-            Ok(c) => c.clone(),
-            Err(p) => p.into_inner().clone(),
-        }
-    }
-
-    fn install(&self, _cfg: Arc<Config>) {}
-}
+use std::sync::Arc;
 
 /// The file's tenants as `(id, fields without api_keys, api_keys)` in JSON.
 fn file_tenants(text: &str) -> Result<Vec<(String, Value, Vec<Value>)>, String> {
@@ -67,7 +53,7 @@ pub fn run(path: &Path) -> Result<String, String> {
         ));
     };
     let tenants = file_tenants(&text)?;
-    let host = Arc::new(Offline(RwLock::new(Arc::new(cfg))));
+    let host = Arc::new(super::ConfigCell::new(cfg));
     let store = Store::open(&conf, host)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -82,6 +82,32 @@ pub trait Host: Send + Sync {
     fn install(&self, cfg: Arc<Config>);
 }
 
+/// A config in a cell: the host of a store with no proxy around it (`import-tenants`,
+/// tests), holding what the store installs.
+pub struct ConfigCell(std::sync::RwLock<Arc<Config>>);
+
+impl ConfigCell {
+    pub fn new(cfg: Config) -> ConfigCell {
+        ConfigCell(std::sync::RwLock::new(Arc::new(cfg)))
+    }
+}
+
+impl Host for ConfigCell {
+    fn config(&self) -> Arc<Config> {
+        match self.0.read() {
+            Ok(c) => c.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    fn install(&self, cfg: Arc<Config>) {
+        match self.0.write() {
+            Ok(mut c) => *c = cfg,
+            Err(p) => *p.into_inner() = cfg,
+        }
+    }
+}
+
 /// How fresh this node's copy is, for `/readyz` and the admin API.
 #[derive(Debug, Clone, Default)]
 pub struct Health {

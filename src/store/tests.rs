@@ -4,18 +4,6 @@
 use super::*;
 use crate::config::{Config, StoreBackend, StoreConf};
 use serde_json::json;
-use std::sync::RwLock;
-
-struct TestHost(RwLock<Arc<Config>>);
-
-impl Host for TestHost {
-    fn config(&self) -> Arc<Config> {
-        self.0.read().unwrap().clone()
-    }
-    fn install(&self, cfg: Arc<Config>) {
-        *self.0.write().unwrap() = cfg;
-    }
-}
 
 const YAML: &str = r#"
 node: { region: us }
@@ -31,12 +19,10 @@ tenants:
     models: [a]
 "#;
 
-fn setup(name: &str) -> (Arc<Store>, Arc<TestHost>, std::path::PathBuf) {
+fn setup(name: &str) -> (Arc<Store>, Arc<ConfigCell>, std::path::PathBuf) {
     let dir = std::env::temp_dir().join(format!("gw-store-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let host = Arc::new(TestHost(RwLock::new(Arc::new(
-        Config::from_yaml_str(YAML).unwrap(),
-    ))));
+    let host = Arc::new(ConfigCell::new(Config::from_yaml_str(YAML).unwrap()));
     let conf = StoreConf {
         backend: StoreBackend::Sqlite {
             path: dir.join("t.db"),
@@ -297,9 +283,7 @@ async fn a_second_store_on_the_same_file_catches_up_and_snapshots_restore() {
     let (_, secret) = ops::create_key(&a, "t", &json!({}), None).await.unwrap();
 
     // Another process on the same file (import-tenants and a gateway, say).
-    let hb = Arc::new(TestHost(RwLock::new(Arc::new(
-        Config::from_yaml_str(YAML).unwrap(),
-    ))));
+    let hb = Arc::new(ConfigCell::new(Config::from_yaml_str(YAML).unwrap()));
     let b = Store::open(a.conf(), hb.clone()).unwrap();
     b.initial_load(Duration::from_secs(5)).await.unwrap();
     assert!(hb.config().authenticate(&secret, 0).is_ok());
@@ -319,9 +303,7 @@ async fn a_second_store_on_the_same_file_catches_up_and_snapshots_restore() {
         },
         ..a.conf().clone()
     };
-    let hc = Arc::new(TestHost(RwLock::new(Arc::new(
-        Config::from_yaml_str(YAML).unwrap(),
-    ))));
+    let hc = Arc::new(ConfigCell::new(Config::from_yaml_str(YAML).unwrap()));
     let c = Store::open(&conf, hc.clone()).unwrap();
     c.initial_load(Duration::from_secs(2)).await.unwrap();
     assert_eq!(c.health().source, "snapshot");
@@ -331,9 +313,7 @@ async fn a_second_store_on_the_same_file_catches_up_and_snapshots_restore() {
     let path = conf.snapshot.clone().unwrap();
     let bytes = std::fs::read(&path).unwrap();
     std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
-    let hd = Arc::new(TestHost(RwLock::new(Arc::new(
-        Config::from_yaml_str(YAML).unwrap(),
-    ))));
+    let hd = Arc::new(ConfigCell::new(Config::from_yaml_str(YAML).unwrap()));
     let d = Store::open(&conf, hd.clone()).unwrap();
     let e = d.initial_load(Duration::from_secs(2)).await.unwrap_err();
     assert!(e.contains("refused"), "{e}");

@@ -4,21 +4,10 @@
 
 use crate::pg::PgServer;
 use llm_gateway::config::{Config, StoreBackend, StoreConf};
-use llm_gateway::store::{ops, Host, Store, StoreError};
+use llm_gateway::store::{ops, ConfigCell, Host, Store, StoreError};
 use serde_json::json;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
-
-struct Node(RwLock<Arc<Config>>);
-
-impl Host for Node {
-    fn config(&self) -> Arc<Config> {
-        self.0.read().unwrap().clone()
-    }
-    fn install(&self, cfg: Arc<Config>) {
-        *self.0.write().unwrap() = cfg;
-    }
-}
 
 const YAML: &str = r#"
 node: { region: us }
@@ -30,10 +19,8 @@ models:
 tenants: {}
 "#;
 
-fn node(url: &str) -> (Arc<Store>, Arc<Node>) {
-    let host = Arc::new(Node(RwLock::new(Arc::new(
-        Config::from_yaml_str(YAML).unwrap(),
-    ))));
+fn node(url: &str) -> (Arc<Store>, Arc<ConfigCell>) {
+    let host = Arc::new(ConfigCell::new(Config::from_yaml_str(YAML).unwrap()));
     let conf = StoreConf {
         backend: StoreBackend::Postgres {
             url: url.to_string(),
@@ -126,9 +113,7 @@ async fn a_node_started_from_its_snapshot_migrates_a_database_it_meets_fresh() {
     llm_gateway::store::snapshot::write(&snapshot, &state).unwrap();
     // The database `fresh` does not exist yet: the node starts from the snapshot.
     let url = pg.url().replace("/gateway", "/fresh");
-    let host = Arc::new(Node(RwLock::new(Arc::new(
-        Config::from_yaml_str(YAML).unwrap(),
-    ))));
+    let host = Arc::new(ConfigCell::new(Config::from_yaml_str(YAML).unwrap()));
     let conf = StoreConf {
         backend: StoreBackend::Postgres { url: url.clone() },
         sync_ms: 1000,
