@@ -29,9 +29,14 @@ pub fn estimate_tokens(bytes: usize) -> u32 {
 pub fn cost_nanousd(usage: &Usage, price: &Price) -> u64 {
     let cached = usage.cached_input.min(usage.input) as u128;
     let uncached = usage.input as u128 - cached;
+    priced(uncached, cached, usage.output as u128, price)
+}
+
+/// Tokens at `price`, in 128 bits, rounded up to the next nano-USD.
+fn priced(uncached: u128, cached: u128, output: u128, price: &Price) -> u64 {
     let total = uncached * price.input_nanousd_per_mtok as u128
         + cached * price.cached_input_nanousd_per_mtok as u128
-        + usage.output as u128 * price.output_nanousd_per_mtok as u128;
+        + output * price.output_nanousd_per_mtok as u128;
     total.div_ceil(1_000_000).min(u64::MAX as u128) as u64
 }
 
@@ -39,9 +44,7 @@ pub fn cost_nanousd(usage: &Usage, price: &Price) -> u64 {
 /// to the next nano-USD; in 64 bits, for worst cases (a client's `max_tokens` may be
 /// far above what a [`Usage`] holds).
 pub fn worst_cost_nanousd(input: u64, output: u64, price: &Price) -> u64 {
-    let total = u128::from(input) * u128::from(price.input_nanousd_per_mtok)
-        + u128::from(output) * u128::from(price.output_nanousd_per_mtok);
-    total.div_ceil(1_000_000).min(u64::MAX as u128) as u64
+    priced(u128::from(input), 0, u128::from(output), price)
 }
 
 /// The bill for a call whose upstream answered `upstream_status`.
