@@ -359,3 +359,23 @@ impl Metrics {
         out
     }
 }
+
+/// How one upstream attempt ended, as `llmgw_upstream_attempts_total{result}` says it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttemptResult {
+    Ok,
+    Connect,
+    FirstTokenTimeout,
+    IdleTimeout,
+    Status429,
+    Status5xx,
+    Status4xx,
+    Reset,
+    BadResponse,
+    Cancelled,
+}
+
+impl Metrics {
+    /// Counts one upstream attempt (stand-in until the attempts metric lands).
+    pub fn upstream_attempt(&self, _provider: &str, _result: AttemptResult) {}
+}

@@ -4,7 +4,7 @@ use crate::admin::{Admin, Listener};
 use crate::audit::AuditLog;
 use crate::config::Config;
 use crate::proxy::head_deadline::HeadDeadline;
-use crate::proxy::Gateway;
+use crate::proxy::{Gateway, Shared};
 use crate::reload::{ReloadOnHup, Reloader};
 use crate::tls::CertStore;
 use pingora_core::apps::http_app::HttpServer;
@@ -56,7 +56,7 @@ fn server_conf() -> ServerConf {
 
 impl crate::store::Host for Gateway {
     fn config(&self) -> Arc<Config> {
-        Gateway::config(self)
+        Shared::config(self)
     }
 
     fn install(&self, cfg: Arc<Config>) {

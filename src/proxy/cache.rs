@@ -1,192 +1,380 @@
-//! The subrequest's `pingora-cache` phases.
+//! The response cache on the request path: `pingora-cache`'s storage and lock, used
+//! directly.
 //!
-//! The parent computed the request's [`Lookup`](crate::cache::Lookup) (or decided to
-//! bypass); each attempt's subrequest then enables pingora's cache with the shared
-//! storage and lock, so that concurrent identical requests wait for one upstream call
-//! and follow its answer as it streams. What gets stored is the client-format stream,
-//! since the body filters translate before pingora writes to the cache; the
-//! [`Answer`] in the meta carries the model, provider and usage of the original call.
-//! When every provider of the chain failed, the parent serves a stored answer past its
-//! TTL instead of the error ([`Gateway::serve_stale`]).
+//! The front computed the request's [`Lookup`](crate::cache::Lookup) (or decided to
+//! bypass). Before any attempt the chain looks the key up: a fresh answer is replayed
+//! (also one still being written by a concurrent identical request, followed as it
+//! streams). On a miss it takes the key's cache lock: the holder fills, and every
+//! identical request arriving meanwhile waits on the lock, then reads that fill; so N
+//! concurrent identical misses make one upstream call. The lock is released as soon as
+//! the fill has its header, and the fill is committed only if the answer ended
+//! complete. What is stored is the answer as the client received it (translated if the
+//! provider spoke another format); the [`Answer`] beside it names the model, provider
+//! and usage of the original call. When every provider of the chain failed, the front
+//! serves a stored answer past its TTL instead of the error ([`Shared::serve_stale`]).
 
-use super::{respond, Ctx, Gateway, Plan};
-use crate::cache::{Answer, Stored};
+use super::attempt::Attempted;
+use super::client::Client;
+use super::report::{AttemptReport, Ended, Tail};
+use super::{respond, Plan, Shared};
+use crate::cache::{Answer, Store, Stored};
+use crate::config::Model;
 use crate::error::{ErrorKind, GatewayError};
-use pingora::prelude::*;
-use pingora_cache::{CacheKey, CacheMeta, ForcedFreshness, NoCacheReason, RespCacheable};
+use crate::metrics::AttemptResult;
+use crate::providers::Completion;
+use bytes::{Bytes, BytesMut};
+use pingora_cache::lock::{CacheKeyLockImpl, LockStatus, Locked, WritePermit};
+use pingora_cache::storage::{HitHandler, MissHandler};
+use pingora_cache::trace::Span;
+use pingora_cache::{CacheKey, CacheMeta, Storage};
+use pingora_core::protocols::http::HttpTask;
 use pingora_http::ResponseHeader;
-use pingora_proxy::Session;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Instant, SystemTime};
 
-impl Gateway {
-    pub(super) fn enable_cache(&self, session: &mut Session, ctx: &Ctx) {
-        if !ctx.is_subrequest() {
-            return;
+/// How often a request waiting on another's fill competes for the lock again when
+/// that fill failed, before it asks the providers without the cache.
+const LOCK_ROUNDS: usize = 3;
+
+/// What the cache says before any attempt.
+pub(super) enum Begin {
+    /// Served (or, when it [`Ended::Failed`] before its first byte, not).
+    Hit(Attempted),
+    /// A miss, and this request fills the entry.
+    Fill(FillSlot),
+    /// Not cached, or the fill it waited for declined to store.
+    Bypass,
+    /// The client left while waiting for another request's fill.
+    ClientGone(Box<AttemptReport>),
+}
+
+/// This request's right to fill the key, and the fill once it has started.
+pub(super) struct FillSlot {
+    store: &'static Store,
+    lock: &'static CacheKeyLockImpl,
+    key: CacheKey,
+    ttl: std::time::Duration,
+    permit: Option<WritePermit>,
+    writer: Option<(MissHandler, Arc<Answer>)>,
+}
+
+impl FillSlot {
+    /// Starts the fill with the answer's header: from here concurrent identical
+    /// requests read it as it is written, so the lock is released. `false` when the
+    /// storage refused.
+    pub async fn start(&mut self, upstream: &ResponseHeader, model: &Model) -> bool {
+        let Ok(mut header) = ResponseHeader::build(200, Some(2)) else {
+            return false;
+        };
+        if let Some(ct) = upstream.headers.get("content-type") {
+            let _ = header.insert_header("content-type", ct.clone());
         }
-        if ctx.plan.as_ref().is_some_and(|p| p.cache.is_some()) {
-            session
-                .cache
-                .enable(self.cache.store, None, None, Some(self.cache.lock), None);
-        }
+        let answer = Arc::new(Answer::new(&model.name, &model.provider.name));
+        let now = SystemTime::now();
+        let mut meta = CacheMeta::new(now + self.ttl, now, 0, 0, header);
+        meta.extensions_mut().insert(answer.clone());
+        let span = Span::inactive().handle();
+        let started = match self.store.get_miss_handler(&self.key, &meta, &span).await {
+            Ok(w) => {
+                self.writer = Some((w, answer));
+                true
+            }
+            Err(_) => false,
+        };
+        self.unlock(if started {
+            LockStatus::Done
+        } else {
+            LockStatus::GiveUp
+        });
+        started
     }
-}
 
-pub(super) fn key(ctx: &Ctx) -> Result<CacheKey> {
-    let lookup = ctx
-        .plan
-        .as_ref()
-        .and_then(|p| p.cache.as_ref())
-        .ok_or_else(|| Error::explain(ErrorType::InternalError, "cache without a lookup"))?;
-    Ok(CacheKey::new(
-        lookup.digest.to_vec(),
-        lookup.tenant.as_str(),
-    ))
-}
-
-/// A stored answer was found: take it (the outcome now describes the original call),
-/// or skip it when the client asked for a refresh.
-pub(super) fn on_hit(meta: &CacheMeta, is_fresh: bool, ctx: &mut Ctx) -> Option<ForcedFreshness> {
-    let plan = ctx.plan.clone()?;
-    if plan.cache.as_ref().is_some_and(|l| l.refresh) {
-        return Some(ForcedFreshness::ForceMiss);
-    }
-    if !is_fresh {
-        return None;
-    }
-    let answer = meta.extensions().get::<Arc<Answer>>()?.clone();
-    let mut o = plan.outcome();
-    o.cache_hit = true;
-    // No upstream attempt is made for this candidate.
-    o.attempts = o.attempts.saturating_sub(1);
-    o.upstream_status = 200;
-    if let Some(m) = plan.chain.models.iter().find(|m| m.name == answer.model) {
-        o.model = Some(m.clone());
-    }
-    if let Some(c) = answer.completion() {
-        o.completion = c;
-    }
-    drop(o);
-    ctx.hit = Some(answer);
-    None
-}
-
-/// Only a 200 that this attempt translates (not a provider's error answer) may be
-/// stored; whether it ended complete is decided when the fill finishes.
-pub(super) fn response_cacheable(resp: &ResponseHeader, ctx: &mut Ctx) -> RespCacheable {
-    let Some(lookup) = ctx.plan.as_ref().and_then(|p| p.cache.as_ref()) else {
-        return RespCacheable::Uncacheable(NoCacheReason::InternalError);
-    };
-    let Some(a) = ctx.attempt.as_ref() else {
-        return RespCacheable::Uncacheable(NoCacheReason::InternalError);
-    };
-    if resp.status.as_u16() != 200 || a.error_body.is_some() || a.translator.is_none() {
-        return RespCacheable::Uncacheable(NoCacheReason::OriginNotCache);
-    }
-    let Ok(mut header) = ResponseHeader::build(200, Some(2)) else {
-        return RespCacheable::Uncacheable(NoCacheReason::InternalError);
-    };
-    if let Some(ct) = resp.headers.get("content-type") {
-        let _ = header.insert_header("content-type", ct.clone());
-    }
-    let answer = Arc::new(Answer::new(&a.model.name, &a.model.provider.name));
-    ctx.fill = Some(answer.clone());
-    let now = SystemTime::now();
-    let mut meta = CacheMeta::new(now + lookup.ttl, now, 0, 0, header);
-    meta.extensions_mut().insert(answer);
-    RespCacheable::Cacheable(meta)
-}
-
-/// The end of a body served from the cache: the original call's usage is known by
-/// now (the writer records it before storing its last byte), also when this request
-/// followed a fill in flight.
-pub(super) fn on_hit_body_end(ctx: &Ctx) {
-    let (Some(plan), Some(answer)) = (&ctx.plan, &ctx.hit) else {
-        return;
-    };
-    if let Some(c) = answer.completion() {
-        let mut o = plan.outcome();
-        o.completion = c;
-        // A fill that failed carried its own error event to this reader already.
-        if plan.req.stream && (!c.complete || c.upstream_error) {
-            o.error_event_sent = true;
+    pub async fn write(&mut self, bytes: Bytes) {
+        if let Some((w, _)) = self.writer.as_mut() {
+            if w.write_body(bytes, false).await.is_err() {
+                self.writer = None;
+            }
         }
     }
+
+    /// The answer ended as `completion`; `last` are its final bytes. The entry is
+    /// committed only when the answer was complete.
+    pub async fn finish(mut self, completion: Completion, last: Bytes) {
+        if let Some((mut w, answer)) = self.writer.take() {
+            // Before the last bytes are stored: the storage decides on it.
+            answer.set_completion(completion);
+            if w.write_body(last, true).await.is_ok() {
+                let _ = w.finish().await;
+            }
+        }
+        self.unlock(LockStatus::GiveUp);
+    }
+
+    /// The answer is not one to store (a provider's error answer).
+    pub fn give_up(mut self) {
+        self.unlock(LockStatus::GiveUp);
+    }
+
+    /// Every candidate failed: waiting requests compete for the lock again.
+    pub fn failed(mut self) {
+        self.unlock(LockStatus::TransientError);
+    }
+
+    fn unlock(&mut self, status: LockStatus) {
+        if let Some(permit) = self.permit.take() {
+            self.lock.release(&self.key, permit, status);
+        }
+    }
 }
 
-impl Gateway {
-    /// Answers from a stored answer because no provider could answer: one past its TTL
-    /// is marked `x-gateway-cache-stale: true` and gets a `Warning: 110` header.
-    pub(super) async fn serve_stale(
+impl Drop for FillSlot {
+    fn drop(&mut self) {
+        // The client left mid-fill: readers of the fill get an error, not a clean end
+        // (the writer's own drop says so), and waiting requests try again.
+        self.unlock(LockStatus::TransientError);
+    }
+}
+
+impl Shared {
+    /// Looks the request up; on a miss, takes or waits for the key's lock.
+    pub(super) async fn cache_begin<C: Client + ?Sized>(
         &self,
-        session: &mut Session,
-        ctx: &mut Ctx,
+        client: &mut C,
         plan: &Plan,
-        stored: Stored,
-    ) -> Result<(), GatewayError> {
-        let answer = &stored.answer;
-        let attempts = {
-            let mut o = plan.outcome();
-            o.cache_hit = true;
-            o.error = None;
-            o.upstream_status = 200;
-            o.client_error_code = None;
-            if let Some(m) = plan.chain.models.iter().find(|m| m.name == answer.model) {
-                o.model = Some(m.clone());
-            }
-            if let Some(c) = answer.completion() {
-                o.completion = c;
-            }
-            o.attempts
+    ) -> Begin {
+        let Some(lookup) = &plan.cache else {
+            return Begin::Bypass;
         };
-        let failed = |_| GatewayError::new(ErrorKind::Internal, "cannot build the response");
-        let mut resp = ResponseHeader::build(200, Some(12)).map_err(failed)?;
-        let h = |resp: &mut ResponseHeader, k: &'static str, v: &str| {
-            resp.insert_header(k, v).map_err(failed)
-        };
-        if let Some(ct) = &stored.content_type {
-            resp.insert_header("content-type", ct.clone())
-                .map_err(failed)?;
+        let key = CacheKey::new(lookup.digest.to_vec(), lookup.tenant.as_str());
+        let span = Span::inactive().handle();
+        // A refresh skips the first read; what it then waits for is itself fresh.
+        let mut read = !lookup.refresh;
+        for _ in 0..LOCK_ROUNDS {
+            if read {
+                if let Ok(Some((meta, hit))) = self.cache.store.lookup(&key, &span).await {
+                    if meta.is_fresh(SystemTime::now()) {
+                        return Begin::Hit(self.serve_hit(client, plan, &meta, hit).await);
+                    }
+                }
+            }
+            match self.cache.lock.lock(&key, false) {
+                Locked::Write(permit) => {
+                    return Begin::Fill(FillSlot {
+                        store: self.cache.store,
+                        lock: self.cache.lock,
+                        key,
+                        ttl: lookup.ttl,
+                        permit: Some(permit),
+                        writer: None,
+                    })
+                }
+                Locked::Read(wait) => {
+                    tokio::select! {
+                        _ = wait.wait() => {}
+                        _ = client.gone() => {
+                            let mut report = AttemptReport::new(plan.chain.first().clone());
+                            report.ended = Ended::ClientGone;
+                            report.result = AttemptResult::Cancelled;
+                            return Begin::ClientGone(Box::new(report));
+                        }
+                    }
+                    if wait.lock_status() == LockStatus::GiveUp {
+                        return Begin::Bypass;
+                    }
+                    read = true;
+                }
+            }
         }
-        h(&mut resp, "content-length", &stored.body.len().to_string())?;
-        respond::gateway_headers(&mut resp, &plan.request_id).map_err(failed)?;
-        h(&mut resp, "x-gateway-model", &answer.model)?;
-        h(&mut resp, "x-gateway-provider", &answer.provider)?;
-        h(&mut resp, "x-gateway-attempts", &attempts.to_string())?;
-        let fell_back = answer.model != plan.chain.first().name;
-        h(
-            &mut resp,
-            "x-gateway-fallback",
-            if fell_back { "true" } else { "false" },
-        )?;
-        h(&mut resp, "x-gateway-cache", "hit")?;
-        if stored.expired {
-            h(&mut resp, "x-gateway-cache-stale", "true")?;
-            h(&mut resp, "warning", "110 - \"Response is Stale\"")?;
-        }
-        let mut rate = Vec::with_capacity(3);
-        respond::rate_headers(&plan.rate_headers, &mut rate);
-        for (k, v) in rate {
-            h(&mut resp, k, &v)?;
-        }
-        ctx.status = 200;
-        if session
-            .write_response_header(Box::new(resp), false)
-            .await
-            .is_err()
-        {
-            ctx.client_gone = true;
-            return Ok(());
-        }
-        ctx.first_byte = Some(std::time::Instant::now());
-        self.seal(ctx).await;
-        if session
-            .write_response_body(Some(stored.body.clone()), true)
-            .await
-            .is_err()
-        {
-            ctx.client_gone = true;
-        }
-        Ok(())
+        Begin::Bypass
     }
+
+    /// Replays a stored answer, or one being written, followed as it streams.
+    async fn serve_hit<C: Client + ?Sized>(
+        &self,
+        client: &mut C,
+        plan: &Plan,
+        meta: &CacheMeta,
+        mut hit: HitHandler,
+    ) -> Attempted {
+        let answer = meta.extensions().get::<Arc<Answer>>().cloned();
+        let model = answer
+            .as_ref()
+            .and_then(|a| plan.chain.models.iter().find(|m| m.name == a.model))
+            .unwrap_or_else(|| plan.chain.first())
+            .clone();
+        let mut report = AttemptReport::new(model);
+        report.cache.hit = true;
+        report.upstream_status = 200;
+        let Some(answer) = answer else {
+            let e = GatewayError::new(ErrorKind::Internal, "a cache entry without its origin");
+            return Attempted {
+                report: report.failed(e, AttemptResult::BadResponse),
+                tail: None,
+            };
+        };
+        let content_type = meta.response_header().headers.get("content-type").cloned();
+        let broken = || {
+            GatewayError::new(
+                ErrorKind::BadUpstreamResponse,
+                "the answer this request was reading from the cache broke off",
+            )
+        };
+        if !plan.req.stream {
+            // A non-stream answer goes out whole, so a fill that breaks costs nothing.
+            let mut body = BytesMut::new();
+            loop {
+                let read = tokio::select! {
+                    r = hit.read_body() => r,
+                    _ = client.gone() => return gone(report),
+                };
+                match read {
+                    Ok(Some(b)) => body.extend_from_slice(&b),
+                    Ok(None) => break,
+                    Err(_) => {
+                        return Attempted {
+                            report: report.failed(broken(), AttemptResult::BadResponse),
+                            tail: None,
+                        }
+                    }
+                }
+            }
+            let header =
+                respond::stored_header(plan, &answer, content_type, Some(body.len()), 0, false);
+            let Ok(header) = header else {
+                let e = GatewayError::new(ErrorKind::Internal, "cannot build the response");
+                return Attempted {
+                    report: report.failed(e, AttemptResult::BadResponse),
+                    tail: None,
+                };
+            };
+            report.ended = Ended::Delivered;
+            report.client_status = 200;
+            report.completion = answer.completion().unwrap_or_default();
+            report.first_byte = Some(Instant::now());
+            return Attempted {
+                report,
+                tail: Some(Tail {
+                    header: Some(header),
+                    body: body.freeze(),
+                }),
+            };
+        }
+        let first = tokio::select! {
+            r = hit.read_body() => r,
+            _ = client.gone() => return gone(report),
+        };
+        let first = match first {
+            Ok(b) => b.unwrap_or_default(),
+            Err(_) => {
+                return Attempted {
+                    report: report.failed(broken(), AttemptResult::BadResponse),
+                    tail: None,
+                }
+            }
+        };
+        let Ok(header) = respond::stored_header(plan, &answer, content_type, None, 0, false) else {
+            let e = GatewayError::new(ErrorKind::Internal, "cannot build the response");
+            return Attempted {
+                report: report.failed(e, AttemptResult::BadResponse),
+                tail: None,
+            };
+        };
+        report.ended = Ended::Delivered;
+        report.client_status = 200;
+        if !client
+            .send(vec![
+                HttpTask::Header(header, false),
+                HttpTask::Body(Some(first), false),
+            ])
+            .await
+        {
+            return gone(report);
+        }
+        report.first_byte = Some(Instant::now());
+        let mut tail = Bytes::new();
+        loop {
+            let read = tokio::select! {
+                r = hit.read_body() => r,
+                _ = client.gone() => return gone(report),
+            };
+            match read {
+                Ok(Some(b)) => {
+                    if !client.send(vec![HttpTask::Body(Some(b), false)]).await {
+                        return gone(report);
+                    }
+                }
+                Ok(None) => break,
+                Err(_) => {
+                    let e = broken();
+                    tail = e.sse_event(plan.req.format);
+                    report.error = Some(e);
+                    report.error_event_sent = true;
+                    break;
+                }
+            }
+        }
+        if let Some(c) = answer.completion() {
+            report.completion = c;
+            // A fill that failed carried its own error event to this reader already.
+            if !c.complete || c.upstream_error {
+                report.error_event_sent = true;
+            }
+        }
+        Attempted {
+            report,
+            tail: Some(Tail {
+                header: None,
+                body: tail,
+            }),
+        }
+    }
+
+    /// Answers from a stored answer because no provider could: one past its TTL is
+    /// marked `x-gateway-cache-stale: true` and gets a `Warning: 110` header.
+    pub(super) fn serve_stale(&self, plan: &Plan, stored: Stored, attempts: u8) -> Attempted {
+        let answer = &stored.answer;
+        let model = plan
+            .chain
+            .models
+            .iter()
+            .find(|m| m.name == answer.model)
+            .unwrap_or_else(|| plan.chain.first())
+            .clone();
+        let mut report = AttemptReport::new(model);
+        report.cache.hit = true;
+        report.cache.stale = stored.expired;
+        report.upstream_status = 200;
+        let header = respond::stored_header(
+            plan,
+            answer,
+            stored.content_type.clone(),
+            Some(stored.body.len()),
+            attempts,
+            stored.expired,
+        );
+        let Ok(header) = header else {
+            let e = GatewayError::new(ErrorKind::Internal, "cannot build the response");
+            return Attempted {
+                report: report.failed(e, AttemptResult::BadResponse),
+                tail: None,
+            };
+        };
+        report.ended = Ended::Delivered;
+        report.client_status = 200;
+        report.completion = answer.completion().unwrap_or_default();
+        report.first_byte = Some(Instant::now());
+        Attempted {
+            report,
+            tail: Some(Tail {
+                header: Some(header),
+                body: stored.body,
+            }),
+        }
+    }
+}
+
+fn gone(mut report: AttemptReport) -> Attempted {
+    report.ended = Ended::ClientGone;
+    report.result = AttemptResult::Cancelled;
+    Attempted { report, tail: None }
 }

@@ -1,5 +1,7 @@
 //! Responses the gateway writes itself: errors and small JSON documents.
 
+use super::Plan;
+use crate::cache::Answer;
 use crate::error::{ApiFormat, GatewayError};
 use crate::limits::RateHeaders;
 use bytes::Bytes;
@@ -71,4 +73,107 @@ pub(super) fn rate_headers(h: &RateHeaders, out: &mut Vec<(&'static str, String)
     if let Some(v) = h.remaining_tokens {
         out.push(("x-ratelimit-remaining-tokens", v.to_string()));
     }
+}
+
+/// Headers a provider's answer loses on its way to the client: its hop's, and what
+/// identifies the gateway's own account with the provider.
+const UPSTREAM_ONLY: &[&str] = &[
+    "set-cookie",
+    "openai-organization",
+    "openai-project",
+    "anthropic-organization-id",
+    "x-request-id",
+    "request-id",
+    "connection",
+    "keep-alive",
+    "transfer-encoding",
+    "content-length",
+];
+
+/// The `x-gateway-*`, `x-request-id` and `x-ratelimit-*` headers of an answer served
+/// by `model` of `provider`.
+fn decorate(
+    resp: &mut ResponseHeader,
+    plan: &Plan,
+    model: &str,
+    provider: &str,
+    attempts: u8,
+    hit: bool,
+) -> Result<()> {
+    gateway_headers(resp, &plan.request_id)?;
+    resp.insert_header("x-gateway-model", model)?;
+    resp.insert_header("x-gateway-provider", provider)?;
+    resp.insert_header("x-gateway-attempts", attempts.to_string())?;
+    let fell_back = model != plan.chain.first().name;
+    resp.insert_header(
+        "x-gateway-fallback",
+        if fell_back { "true" } else { "false" },
+    )?;
+    resp.insert_header(
+        "x-gateway-cache",
+        crate::cache::header_value(plan.cache.as_ref(), hit),
+    )?;
+    let mut rate = Vec::with_capacity(3);
+    rate_headers(&plan.rate_headers, &mut rate);
+    for (k, v) in rate {
+        resp.insert_header(k, v)?;
+    }
+    Ok(())
+}
+
+/// Sets the body's framing: its length when known, else chunked (an HTTP/2 client's
+/// connection drops the header itself).
+fn framing(resp: &mut ResponseHeader, body_len: Option<usize>) -> Result<()> {
+    match body_len {
+        Some(n) => resp.insert_header("content-length", n.to_string()),
+        None => resp.insert_header("transfer-encoding", "chunked"),
+    }
+}
+
+/// The client's header for a provider's answer, whatever HTTP version it came in.
+pub(super) fn upstream_header(
+    upstream: &ResponseHeader,
+    plan: &Plan,
+    model: &str,
+    provider: &str,
+    attempts: u8,
+    body_len: Option<usize>,
+) -> Result<Box<ResponseHeader>> {
+    let mut resp = upstream.clone();
+    resp.set_version(http::Version::HTTP_11);
+    for h in UPSTREAM_ONLY {
+        resp.remove_header(*h);
+    }
+    framing(&mut resp, body_len)?;
+    decorate(&mut resp, plan, model, provider, attempts, false)?;
+    Ok(Box::new(resp))
+}
+
+/// The client's header for an answer from the cache; one past its TTL says so.
+pub(super) fn stored_header(
+    plan: &Plan,
+    answer: &Answer,
+    content_type: Option<http::HeaderValue>,
+    body_len: Option<usize>,
+    attempts: u8,
+    stale: bool,
+) -> Result<Box<ResponseHeader>> {
+    let mut resp = ResponseHeader::build(200, Some(14))?;
+    if let Some(ct) = content_type {
+        resp.insert_header("content-type", ct)?;
+    }
+    framing(&mut resp, body_len)?;
+    decorate(
+        &mut resp,
+        plan,
+        &answer.model,
+        &answer.provider,
+        attempts,
+        true,
+    )?;
+    if stale {
+        resp.insert_header("x-gateway-cache-stale", "true")?;
+        resp.insert_header("warning", "110 - \"Response is Stale\"")?;
+    }
+    Ok(Box::new(resp))
 }

@@ -1,6 +1,8 @@
-//! The parent side: everything decided before the first upstream byte, then the pipe.
+//! The front of the request path: everything decided before the first upstream byte
+//! (authentication, body, policy, admission), then the chain, then the audit row.
 
-use super::{env_ms, respond, Ctx, Endpoint, Gateway, Outcome, Plan};
+use super::report::ChainOutcome;
+use super::{env_ms, respond, upstream, Ctx, Endpoint, Gateway, Plan};
 use crate::audit::AuditRow;
 use crate::config::Tenant;
 use crate::error::{ErrorKind, GatewayError};
@@ -8,9 +10,10 @@ use crate::limits::{Actual, Demand, Refusal};
 use crate::providers::{self, end_user, ClientRequest};
 use crate::{accounting, auth, routing};
 use bytes::{Bytes, BytesMut};
+use pingora_core::protocols::http::HttpTask;
 use pingora_proxy::Session;
 use serde_json::json;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 /// How long one write to the client may stay blocked before the client counts as
@@ -34,7 +37,7 @@ fn client_body_timeout() -> Duration {
 const DRAIN_CAP: usize = 64 << 20;
 
 impl Gateway {
-    pub(super) async fn handle_parent(&self, session: &mut Session, ctx: &mut Ctx) {
+    pub(super) async fn handle(&self, session: &mut Session, ctx: &mut Ctx) {
         ctx.started = Some(Instant::now());
         ctx.started_ms = crate::audit::time::now_ms();
         // A client that stops reading would otherwise block the pipe's write forever,
@@ -53,8 +56,11 @@ impl Gateway {
                 refused_unread(session, self.config().max_body_bytes);
             }
             let mut extra = Vec::with_capacity(4);
-            if let Some(plan) = &ctx.plan {
-                extra.push(("x-gateway-attempts", plan.outcome().attempts.to_string()));
+            if let Some(outcome) = &ctx.outcome {
+                extra.push((
+                    "x-gateway-attempts",
+                    outcome.upstream_attempts().to_string(),
+                ));
             }
             // Every response to a known tenant says where its limits stand, also
             // errors raised before admission (a 400, 403 or 413).
@@ -164,31 +170,65 @@ impl Gateway {
         let rate_headers = ticket.headers.clone();
         ctx.ticket = Some(ticket);
         let cache = self.cache_lookup(&cfg, &tenant, endpoint, &chain, &req, session);
-        let (req, full) = Plan::split(req);
-        let plan = Arc::new(Plan {
+        // Every phase reads the request's flags; only attempts need its body.
+        let body = std::mem::take(&mut req.body);
+        let meta = req.clone();
+        req.body = body;
+        let plan = Plan {
             request_id: ctx.request_id.clone(),
-            tenant,
-            req,
-            full,
+            req: meta,
+            forward: upstream::forwarded(session.req_header()),
             chain,
-            started: ctx.started.unwrap_or_else(Instant::now),
             prompt_bytes,
             rate_headers,
             cache,
-            outcome: Mutex::new(Outcome::default()),
-        });
-        ctx.plan = Some(plan.clone());
-        normalize_for_subrequest(session);
-        match self.run_chain(session, ctx, plan.clone()).await {
-            Err(e) if e.kind.fault() == crate::error::Fault::Upstream && !ctx.client_gone => {
-                // Every provider failed: a stored answer, even expired, beats an error.
-                match plan.cache.as_ref().and_then(|l| self.cache.stale(l)) {
-                    Some(stored) => self.serve_stale(session, ctx, &plan, stored).await,
-                    None => Err(e),
-                }
+        };
+        let mut outcome = self.run_chain(session, &plan, req).await;
+        if outcome.rescuable() {
+            // Every provider failed: a stored answer, even expired, beats an error.
+            if let Some(stored) = plan.cache.as_ref().and_then(|l| self.cache.stale(l)) {
+                let served = self.serve_stale(&plan, stored, outcome.upstream_attempts());
+                outcome.attempts.push(served.report);
+                outcome.tail = served.tail;
+                outcome.error = None;
             }
-            r => r,
         }
+        let tail = outcome.tail.take();
+        let delivered = outcome.delivered().map(|a| (a.client_status, a.first_byte));
+        let error = outcome.error.clone();
+        ctx.client_gone = outcome.client_gone();
+        if ctx.client_gone {
+            // Left in the middle of an answer: the row says how far it got.
+            if let Some(a) = outcome.last() {
+                ctx.status = a.client_status;
+                ctx.first_byte = a.first_byte;
+            }
+        }
+        ctx.plan = Some(plan);
+        ctx.outcome = Some(outcome);
+        if ctx.client_gone {
+            return Ok(());
+        }
+        let Some((status, first_byte)) = delivered else {
+            return Err(error.unwrap_or_else(|| {
+                GatewayError::new(ErrorKind::Internal, "the chain ended without an answer")
+            }));
+        };
+        ctx.status = status;
+        ctx.first_byte = first_byte;
+        // The row goes out before the answer's last bytes (see `seal`).
+        self.seal(ctx).await;
+        if let Some(tail) = tail {
+            let mut tasks = Vec::with_capacity(2);
+            if let Some(h) = tail.header {
+                tasks.push(HttpTask::Header(h, false));
+            }
+            tasks.push(HttpTask::Body(Some(tail.body), true));
+            if !super::client::Client::send(session, tasks).await {
+                ctx.client_gone = true;
+            }
+        }
+        Ok(())
     }
 
     /// Writes the request's audit row, as things stand, before the response's last
@@ -221,9 +261,8 @@ impl Gateway {
             ttft: ctx.first_byte.map(|t| t.duration_since(started)),
         };
         self.metrics.observe(row, &timing);
-        if let Some(plan) = &ctx.plan {
-            let hit = plan.outcome().cache_hit;
-            let result = crate::cache::header_value(plan.cache.as_ref(), hit);
+        if let (Some(plan), Some(outcome)) = (&ctx.plan, &ctx.outcome) {
+            let result = crate::cache::header_value(plan.cache.as_ref(), outcome.cache_hit());
             self.metrics.cache_result(&row.tenant, result);
         }
     }
@@ -244,7 +283,7 @@ impl Gateway {
 
     /// The request is over: unless [`Self::seal`] did it already (the response did
     /// not complete), bill, count and write its audit row; then log it.
-    pub(super) async fn finish_parent(&self, _session: &mut Session, ctx: &mut Ctx) {
+    pub(super) async fn finish(&self, _session: &mut Session, ctx: &mut Ctx) {
         if ctx.started.is_none() {
             return;
         }
@@ -317,41 +356,8 @@ impl Gateway {
             node: cfg.node.hostname.clone(),
             ..AuditRow::default()
         };
-        if let Some(plan) = &ctx.plan {
-            let o = plan.outcome();
-            row.attempts = o.attempts;
-            if let Some(m) = &o.model {
-                row.model = m.name.clone();
-                row.provider = m.provider.name.clone();
-                row.region = m.provider.region.clone();
-                row.fallback_used = (m.name != plan.chain.first().name) as u8;
-                let bill = accounting::bill(
-                    &o.completion,
-                    o.upstream_status,
-                    plan.prompt_bytes,
-                    &m.price,
-                );
-                row.tokens_in = bill.usage.input;
-                row.tokens_out = bill.usage.output;
-                row.cached_tokens_in = bill.usage.cached_input;
-                row.usage_estimated = bill.estimated as u8;
-                row.cost_nanousd = bill.cost_nanousd;
-                if o.cache_hit {
-                    // The row keeps the original call's usage; nothing went upstream,
-                    // so nothing is billed and no provider served.
-                    row.cache_hit = 1;
-                    row.cost_nanousd = 0;
-                    row.provider.clear();
-                    row.region.clone_from(&cfg.node.region);
-                }
-            }
-            if row.error_code.is_empty() {
-                if let Some(e) = &o.error {
-                    row.error_code = e.kind.code().to_string();
-                } else if let Some(code) = &o.client_error_code {
-                    row.error_code = code.clone();
-                }
-            }
+        if let (Some(plan), Some(outcome)) = (&ctx.plan, &ctx.outcome) {
+            outcome_into_row(&mut row, plan, outcome, &cfg.node.region);
         }
         if ctx.client_gone {
             if row.status == 0 {
@@ -363,6 +369,46 @@ impl Gateway {
             }
         }
         row
+    }
+}
+
+/// What the chain did, into the row: attempts, the model that served (or was tried
+/// last), its usage and cost, and the error it ended with.
+fn outcome_into_row(row: &mut AuditRow, plan: &Plan, outcome: &ChainOutcome, node_region: &str) {
+    row.attempts = outcome.upstream_attempts();
+    let Some(a) = outcome.last() else {
+        return;
+    };
+    let m = &a.model;
+    row.model = m.name.clone();
+    row.provider = m.provider.name.clone();
+    row.region = m.provider.region.clone();
+    row.fallback_used = (m.name != plan.chain.first().name) as u8;
+    let bill = accounting::bill(
+        &a.completion,
+        a.upstream_status,
+        plan.prompt_bytes,
+        &m.price,
+    );
+    row.tokens_in = bill.usage.input;
+    row.tokens_out = bill.usage.output;
+    row.cached_tokens_in = bill.usage.cached_input;
+    row.usage_estimated = bill.estimated as u8;
+    row.cost_nanousd = bill.cost_nanousd;
+    if a.cache.hit {
+        // The row keeps the original call's usage; nothing went upstream, so nothing
+        // is billed and no provider served.
+        row.cache_hit = 1;
+        row.cost_nanousd = 0;
+        row.provider.clear();
+        row.region = node_region.to_string();
+    }
+    if row.error_code.is_empty() {
+        if let Some(e) = outcome.error.as_ref().or(a.error.as_ref()) {
+            row.error_code = e.kind.code().to_string();
+        } else if let Some(code) = a.client_error_code {
+            row.error_code = code.to_string();
+        }
     }
 }
 
@@ -569,18 +615,4 @@ async fn read_body_within(session: &mut Session, max: usize) -> Result<Bytes, Ga
         return Err(too_large(max));
     }
     Ok(buf.freeze())
-}
-
-/// The subrequest is built from the parent's header as HTTP/1.1 text: an HTTP/2
-/// client's request needs a 1.1 version and a `Host` taken from `:authority` first.
-fn normalize_for_subrequest(session: &mut Session) {
-    let req = session.req_header_mut();
-    if req.version != http::Version::HTTP_11 {
-        if req.headers.get("host").is_none() {
-            if let Some(a) = req.uri.authority().map(|a| a.to_string()) {
-                let _ = req.insert_header("host", a);
-            }
-        }
-        req.set_version(http::Version::HTTP_11);
-    }
 }
