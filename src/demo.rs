@@ -51,6 +51,7 @@ fn start_mock() -> std::io::Result<SocketAddr> {
                     ttft_ms: 150,
                     gap_ms: 40,
                     tokens: 24,
+                    tls: None,
                 };
                 match mock::spawn(opts).await {
                     Ok((addr, handle)) => {

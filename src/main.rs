@@ -63,6 +63,12 @@ enum Command {
         /// Tokens per reply.
         #[arg(long, default_value_t = 16)]
         tokens: u32,
+        /// Serve HTTPS with this certificate chain (PEM), HTTP/2 and HTTP/1.1 by ALPN.
+        #[arg(long, requires = "tls_key", value_name = "FILE")]
+        tls_cert: Option<PathBuf>,
+        /// Private key (PEM) of --tls-cert.
+        #[arg(long, requires = "tls_cert", value_name = "FILE")]
+        tls_key: Option<PathBuf>,
     },
     /// Start the mock provider and a gateway on the embedded defaults.
     Demo {
@@ -150,12 +156,17 @@ fn main() -> ExitCode {
             ttft_ms,
             gap_ms,
             tokens,
+            tls_cert,
+            tls_key,
         } => {
             let opts = mock::MockOptions {
                 listen,
                 ttft_ms,
                 gap_ms,
                 tokens,
+                tls: tls_cert
+                    .zip(tls_key)
+                    .map(|(cert, key)| mock::MockTls { cert, key }),
             };
             let rt = match tokio::runtime::Runtime::new() {
                 Ok(rt) => rt,

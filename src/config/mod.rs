@@ -375,6 +375,10 @@ pub struct Provider {
     pub api_key: Option<String>,
     pub region: String,
     pub timeouts: Timeouts,
+    /// `http2: auto` (the default): offer `h2` and `http/1.1` by ALPN to a TLS upstream
+    /// and use what it picks, so one connection multiplexes many streams. `false`
+    /// (`http2: off`) offers `http/1.1` only. Never h2c: plain `http://` is HTTP/1.1.
+    pub http2: bool,
 }
 
 /// A base URL split once at load time, because peers are built from host and port on

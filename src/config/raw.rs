@@ -131,6 +131,25 @@ pub(super) struct RawProvider {
     pub api_key_env: Option<String>,
     pub region: String,
     pub timeouts: Option<RawTimeouts>,
+    /// Absent: `auto`.
+    pub http2: Option<RawHttp2>,
+}
+
+/// Whether a TLS upstream may be offered HTTP/2 by ALPN. `off` exists for servers
+/// that advertise `h2` but handle it badly; plain `http://` upstreams are always
+/// HTTP/1.1 (no h2c), whatever this says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub(super) enum RawHttp2 {
+    Auto,
+    Off,
+}
+
+impl TryFrom<String> for RawHttp2 {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        variant(&s, &[("auto", RawHttp2::Auto), ("off", RawHttp2::Off)])
+    }
 }
 
 /// Each timeout may be given alone; the others keep their defaults.

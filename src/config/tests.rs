@@ -92,6 +92,7 @@ fn contract_example_parses_into_exact_values() {
         }
     );
     assert_eq!(openai.timeouts, Timeouts::default());
+    assert!(openai.http2, "http2 defaults to auto");
     let inhouse = cfg.provider("inhouse").unwrap();
     assert_eq!(inhouse.kind.as_str(), "openai_compatible");
     assert_eq!(inhouse.api_key, None);
@@ -342,6 +343,31 @@ fn bad_base_url() {
         let yaml = minimal().replace("http://127.0.0.1:9", url);
         assert_error(&yaml, "providers.p1.base_url", "not a usable base URL");
     }
+}
+
+#[test]
+fn http2_auto_by_default_off_when_asked() {
+    let cfg = Config::from_yaml_str(&minimal()).unwrap();
+    assert!(cfg.provider("p1").unwrap().http2);
+    let with = |v: &str| {
+        minimal().replace(
+            "region: r1 }\nmodels",
+            &format!("region: r1, http2: {v} }}\nmodels"),
+        )
+    };
+    let cfg = Config::from_yaml_str(&with("auto")).unwrap();
+    assert!(cfg.provider("p1").unwrap().http2);
+    let cfg = Config::from_yaml_str(&with("off")).unwrap();
+    assert!(!cfg.provider("p1").unwrap().http2);
+    for bad in ["on", "h2"] {
+        assert_error(
+            &with(bad),
+            "providers.p1.http2",
+            &format!("unknown variant `{bad}`, expected one of `auto`, `off`"),
+        );
+    }
+    // A YAML boolean is not one of the words either.
+    assert_error(&with("false"), "providers.p1.http2", "invalid type");
 }
 
 #[test]

@@ -8,7 +8,7 @@
 use super::money::usd_to_nanousd;
 use super::named::{check_name, sub, Named, Ref};
 use super::net::base_url;
-use super::raw::{Entries, RawConfig, RawKind, RawModel, RawProvider, Sec};
+use super::raw::{Entries, RawConfig, RawHttp2, RawKind, RawModel, RawProvider, Sec};
 use super::report::{child, Report};
 use super::sections::{self, env_secret};
 use super::tenant;
@@ -200,6 +200,7 @@ fn build_provider(name: &str, raw: RawProvider, at: &str, report: &mut Report) -
         api_key,
         region,
         timeouts,
+        http2: raw.http2.unwrap_or(RawHttp2::Auto) == RawHttp2::Auto,
     })
 }
 

@@ -11,7 +11,11 @@
 //! - `POST …/v1/chat/completions` — OpenAI Chat Completions, streaming or not.
 //! - `POST …/v1/messages` — Anthropic Messages, streaming or not.
 //! - `GET …/v1/models` — OpenAI list format (Anthropic's when `anthropic-version` is sent).
-//! - `GET /_mock/requests`, `GET /_mock/stats`, `POST /_mock/reset` — what reached the mock.
+//! - `GET /_mock/requests`, `GET /_mock/stats`, `POST /_mock/reset` — what reached the mock
+//!   (each request with its `http_version`: `HTTP/1.1` or `HTTP/2.0`).
+//!
+//! Plain HTTP/1.1 by default; with `--tls-cert FILE --tls-key FILE`, HTTPS with ALPN
+//! `h2` and `http/1.1` on the same port (see [`tls`]).
 //!
 //! Per-request control: header `x-mock: k=v;k=v` or `[[mock: k=v; k=v]]` in the
 //! prompt text (see [`directives`]); keys `ttft_ms`, `gap_ms`, `tokens`, `status`,
@@ -24,9 +28,14 @@ pub mod directives;
 mod openai;
 mod record;
 mod server;
+mod tls;
+
+pub use tls::MockTls;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tls_tests;
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -52,6 +61,8 @@ pub struct MockOptions {
     pub gap_ms: u64,
     /// Tokens per reply (capped by the request's max_tokens).
     pub tokens: u32,
+    /// Serve HTTPS (HTTP/2 and HTTP/1.1 by ALPN) with this certificate; `None`: plain HTTP/1.1.
+    pub tls: Option<MockTls>,
 }
 
 impl MockOptions {
@@ -62,17 +73,20 @@ impl MockOptions {
             ttft_ms: 0,
             gap_ms: 0,
             tokens: 16,
+            tls: None,
         }
     }
 }
 
-const USAGE: &str = "usage: mock-provider --listen ADDR [--ttft-ms N] [--gap-ms N] [--tokens N]";
+const USAGE: &str = "usage: mock-provider --listen ADDR [--ttft-ms N] [--gap-ms N] [--tokens N] \
+                     [--tls-cert FILE --tls-key FILE]";
 
-/// Parses `--listen ADDR` (required), `--ttft-ms N`, `--gap-ms N`, `--tokens N`
-/// (also as `--flag=value`). Leading words that are not flags (program name,
+/// Parses `--listen ADDR` (required), `--ttft-ms N`, `--gap-ms N`, `--tokens N`,
+/// `--tls-cert FILE` with `--tls-key FILE` (both or neither) (also as `--flag=value`). Leading words that are not flags (program name,
 /// subcommand) are skipped so `std::env::args()` can be passed as is.
 pub fn parse_args(args: &[String]) -> Result<MockOptions, String> {
     let mut listen = None;
+    let (mut cert, mut key) = (None, None);
     let mut opts = MockOptions::new(SocketAddr::from(([127, 0, 0, 1], 0)));
     let mut it = args
         .iter()
@@ -86,7 +100,10 @@ pub fn parse_args(args: &[String]) -> Result<MockOptions, String> {
         if matches!(flag, "-h" | "--help") {
             return Err(USAGE.to_string());
         }
-        if !matches!(flag, "--listen" | "--ttft-ms" | "--gap-ms" | "--tokens") {
+        if !matches!(
+            flag,
+            "--listen" | "--ttft-ms" | "--gap-ms" | "--tokens" | "--tls-cert" | "--tls-key"
+        ) {
             return Err(format!("unknown argument {arg:?}\n{USAGE}"));
         }
         let value = match inline.or_else(|| it.next()) {
@@ -98,6 +115,8 @@ pub fn parse_args(args: &[String]) -> Result<MockOptions, String> {
             "--listen" => listen = Some(value.parse::<SocketAddr>().map_err(|e| bad(&e))?),
             "--ttft-ms" => opts.ttft_ms = value.parse().map_err(|e| bad(&e))?,
             "--gap-ms" => opts.gap_ms = value.parse().map_err(|e| bad(&e))?,
+            "--tls-cert" => cert = Some(value.into()),
+            "--tls-key" => key = Some(value.into()),
             _ => {
                 opts.tokens = value.parse().map_err(|e| bad(&e))?;
                 if opts.tokens > directives::MAX_TOKENS {
@@ -110,12 +129,24 @@ pub fn parse_args(args: &[String]) -> Result<MockOptions, String> {
         }
     }
     opts.listen = listen.ok_or_else(|| format!("--listen is required\n{USAGE}"))?;
+    opts.tls = match (cert, key) {
+        (Some(cert), Some(key)) => Some(MockTls { cert, key }),
+        (None, None) => None,
+        _ => return Err(format!("--tls-cert and --tls-key go together\n{USAGE}")),
+    };
     Ok(opts)
 }
 
-async fn bind(
-    opts: &MockOptions,
-) -> std::io::Result<(tokio::net::TcpListener, Arc<server::State>)> {
+/// A bound listener, the shared state and, in TLS mode, the acceptor (built here so
+/// a bad certificate fails before the ready line).
+struct Bound {
+    listener: tokio::net::TcpListener,
+    state: Arc<server::State>,
+    tls: Option<pingora_rustls::TlsAcceptor>,
+}
+
+async fn bind(opts: &MockOptions) -> std::io::Result<Bound> {
+    let tls = opts.tls.as_ref().map(tls::acceptor).transpose()?;
     let listener = tokio::net::TcpListener::bind(opts.listen).await?;
     let state = Arc::new(server::State {
         ttft_ms: opts.ttft_ms,
@@ -123,22 +154,27 @@ async fn bind(
         tokens: opts.tokens.min(directives::MAX_TOKENS),
         ..Default::default()
     });
-    Ok((listener, state))
+    Ok(Bound {
+        listener,
+        state,
+        tls,
+    })
 }
 
-/// Binds, prints `mock-provider listening on http://IP:PORT` (the readiness line
-/// tests wait for; the real port when 0 was asked), then serves forever.
-/// Returns only if binding fails.
+/// Binds, prints `mock-provider listening on http://IP:PORT` (`https://` in TLS mode;
+/// the readiness line tests wait for; the real port when 0 was asked), then serves
+/// forever. Returns only if binding (or loading the certificate) fails.
 pub async fn run(opts: MockOptions) -> std::io::Result<()> {
-    let (listener, state) = bind(&opts).await?;
-    let addr = listener.local_addr()?;
+    let b = bind(&opts).await?;
+    let addr = b.listener.local_addr()?;
     {
         // A closed stdout must not kill the server, so no println!.
+        let scheme = if b.tls.is_some() { "https" } else { "http" };
         let mut out = std::io::stdout().lock();
-        let _ = writeln!(out, "mock-provider listening on http://{addr}");
+        let _ = writeln!(out, "mock-provider listening on {scheme}://{addr}");
         let _ = out.flush();
     }
-    server::serve(listener, state).await;
+    server::serve(b.listener, b.state, b.tls).await;
     Ok(())
 }
 
@@ -148,7 +184,10 @@ pub async fn run(opts: MockOptions) -> std::io::Result<()> {
 pub async fn spawn(
     opts: MockOptions,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
-    let (listener, state) = bind(&opts).await?;
-    let addr = listener.local_addr()?;
-    Ok((addr, tokio::spawn(server::serve(listener, state))))
+    let b = bind(&opts).await?;
+    let addr = b.listener.local_addr()?;
+    Ok((
+        addr,
+        tokio::spawn(server::serve(b.listener, b.state, b.tls)),
+    ))
 }

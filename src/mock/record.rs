@@ -36,6 +36,19 @@ fn headers_json(headers: &http::HeaderMap) -> Value {
     Value::Object(map)
 }
 
+/// Spelled out rather than `Debug`-formatted: tests compare these strings, and a
+/// `Debug` format is no promise.
+fn version_name(v: http::Version) -> &'static str {
+    match v {
+        http::Version::HTTP_09 => "HTTP/0.9",
+        http::Version::HTTP_10 => "HTTP/1.0",
+        http::Version::HTTP_11 => "HTTP/1.1",
+        http::Version::HTTP_2 => "HTTP/2.0",
+        http::Version::HTTP_3 => "HTTP/3.0",
+        _ => "unknown",
+    }
+}
+
 /// One log entry; the body is summarised (length, hash, key fields), never kept.
 pub fn entry(parts: &http::request::Parts, body: &[u8], parsed: Option<&Value>) -> Value {
     let field = |k: &str| parsed.and_then(|v| v.get(k));
@@ -47,6 +60,8 @@ pub fn entry(parts: &http::request::Parts, body: &[u8], parsed: Option<&Value>) 
         "path": parts.uri.path(),
         "query": parts.uri.query(),
         "method": parts.method.as_str(),
+        // "HTTP/1.1" or "HTTP/2.0": what the gateway negotiated with this upstream.
+        "http_version": version_name(parts.version),
         "headers": headers_json(&parts.headers),
         "body_len": body.len(),
         "body_sha256": hex::encode(Sha256::digest(body)),
@@ -117,6 +132,7 @@ mod tests {
         let parsed: Value = serde_json::from_slice(body).unwrap_or_default();
         let e = entry(&parts, body, Some(&parsed));
         assert_eq!(e["path"], "/inhouse/v1/chat/completions");
+        assert_eq!(e["http_version"], "HTTP/1.1");
         assert_eq!(e["headers"]["authorization"], "Bearer k");
         assert_eq!(e["headers"]["x-dup"], "a, b");
         assert_eq!(e["body_len"], body.len());

@@ -1,4 +1,5 @@
-//! The HTTP/1.1 server: routing, timing, faults and the streaming body.
+//! The server: routing, timing, faults and the streaming body. Plain TCP is HTTP/1.1;
+//! the TLS mode ([`super::tls`]) adds HTTP/2 by ALPN on the same handler.
 //!
 //! hyper is used directly (not Pingora) because faults need control below the
 //! HTTP layer: returning an error from the service closes the connection with no
@@ -19,13 +20,15 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use pingora_rustls::TlsAcceptor;
 use serde_json::{json, Value};
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
 /// Frames buffered between the stream writer task and hyper.
@@ -80,11 +83,23 @@ pub struct State {
 
 /// Accepts forever; accept errors (e.g. out of file descriptors) are transient,
 /// so they are logged and retried after a short pause instead of ending the server.
-pub async fn serve(listener: TcpListener, state: Arc<State>) {
+/// With `tls`, every connection is HTTPS (HTTP/2 or HTTP/1.1 by ALPN); without, plain
+/// HTTP/1.1.
+pub async fn serve(listener: TcpListener, state: Arc<State>, tls: Option<TlsAcceptor>) {
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
-                tokio::spawn(serve_conn(stream, state.clone()));
+                let state = state.clone();
+                match &tls {
+                    Some(acceptor) => {
+                        tokio::spawn(super::tls::serve_conn(acceptor.clone(), stream, state));
+                    }
+                    None => {
+                        // Small SSE frames must leave immediately, not wait for Nagle.
+                        let _ = stream.set_nodelay(true);
+                        tokio::spawn(serve_http1(stream, state));
+                    }
+                }
             }
             Err(e) => {
                 log::warn!("mock-provider: accept failed: {e}");
@@ -94,14 +109,16 @@ pub async fn serve(listener: TcpListener, state: Arc<State>) {
     }
 }
 
-async fn serve_conn(stream: TcpStream, state: Arc<State>) {
-    // Small SSE frames must leave immediately, not wait for Nagle.
-    let _ = stream.set_nodelay(true);
+/// One HTTP/1.1 connection, over plain TCP or TLS.
+pub(super) async fn serve_http1<IO>(io: IO, state: Arc<State>)
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let svc = service_fn(move |req| handle(state.clone(), req));
     let result = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .keep_alive(true)
-        .serve_connection(TokioIo::new(stream), svc)
+        .serve_connection(TokioIo::new(io), svc)
         .await;
     if let Err(e) = result {
         // Expected for injected faults and clients that leave; not worth more than debug.
@@ -143,7 +160,7 @@ fn error_response(api: Api, status: u16, message: Option<&str>) -> Response<Mock
 }
 
 /// Routes on the path *suffix* so a base URL with a prefix (`/inhouse/v1/...`) works.
-async fn handle(
+pub(super) async fn handle(
     state: Arc<State>,
     req: Request<Incoming>,
 ) -> Result<Response<MockBody>, io::Error> {

@@ -48,6 +48,7 @@ pub fn model(kind: ProviderKind, max_output_tokens: Option<u32>) -> Model {
             api_key: Some("sk-test".into()),
             region: "test".into(),
             timeouts: Timeouts::default(),
+            http2: true,
         }),
         upstream_model: upstream.into(),
         price: Price {

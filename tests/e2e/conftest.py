@@ -3,6 +3,10 @@
 * `gateway_bin`   -- path of the binary (env `LLM_GATEWAY_BIN`, default target/debug/llm-gateway).
 * `mock_provider` -- one `llm-gateway mock-provider` for the whole session.
 * `mock`          -- the same, with its request log cleared before the test.
+* `tls_mock`      -- a factory: `tls_mock(name, *args)` starts (or reuses) a
+                     `mock-provider --tls-cert --tls-key` (HTTPS, HTTP/2 and HTTP/1.1 by
+                     ALPN) with a certificate for localhost/127.0.0.1 from certs.py; its
+                     `ca` is the CA a client must trust (the gateway: `SSL_CERT_FILE`).
 * `gateway`       -- a factory: `gateway(overrides=None, env=None)` starts (or reuses) a
                      `llm-gateway serve` whose config is the standard test config below,
                      deep-merged with `overrides` (a `None` value deletes a key), with
@@ -39,6 +43,7 @@ import httpx
 import pytest
 import yaml
 
+from certs import client_context, make_ca, make_leaf
 from helpers import header_of, header_pairs  # noqa: F401  (re-exported)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -243,6 +248,8 @@ class MockProvider:
     url: str
     proc: subprocess.Popen
     log_path: Path
+    # The CA of a TLS mock's certificate (`start_tls_mock`); None for plain HTTP.
+    ca: Path | None = None
     _http: httpx.Client = field(default_factory=lambda: httpx.Client(timeout=10))
 
     def requests(self) -> list[dict]:
@@ -271,8 +278,9 @@ def session_tmp(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("llm-gateway-e2e")
 
 
-def start_mock(gateway_bin: Path, log_path: Path, *extra_args: str) -> MockProvider:
-    """Starts `mock-provider` on a free port and waits for its readiness line."""
+def start_mock(gateway_bin: Path, log_path: Path, *extra_args: str, ca: Path | None = None) -> MockProvider:
+    """Starts `mock-provider` on a free port and waits for its readiness line; `ca` is the
+    CA to verify it with when `extra_args` make it serve HTTPS."""
     proc = subprocess.Popen(
         [str(gateway_bin), "mock-provider", "--listen", "127.0.0.1:0", *extra_args],
         stdin=subprocess.DEVNULL,
@@ -283,7 +291,7 @@ def start_mock(gateway_bin: Path, log_path: Path, *extra_args: str) -> MockProvi
     _LOGS[log_path.stem] = log_path
     found: dict[str, str] = {}
     ready = threading.Event()
-    pattern = re.compile(r"mock-provider listening on (http://\S+)")
+    pattern = re.compile(r"mock-provider listening on (https?://\S+)")
 
     def pump() -> None:
         # Tees the process output into its log file for as long as it runs.
@@ -302,7 +310,18 @@ def start_mock(gateway_bin: Path, log_path: Path, *extra_args: str) -> MockProvi
         _stop([proc])
         pytest.fail(f"mock-provider did not print its listening line within {START_DEADLINE_S}s "
                     f"(exit={proc.poll()}):\n{_tail(log_path)}", pytrace=False)
-    return MockProvider(url=found["url"], proc=proc, log_path=log_path)
+    if ca is None:
+        return MockProvider(url=found["url"], proc=proc, log_path=log_path)
+    return MockProvider(url=found["url"], proc=proc, log_path=log_path, ca=ca,
+                        _http=httpx.Client(timeout=10, verify=client_context(ca)))
+
+
+def start_tls_mock(gateway_bin: Path, log_path: Path, cert_dir: Path, *extra_args: str) -> MockProvider:
+    """Starts `mock-provider` in TLS mode with a new CA and a leaf for localhost and
+    127.0.0.1 made in `cert_dir` (certs.py); its `url` is `https://127.0.0.1:PORT`."""
+    ca = make_ca(cert_dir)
+    cert, key = make_leaf(cert_dir, "mock")
+    return start_mock(gateway_bin, log_path, "--tls-cert", str(cert), "--tls-key", str(key), *extra_args, ca=ca)
 
 
 @pytest.fixture(scope="session")
@@ -470,6 +489,28 @@ def extra_mock(gateway_bin: Path, session_tmp: Path):
             started[name] = m
         elif m.proc.poll() is not None:
             pytest.fail(f"mock-{name} exited ({m.proc.returncode}):\n{_tail(m.log_path)}", pytrace=False)
+        return m
+
+    yield make
+    _stop([m.proc for m in started.values()])
+
+
+@pytest.fixture(scope="session")
+def tls_mock(gateway_bin: Path, session_tmp: Path):
+    """Factory `tls_mock(name="tls", *args) -> MockProvider`: a `mock-provider` serving
+    HTTPS (HTTP/2 and HTTP/1.1 by ALPN) with its own test CA (`.ca`), started by
+    `start_tls_mock`. One process per `name`, shared by the session; its request log is
+    cleared on every call."""
+    started: dict[str, MockProvider] = {}
+
+    def make(name: str = "tls", *args: str) -> MockProvider:
+        m = started.get(name)
+        if m is None:
+            m = start_tls_mock(gateway_bin, session_tmp / f"mock-{name}.log", session_tmp / f"certs-{name}", *args)
+            started[name] = m
+        elif m.proc.poll() is not None:
+            pytest.fail(f"mock-{name} exited ({m.proc.returncode}):\n{_tail(m.log_path)}", pytrace=False)
+        m.reset()
         return m
 
     yield make
