@@ -36,7 +36,7 @@ fn ms(v: u64) -> Option<Duration> {
 /// The ALPN offered to `p`: HTTP/2 and 1.1 to a TLS provider unless its `http2` is
 /// `off`; plain-text providers get HTTP/1.1 (there is nothing to negotiate with).
 fn alpn(p: &Provider) -> ALPN {
-    if p.base_url.tls && http2_allowed(p) {
+    if p.base_url.tls && p.http2 {
         ALPN::H2H1
     } else {
         ALPN::H1
@@ -218,9 +218,4 @@ pub(super) fn retry_after_s(resp: &pingora_http::ResponseHeader) -> u64 {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok())
         .unwrap_or(1)
-}
-
-/// Stand-in until providers carry their `http2` setting.
-fn http2_allowed(_p: &Provider) -> bool {
-    true
 }
