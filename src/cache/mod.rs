@@ -1,13 +1,12 @@
 //! The response cache: which requests are cacheable, their keys, and the storage.
 //!
-//! Caching runs through `pingora-cache` inside each attempt's subrequest (see
-//! `proxy/cache.rs`): the parent decides here whether a request may use the cache and
-//! computes its key once; the subrequest enables pingora's cache with [`Store`] and the
-//! cache lock. What is stored is the answer as the client received it (already in the
-//! endpoint's format, translated if the provider spoke another one), so a hit replays
-//! bytes without knowing which provider produced them; [`Answer`] rides along with
-//! each entry to say which model and provider that was and what usage the provider
-//! reported, for the hit's headers and audit row.
+//! The front decides here whether a request may use the cache and computes its key
+//! once; the chain then uses [`Store`] (a `pingora-cache` storage) and pingora's cache
+//! lock directly (`proxy/cache.rs`). What is stored is the answer as the client received
+//! it (already in the endpoint's format, translated if the provider spoke another one),
+//! so a hit replays bytes without knowing which provider produced them; [`Answer`]
+//! rides along with each entry to say which model and provider that was and what usage
+//! the provider reported, for the hit's headers and audit row.
 
 pub mod key;
 pub mod storage;
@@ -92,7 +91,8 @@ pub struct RequestFacts<'a> {
 }
 
 impl ResponseCache {
-    /// One per process: pingora wants `'static` storage and lock, so both are leaked.
+    /// One per process: pingora's storage and lock APIs take `'static` references, so
+    /// both are leaked.
     pub fn new(max_bytes: u64) -> Self {
         let lock: &'static CacheKeyLockImpl = Box::leak(CacheLock::new_boxed(LOCK_AGE_TIMEOUT));
         ResponseCache {

@@ -41,7 +41,7 @@ pub struct Stored {
     pub content_type: Option<http::HeaderValue>,
     pub body: Bytes,
     pub answer: Arc<Answer>,
-    /// Past its TTL (a fresh one is read this way when no subrequest could look it up,
+    /// Past its TTL (a fresh one is read this way when no attempt could look it up,
     /// e.g. every circuit of the chain is open).
     pub expired: bool,
 }

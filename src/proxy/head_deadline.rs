@@ -27,8 +27,8 @@ tokio::task_local! {
     static HEAD_READ: Cell<bool>;
 }
 
-/// Marks the current request's head as read; outside a connection task (a
-/// subrequest) it does nothing.
+/// Marks the current request's head as read; outside a connection task (a test) it
+/// does nothing.
 pub(super) fn head_read() {
     let _ = HEAD_READ.try_with(|h| h.set(true));
 }
