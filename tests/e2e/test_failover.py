@@ -789,3 +789,41 @@ def test_messages_every_candidate_down_is_503_in_anthropic_format(gw, mock):
     assert r.headers.get("retry-after", "").isdigit()
     assert r.headers.get("x-gateway-attempts") == "2"
     assert "dead-model" in err["message"] and "dead2-model" in err["message"], err
+
+
+# --------------------------------------------------------------------------- 4 MiB bodies
+
+
+def _big_prompt(n_bytes: int) -> str:
+    words = "alpha beta gamma delta epsilon zeta theta kappa lambda sigma omega "
+    return (words * (n_bytes // len(words) + 1))[:n_bytes]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["nonstream", "stream"])
+@pytest.mark.parametrize("trigger,first,extra", [
+    ("refused", "dead-model", lambda: {}),
+    ("503", "gpt-4o-mini", lambda: fail_first_once()),
+])
+def test_a_4mib_body_fails_over_whole(gw, mock, trigger, first, extra, stream):
+    """A body just under the 4 MiB default limit (64 times Pingora's retry buffer)
+    reaches the fallback whole after the first choice refused or answered 503: the
+    directive at its very end is obeyed, and the fallback got every byte."""
+    rid, h = rid_headers(extra())
+    prompt = _big_prompt(4 * (1 << 20) - 16 * 1024) + " [[mock: tokens=5]]"
+    body = chat_body(prompt, model=first, stream=stream)
+    sent = len(json.dumps(body).encode())
+    if stream:
+        r, events, _ = stream_chat(gw, body, key=FO, headers=h)
+        assert r.status_code == 200, r.text[:300]
+        assert content_of_chunks(chunks_of(events)).strip()
+    else:
+        r = post_chat(gw, body, key=FO, headers=h)
+        assert r.status_code == 200, r.text[:300]
+        assert r.json()["usage"]["completion_tokens"] == 5, "the body's tail reached the fallback"
+    assert_served_by_fallback(r)
+    rec = mock.only_request(INHOUSE_PATH)
+    assert sent - 1000 <= rec["body_len"] <= sent + 1000, (sent, rec["body_len"])
+    if trigger == "503":
+        [first_try] = [q for q in mock.requests() if q["path"] == OPENAI_PATH]
+        assert sent - 1000 <= first_try["body_len"] <= sent + 1000, (sent, first_try["body_len"])
+    assert_audit(gw, rid, status=200, attempts=2, fallback_used=1, model="llama-70b")
