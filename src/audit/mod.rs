@@ -241,6 +241,29 @@ impl AuditLog {
         }
     }
 
+    /// Returns once every row handed over before the call is in the spool and
+    /// fsynced, or at `deadline`. The process may then end at once: the shutdown
+    /// path (`crate::shutdown`) calls it after the last request, instead of waiting
+    /// out Pingora's grace period with the writer still running.
+    pub async fn flush(&self, deadline: std::time::Instant) {
+        let deadline = tokio::time::Instant::from_std(deadline);
+        let (ack, done) = oneshot::channel();
+        // An empty line behind every row queued so far: the writer acknowledges it
+        // once those are written. Rows the request path wrote itself are already on
+        // disk. An error means the writer is gone, with nothing left queued.
+        let job = Job {
+            line: Vec::new(),
+            ack: Some(ack),
+        };
+        if let Ok(Ok(())) = tokio::time::timeout_at(deadline, self.tx.send(job)).await {
+            if tokio::time::timeout_at(deadline, done).await.is_err() {
+                log::warn!("audit: rows still queued at the end of the grace period");
+            }
+        }
+        let shared = self.shared.clone();
+        let _ = tokio::task::spawn_blocking(move || sync_now(&shared)).await;
+    }
+
     /// Queues the row, or writes it here when the queue is full or the writer has
     /// stopped. Returns whether it was queued.
     fn submit(&self, row: &AuditRow, ack: Option<oneshot::Sender<()>>) -> bool {
@@ -385,7 +408,10 @@ fn writer(mut rx: mpsc::Receiver<Job>, shared: Arc<Shared>, wake: Arc<Notify>) {
         if let Some(d) = delay {
             std::thread::sleep(d);
         }
-        write_lines(&shared, &buf);
+        // A batch of nothing but `flush` markers writes nothing.
+        if !buf.is_empty() {
+            write_lines(&shared, &buf);
+        }
         buf.clear();
         for a in acks.drain(..) {
             let _ = a.send(());

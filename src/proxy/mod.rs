@@ -236,6 +236,9 @@ pub struct Ctx {
     first_byte: Option<Instant>,
     /// The audit row, once written ahead of the response's last bytes.
     sealed: Option<Box<AuditRow>>,
+    /// Counts the client request until its context is dropped, after `logging`
+    /// wrote its audit row: a stopping gateway waits for it (`crate::shutdown`).
+    _in_flight: Option<crate::inflight::InFlight>,
     // --- subrequest ---
     /// Index in the chain of the model this subrequest tries.
     idx: usize,
@@ -290,6 +293,7 @@ impl ProxyHttp for Gateway {
             ctx.idx = idx;
             return Ok(false);
         }
+        ctx._in_flight = Some(crate::inflight::InFlight::enter());
         self.handle_parent(session, ctx).await;
         Ok(true)
     }
