@@ -521,6 +521,43 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
+    /// What the shutdown path relies on before it ends the process: every row handed
+    /// over before `flush` is in the spool when it returns.
+    #[tokio::test]
+    async fn flush_returns_once_every_queued_row_is_in_the_spool() {
+        let dir = std::env::temp_dir().join(format!("llmgw-audit-flush-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let conf = AuditConf {
+            spool_dir: dir.clone(),
+            clickhouse: None,
+        };
+        let metrics = crate::metrics::Metrics::new().unwrap().audit;
+        let (log, service) = AuditLog::new(&conf, metrics).unwrap();
+        let (stop, watch) = tokio::sync::watch::channel(false);
+        let service = tokio::spawn(async move { service.start(watch).await });
+        for i in 0..500 {
+            log.emit(&AuditRow {
+                request_id: format!("r{i}"),
+                ..AuditRow::default()
+            });
+        }
+        log.flush(std::time::Instant::now() + Duration::from_secs(10))
+            .await;
+        let lines: usize = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
+            .map(|t| {
+                t.lines()
+                    .filter(|l| l.contains("\"request_id\":\"r"))
+                    .count()
+            })
+            .sum();
+        assert_eq!(lines, 500);
+        stop.send(true).unwrap();
+        service.await.unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     #[test]
     fn answered_rows_get_the_columns_an_older_writer_did_not_know() {
         let mut old = serde_json::json!({"request_id": "r", "tenant": "acme", "future": 1});
