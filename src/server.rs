@@ -121,6 +121,7 @@ pub fn run(config: Config, opts: RunOptions) -> ! {
             std::process::exit(1);
         }
     };
+    metrics.register_providers(config.providers.iter().map(|p| p.name.as_str()));
     let (audit, audit_service) = match AuditLog::new(&config.audit, metrics.audit.clone()) {
         Ok(a) => a,
         Err(e) => {
