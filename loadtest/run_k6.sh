@@ -7,7 +7,7 @@
 #   NAME: nonstream | stream | mixed | noisy_neighbour | budget_exhaustion
 #   VAR=VALUE are passed to the script (k6 -e), e.g. RATE=2000 DURATION=60s RATE_SCALE=0.1
 # Environment: LLM_GATEWAY_BIN (default target/release/llm-gateway; build it with
-#   cargo build --release --bin llm-gateway), K6 (default: loadtest/install_k6.sh's),
+#   cargo build --release --features jemalloc --bin llm-gateway), K6 (default: loadtest/install_k6.sh's),
 #   OUT_DIR (default loadtest/results).
 # Output: OUT_DIR/NAME-summary.json (--summary-export); exit status is k6's, so a
 # crossed threshold fails the run.
@@ -18,7 +18,7 @@ shift
 script="loadtest/k6/$name.js"
 [ -f "$script" ] || { echo "no scenario $script" >&2; exit 2; }
 BIN="${LLM_GATEWAY_BIN:-target/release/llm-gateway}"
-[ -x "$BIN" ] || { echo "no $BIN: cargo build --release --bin llm-gateway" >&2; exit 2; }
+[ -x "$BIN" ] || { echo "no $BIN: cargo build --release --features jemalloc --bin llm-gateway" >&2; exit 2; }
 K6="${K6:-$(bash loadtest/install_k6.sh 2>/dev/null)}"
 OUT_DIR="${OUT_DIR:-loadtest/results}"
 mkdir -p "$OUT_DIR"

@@ -9,5 +9,5 @@ if ! command -v cmake >/dev/null 2>&1; then
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   $SUDO apt-get install -y cmake >/dev/null 2>&1 || { $SUDO apt-get update >/dev/null && $SUDO apt-get install -y cmake >/dev/null; }
 fi
-cargo build --release --bin llm-gateway
+cargo build --release --features jemalloc --bin llm-gateway
 exec ./target/release/llm-gateway demo "$@"

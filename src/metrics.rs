@@ -73,6 +73,62 @@ impl AuditMetrics {
 }
 
 /// A request's timings, exact (the audit row has them in whole milliseconds).
+/// How one upstream attempt (one deployment tried) ended, for
+/// `llmgw_upstream_attempts_total{provider,result}`. Closed, so the label's values are
+/// known up front and every provider's series can exist at 0 before the first call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AttemptResult {
+    /// The upstream answered and the answer was delivered (or is being).
+    Ok,
+    /// No connection (refused, DNS, TLS, connect timeout).
+    Connect,
+    /// Connected, but no first token within `first_token_ms`.
+    FirstTokenTimeout,
+    /// A stream stalled for longer than `idle_ms` between chunks.
+    IdleTimeout,
+    Status429,
+    Status5xx,
+    /// A 4xx other than 429.
+    Status4xx,
+    /// The connection was reset or closed mid-answer.
+    Reset,
+    /// An answer the gateway could not read (not JSON, malformed SSE).
+    BadResponse,
+    /// The client left, so the gateway abandoned the attempt.
+    Cancelled,
+}
+
+impl AttemptResult {
+    pub const ALL: [AttemptResult; 10] = [
+        AttemptResult::Ok,
+        AttemptResult::Connect,
+        AttemptResult::FirstTokenTimeout,
+        AttemptResult::IdleTimeout,
+        AttemptResult::Status429,
+        AttemptResult::Status5xx,
+        AttemptResult::Status4xx,
+        AttemptResult::Reset,
+        AttemptResult::BadResponse,
+        AttemptResult::Cancelled,
+    ];
+
+    /// The `result` label value (DESIGN.md, "Deployments").
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AttemptResult::Ok => "ok",
+            AttemptResult::Connect => "connect",
+            AttemptResult::FirstTokenTimeout => "first_token_timeout",
+            AttemptResult::IdleTimeout => "idle_timeout",
+            AttemptResult::Status429 => "status_429",
+            AttemptResult::Status5xx => "status_5xx",
+            AttemptResult::Status4xx => "status_4xx",
+            AttemptResult::Reset => "reset",
+            AttemptResult::BadResponse => "bad_response",
+            AttemptResult::Cancelled => "cancelled",
+        }
+    }
+}
+
 pub struct Timing {
     pub latency: std::time::Duration,
     /// Until the first content byte, when one was sent.
@@ -89,6 +145,7 @@ pub struct Metrics {
     cost: IntCounterVec,
     rejections: IntCounterVec,
     upstream_failures: IntCounterVec,
+    upstream_attempts: IntCounterVec,
     fallbacks: IntCounterVec,
     pub circuit_state: IntGaugeVec,
     pub budget_used_ppm: IntGaugeVec,
@@ -239,6 +296,12 @@ impl Metrics {
                 "Calls that ended in an upstream failure",
                 &["provider", "code"],
             )?,
+            upstream_attempts: counter(
+                &r,
+                "upstream_attempts_total",
+                "Upstream attempts (each deployment tried, also those a fallback rescued), by how they ended",
+                &["provider", "result"],
+            )?,
             fallbacks: counter(
                 &r,
                 "fallbacks_total",
@@ -334,6 +397,26 @@ impl Metrics {
         }
     }
 
+    /// Counts one upstream attempt of `provider` (a configured provider's name).
+    pub fn upstream_attempt(&self, provider: &str, result: AttemptResult) {
+        self.upstream_attempts
+            .with_label_values(&[provider, result.as_str()])
+            .inc();
+    }
+
+    /// Creates every `upstream_attempts_total` series of these providers at 0 (series
+    /// already there keep their counts): a rate over a series that appears only with
+    /// its first failure misses that failure, and dashboards should list a provider
+    /// before anything went wrong with it. Called at start-up and after each reload
+    /// (a provider that a reload removed keeps its series until the process ends).
+    pub fn register_providers<'a>(&self, providers: impl IntoIterator<Item = &'a str>) {
+        for p in providers {
+            for r in AttemptResult::ALL {
+                self.upstream_attempts.with_label_values(&[p, r.as_str()]);
+            }
+        }
+    }
+
     /// Counts one request's cache result (`hit`, `miss` or `bypass`).
     pub fn cache_result(&self, tenant: &str, result: &str) {
         self.cache_requests
@@ -360,22 +443,69 @@ impl Metrics {
     }
 }
 
-/// How one upstream attempt ended, as `llmgw_upstream_attempts_total{result}` says it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AttemptResult {
-    Ok,
-    Connect,
-    FirstTokenTimeout,
-    IdleTimeout,
-    Status429,
-    Status5xx,
-    Status4xx,
-    Reset,
-    BadResponse,
-    Cancelled,
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-impl Metrics {
-    /// Counts one upstream attempt (stand-in until the attempts metric lands).
-    pub fn upstream_attempt(&self, _provider: &str, _result: AttemptResult) {}
+    fn attempts(m: &Metrics) -> Vec<String> {
+        String::from_utf8_lossy(&m.render())
+            .lines()
+            .filter(|l| l.starts_with("llmgw_upstream_attempts_total{"))
+            .map(str::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn attempt_series_exist_at_zero_for_every_provider_then_count() {
+        let m = Metrics::new().unwrap();
+        assert!(attempts(&m).is_empty());
+        m.register_providers(["openai", "anthropic"]);
+        let lines = attempts(&m);
+        assert_eq!(lines.len(), 2 * AttemptResult::ALL.len());
+        assert!(lines.iter().all(|l| l.ends_with(" 0")), "{lines:?}");
+        for r in AttemptResult::ALL {
+            let want = format!(
+                "llmgw_upstream_attempts_total{{provider=\"openai\",result=\"{}\"}} 0",
+                r.as_str()
+            );
+            assert!(lines.contains(&want), "missing {want}");
+        }
+
+        m.upstream_attempt("openai", AttemptResult::Status429);
+        m.upstream_attempt("openai", AttemptResult::Status429);
+        m.upstream_attempt("openai", AttemptResult::Ok);
+        // A reload adding a provider: the new one at 0, the counts of the others kept.
+        m.register_providers(["openai", "anthropic", "azure-east"]);
+        let lines = attempts(&m);
+        assert_eq!(lines.len(), 3 * AttemptResult::ALL.len());
+        for (series, n) in [
+            ("provider=\"openai\",result=\"status_429\"", 2),
+            ("provider=\"openai\",result=\"ok\"", 1),
+            ("provider=\"openai\",result=\"reset\"", 0),
+            ("provider=\"azure-east\",result=\"first_token_timeout\"", 0),
+        ] {
+            let want = format!("llmgw_upstream_attempts_total{{{series}}} {n}");
+            assert!(lines.contains(&want), "missing {want}: {lines:?}");
+        }
+    }
+
+    #[test]
+    fn attempt_result_labels_are_the_contract_s() {
+        let labels: Vec<&str> = AttemptResult::ALL.iter().map(|r| r.as_str()).collect();
+        assert_eq!(
+            labels,
+            [
+                "ok",
+                "connect",
+                "first_token_timeout",
+                "idle_timeout",
+                "status_429",
+                "status_5xx",
+                "status_4xx",
+                "reset",
+                "bad_response",
+                "cancelled"
+            ]
+        );
+    }
 }

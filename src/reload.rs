@@ -90,11 +90,16 @@ impl Reloader {
             log::warn!("config: {w}");
         }
         let tenants = new.tenants.len();
+        let providers: Vec<String> = new.providers.iter().map(|p| p.name.clone()).collect();
         match &self.store {
             // The store's tenants are rebuilt against the new file's models.
             Some(store) => store.install_file_config(new, &old)?,
             None => self.gateway.set_config(Arc::new(new)),
         }
+        // Series of providers the file added exist at 0 from now on, as at start-up.
+        self.gateway
+            .metrics
+            .register_providers(providers.iter().map(String::as_str));
         Ok(Reloaded {
             tenants,
             needs_restart,

@@ -24,19 +24,23 @@ pub struct RunOptions {
     pub config_path: Option<std::path::PathBuf>,
 }
 
-/// Seconds between SIGTERM and the end of in-flight streams (`LLM_GATEWAY_GRACE_PERIOD_S`
-/// overrides it); systemd's `TimeoutStopSec` must be longer (see
-/// `systemd/llm-gateway.service`).
+/// Longest wait, after SIGTERM, for in-flight streams to end (`LLM_GATEWAY_GRACE_PERIOD_S`
+/// overrides it); an idle gateway exits at once. systemd's `TimeoutStopSec` must be
+/// longer (see `systemd/llm-gateway.service`).
 pub const GRACE_PERIOD_S: u64 = 30;
+
+/// The longest a stop waits for requests in flight; the process exits before that
+/// as soon as none is left (see `crate::shutdown`).
+fn grace_period_s() -> u64 {
+    std::env::var("LLM_GATEWAY_GRACE_PERIOD_S")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(GRACE_PERIOD_S)
+}
 
 fn server_conf() -> ServerConf {
     let mut conf = ServerConf {
-        grace_period_seconds: Some(
-            std::env::var("LLM_GATEWAY_GRACE_PERIOD_S")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(GRACE_PERIOD_S),
-        ),
+        grace_period_seconds: Some(grace_period_s()),
         graceful_shutdown_timeout_seconds: Some(5),
         threads: std::thread::available_parallelism()
             .map(|n| n.get())
@@ -117,6 +121,7 @@ pub fn run(config: Config, opts: RunOptions) -> ! {
             std::process::exit(1);
         }
     };
+    metrics.register_providers(config.providers.iter().map(|p| p.name.as_str()));
     let (audit, audit_service) = match AuditLog::new(&config.audit, metrics.audit.clone()) {
         Ok(a) => a,
         Err(e) => {
@@ -128,6 +133,13 @@ pub fn run(config: Config, opts: RunOptions) -> ! {
         }
     };
     server.add_service(background_service("audit log", audit_service));
+    server.add_service(background_service(
+        "exit when idle",
+        crate::shutdown::ExitWhenIdle {
+            audit: audit.clone(),
+            grace: std::time::Duration::from_secs(grace_period_s()),
+        },
+    ));
     let gateway = Gateway::new(config.clone(), audit, metrics);
     let mut proxy = Service::new(
         "llm-gateway".to_string(),

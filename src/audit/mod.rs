@@ -241,6 +241,29 @@ impl AuditLog {
         }
     }
 
+    /// Returns once every row handed over before the call is in the spool and
+    /// fsynced, or at `deadline`. The process may then end at once: the shutdown
+    /// path (`crate::shutdown`) calls it after the last request, instead of waiting
+    /// out Pingora's grace period with the writer still running.
+    pub async fn flush(&self, deadline: std::time::Instant) {
+        let deadline = tokio::time::Instant::from_std(deadline);
+        let (ack, done) = oneshot::channel();
+        // An empty line behind every row queued so far: the writer acknowledges it
+        // once those are written. Rows the request path wrote itself are already on
+        // disk. An error means the writer is gone, with nothing left queued.
+        let job = Job {
+            line: Vec::new(),
+            ack: Some(ack),
+        };
+        if let Ok(Ok(())) = tokio::time::timeout_at(deadline, self.tx.send(job)).await {
+            if tokio::time::timeout_at(deadline, done).await.is_err() {
+                log::warn!("audit: rows still queued at the end of the grace period");
+            }
+        }
+        let shared = self.shared.clone();
+        let _ = tokio::task::spawn_blocking(move || sync_now(&shared)).await;
+    }
+
     /// Queues the row, or writes it here when the queue is full or the writer has
     /// stopped. Returns whether it was queued.
     fn submit(&self, row: &AuditRow, ack: Option<oneshot::Sender<()>>) -> bool {
@@ -385,7 +408,10 @@ fn writer(mut rx: mpsc::Receiver<Job>, shared: Arc<Shared>, wake: Arc<Notify>) {
         if let Some(d) = delay {
             std::thread::sleep(d);
         }
-        write_lines(&shared, &buf);
+        // A batch of nothing but `flush` markers writes nothing.
+        if !buf.is_empty() {
+            write_lines(&shared, &buf);
+        }
         buf.clear();
         for a in acks.drain(..) {
             let _ = a.send(());
@@ -492,6 +518,43 @@ mod tests {
         assert_eq!(log.unique_start_ms("x1", t + 5_000), t + 5_001);
         log.unique_start_ms("y", t + 7_000);
         assert_eq!(log.shared.recent_ids.lock().unwrap().last.len(), 1);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// What the shutdown path relies on before it ends the process: every row handed
+    /// over before `flush` is in the spool when it returns.
+    #[tokio::test]
+    async fn flush_returns_once_every_queued_row_is_in_the_spool() {
+        let dir = std::env::temp_dir().join(format!("llmgw-audit-flush-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let conf = AuditConf {
+            spool_dir: dir.clone(),
+            clickhouse: None,
+        };
+        let metrics = crate::metrics::Metrics::new().unwrap().audit;
+        let (log, service) = AuditLog::new(&conf, metrics).unwrap();
+        let (stop, watch) = tokio::sync::watch::channel(false);
+        let service = tokio::spawn(async move { service.start(watch).await });
+        for i in 0..500 {
+            log.emit(&AuditRow {
+                request_id: format!("r{i}"),
+                ..AuditRow::default()
+            });
+        }
+        log.flush(std::time::Instant::now() + Duration::from_secs(10))
+            .await;
+        let lines: usize = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
+            .map(|t| {
+                t.lines()
+                    .filter(|l| l.contains("\"request_id\":\"r"))
+                    .count()
+            })
+            .sum();
+        assert_eq!(lines, 500);
+        stop.send(true).unwrap();
+        service.await.unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -20,7 +20,8 @@
 //! Per-request control: header `x-mock: k=v;k=v` or `[[mock: k=v; k=v]]` in the
 //! prompt text (see [`directives`]); keys `ttft_ms`, `gap_ms`, `tokens`, `status`,
 //! `fault` (`reset|stall|cut|garbage|midstream_error`), `cut_after`, `usage=none`,
-//! `tool=NAME|*`, `fail_first=N` with `key=ID`.
+//! `tool=NAME|*`, `fail_first=N` with `key=ID`. A tool call made under OpenAI
+//! `tool_choice: "required"` finishes with `"stop"`, as gpt-4o-mini's do.
 
 mod anthropic;
 mod content;

@@ -23,6 +23,10 @@ pub struct ChatRequest {
     pub max_tokens: Option<u64>,
     /// Function names offered in `tools`.
     pub tool_names: Vec<String>,
+    /// `tool_choice: "required"`, which real gpt-4o-mini answers with tool calls under
+    /// `finish_reason: "stop"` (tests/fixtures/wire/openai-tools-cached.json); the mock
+    /// does the same so the gateway's translation of it is tested end to end.
+    pub tool_choice_required: bool,
     pub prompt: Prompt,
 }
 
@@ -58,14 +62,16 @@ pub fn parse_request(body: &Value) -> Result<ChatRequest, String> {
             .and_then(Value::as_u64)
             .or_else(|| body.get("max_tokens").and_then(Value::as_u64)),
         tool_names,
+        tool_choice_required: body.get("tool_choice").and_then(Value::as_str) == Some("required"),
         prompt: Prompt::from_openai(body),
     })
 }
 
-fn finish_reason(f: Finish) -> &'static str {
+fn finish_reason(req: &ChatRequest, f: Finish) -> &'static str {
     match f {
         Finish::Stop => "stop",
         Finish::Length => "length",
+        Finish::ToolCalls if req.tool_choice_required => "stop",
         Finish::ToolCalls => "tool_calls",
     }
 }
@@ -119,7 +125,7 @@ pub fn completion(
             "index": 0,
             "message": message,
             "logprobs": null,
-            "finish_reason": finish_reason(g.finish)
+            "finish_reason": finish_reason(req, g.finish)
         }],
     });
     if with_usage {
@@ -218,7 +224,7 @@ pub fn stream_parts(
     }
     parts
         .tail
-        .push(ch.chunk(json!({}), Some(finish_reason(g.finish))));
+        .push(ch.chunk(json!({}), Some(finish_reason(req, g.finish))));
     if req.include_usage && !usage_none {
         let mut last = ch.base(json!([]));
         last["usage"] = usage(g);
@@ -447,6 +453,30 @@ mod tests {
             "{\"x\":1}"
         );
         assert_eq!(v["choices"][0]["message"]["content"], Value::Null);
+    }
+
+    /// gpt-4o-mini's answer to `tool_choice: "required"`: tool calls, `finish_reason: "stop"`.
+    #[test]
+    fn required_tool_choice_finishes_with_stop_like_gpt_4o_mini() {
+        let r = req(
+            json!({"model": "m", "messages": [], "stream": true, "tool_choice": "required",
+            "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]}),
+        );
+        assert!(r.tool_choice_required);
+        let g = generate(&r.prompt, 16, None, Some("get_weather".into()));
+        let evs = events(stream_parts(&r, &g, false, "c", 1));
+        assert_eq!(payload(&evs[3])["choices"][0]["finish_reason"], "stop");
+        let v: Value =
+            serde_json::from_slice(&completion(&r, &g, true, "c", 1)).unwrap_or_default();
+        assert_eq!(v["choices"][0]["finish_reason"], "stop");
+        assert_eq!(
+            v["choices"][0]["message"]["tool_calls"][0]["function"]["name"],
+            "get_weather"
+        );
+        let text = generate(&r.prompt, 4, None, None);
+        let v: Value =
+            serde_json::from_slice(&completion(&r, &text, true, "c", 1)).unwrap_or_default();
+        assert_eq!(v["choices"][0]["finish_reason"], "stop");
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! The fixtures under `tests/fixtures/providers/` follow the providers' real wire
 //! formats (field order, `ping`, `usage: null` members, cache counters, UTF-8 split
 //! points). Every translator must give the same bytes and the same usage whatever the
-//! TCP segmentation, so each fixture is replayed cut at every byte boundary.
+//! TCP segmentation, so each fixture is replayed cut at every byte boundary. Those
+//! under `tests/fixtures/wire/` are verbatim recordings of real provider answers.
 
 use super::{Completion, Translate};
 use crate::config::{BaseUrl, Model, Price, Provider, ProviderKind, Timeouts};
@@ -26,6 +27,13 @@ pub const OPENAI_NO_USAGE: &[u8] =
     include_bytes!("../../tests/fixtures/providers/openai_no_usage.sse");
 pub const OPENAI_COMPLETION: &[u8] =
     include_bytes!("../../tests/fixtures/providers/openai_completion.json");
+/// Recorded gpt-4o-mini answer under `tool_choice: "required"`: two tool calls with
+/// `finish_reason: "stop"` (tests/fixtures/wire/SOURCES.md).
+pub const WIRE_OPENAI_TOOLS_CACHED: &[u8] =
+    include_bytes!("../../tests/fixtures/wire/openai-tools-cached.json");
+/// Recorded gpt-4o stream with two tool calls (tests/fixtures/wire/SOURCES.md).
+pub const WIRE_OPENAI_TOOLS_STREAM: &[u8] =
+    include_bytes!("../../tests/fixtures/wire/openai-tools-stream.sse");
 
 /// A model of the given provider kind, as the config would build it.
 pub fn model(kind: ProviderKind, max_output_tokens: Option<u32>) -> Model {

@@ -51,6 +51,19 @@ pub fn stop_reason(finish_reason: &str) -> &'static str {
     }
 }
 
+/// The `stop_reason` of a translated Anthropic message. Anthropic clients run their
+/// tool loop on `stop_reason == "tool_use"`, but OpenAI does not always say
+/// `tool_calls` when it calls tools: gpt-4o-mini answers `tool_choice: "required"`
+/// with `finish_reason: "stop"` (tests/fixtures/wire/openai-tools-cached.json). So a
+/// message that carries `tool_use` blocks always stops for `tool_use`.
+pub fn message_stop_reason(finish_reason: &str, has_tool_use: bool) -> &'static str {
+    if has_tool_use {
+        "tool_use"
+    } else {
+        stop_reason(finish_reason)
+    }
+}
+
 /// The gateway's usage as an OpenAI `usage` object.
 pub fn openai_usage_json(u: Usage) -> Value {
     json!({
@@ -262,6 +275,7 @@ impl ChatToMessageBody {
             .get("finish_reason")
             .and_then(Value::as_str)
             .unwrap_or("stop");
+        let has_tool_use = content.iter().any(|b| b["type"] == "tool_use");
         self.usage = v.get("usage").and_then(openai_usage);
         self.complete = true;
         json!({
@@ -270,7 +284,7 @@ impl ChatToMessageBody {
             "role": "assistant",
             "model": v.get("model").and_then(Value::as_str).unwrap_or(&self.fallback_model),
             "content": content,
-            "stop_reason": stop_reason(finish),
+            "stop_reason": message_stop_reason(finish, has_tool_use),
             "stop_sequence": null,
             "usage": anthropic_usage_json(self.usage.unwrap_or_default()),
         })
@@ -390,6 +404,54 @@ mod tests {
                     "cache_read_input_tokens": 1024, "output_tokens": 17},
             })
         );
+    }
+
+    /// The recorded gpt-4o-mini answer to `tool_choice: "required"`: tool calls under
+    /// `finish_reason: "stop"` still make an Anthropic client run its tools.
+    #[test]
+    fn recorded_tool_calls_with_finish_stop_stop_for_tool_use() {
+        let (out, c) = check_splits(
+            || ChatToMessageBody::new("fallback"),
+            fx::WIRE_OPENAI_TOOLS_CACHED,
+        );
+        assert!(c.complete);
+        assert_eq!(
+            c.usage,
+            Some(Usage {
+                input: 1136,
+                output: 64,
+                cached_input: 1024,
+                cache_creation_input: 0
+            })
+        );
+        assert_eq!(
+            parse(&out),
+            json!({
+                "id": "msg_ADeP2i0frELC4W5RVNNkKz6TQ7hig",
+                "type": "message",
+                "role": "assistant",
+                "model": "gpt-4o-mini-2024-07-18",
+                "content": [
+                    {"type": "tool_use", "id": "call_viwwDZPuQh8hJFPf2Co1dYJK",
+                        "name": "get_delivery_date", "input": {"order_id": "9876543210"}},
+                    {"type": "tool_use", "id": "call_t1FFdAhrfvRc5IgqA6WkPKYj", "name": "cancel_order",
+                        "input": {"order_id": "9876543210", "reason": "Decided to purchase locally to get it faster."}},
+                ],
+                "stop_reason": "tool_use",
+                "stop_sequence": null,
+                "usage": {"input_tokens": 112, "cache_creation_input_tokens": 0,
+                    "cache_read_input_tokens": 1024, "output_tokens": 64},
+            })
+        );
+    }
+
+    #[test]
+    fn text_answer_with_finish_stop_still_ends_the_turn() {
+        let body = br#"{"id":"chatcmpl-1","model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"Hi","tool_calls":[]},"finish_reason":"stop"}]}"#;
+        let (out, _) = fx::run(&mut ChatToMessageBody::new("m"), &[body]);
+        assert_eq!(parse(&out)["stop_reason"], "end_turn");
+        assert_eq!(message_stop_reason("length", false), "max_tokens");
+        assert_eq!(message_stop_reason("stop", true), "tool_use");
     }
 
     #[test]

@@ -11,7 +11,7 @@
 use super::openai::parse_usage;
 use super::sse::SseParser;
 use super::translate_error::from_openai;
-use super::translate_response::{anthropic_usage_json, message_id, stop_reason};
+use super::translate_response::{anthropic_usage_json, message_id, message_stop_reason};
 use super::{Completion, Translate, Usage};
 use crate::error::{ApiFormat, ErrorKind, GatewayError};
 use bytes::BytesMut;
@@ -33,7 +33,11 @@ pub struct ChatToMessagesStream {
     started: bool,
     block: Block,
     next_block: u32,
-    stop_reason: Option<&'static str>,
+    /// The upstream's `finish_reason`, once it has come.
+    finish_reason: Option<String>,
+    /// A `tool_use` block was opened: the message then stops for `tool_use`
+    /// whatever the finish reason said (see `message_stop_reason`).
+    saw_tool: bool,
     usage: Option<Usage>,
     delta_sent: bool,
     done: bool,
@@ -50,7 +54,8 @@ impl ChatToMessagesStream {
             started: false,
             block: Block::None,
             next_block: 0,
-            stop_reason: None,
+            finish_reason: None,
+            saw_tool: false,
             usage: None,
             delta_sent: false,
             done: false,
@@ -154,6 +159,7 @@ impl ChatToMessagesStream {
                     json!({"type": "tool_use", "id": id, "name": name, "input": {}}),
                 );
                 self.block = Block::Tool(oai_index, i);
+                self.saw_tool = true;
                 i
             }
         };
@@ -179,7 +185,7 @@ impl ChatToMessagesStream {
         self.close_block(out);
         let d = json!({
             "type": "message_delta",
-            "delta": {"stop_reason": self.stop_reason.unwrap_or("end_turn"), "stop_sequence": null},
+            "delta": {"stop_reason": message_stop_reason(self.finish_reason.as_deref().unwrap_or("stop"), self.saw_tool), "stop_sequence": null},
             "usage": anthropic_usage_json(self.usage.unwrap_or_default()),
         });
         Self::emit(out, "message_delta", &d);
@@ -225,11 +231,11 @@ impl ChatToMessagesStream {
                 self.tool_call(out, call);
             }
             if let Some(f) = c.get("finish_reason").and_then(Value::as_str) {
-                self.stop_reason = Some(stop_reason(f));
+                self.finish_reason = Some(f.to_string());
                 self.close_block(out);
             }
         }
-        if self.stop_reason.is_some() && self.usage.is_some() {
+        if self.finish_reason.is_some() && self.usage.is_some() {
             self.message_delta(out);
         }
     }
@@ -395,6 +401,38 @@ mod tests {
         assert_eq!(evs[12].1["delta"]["stop_reason"], "tool_use");
         assert_eq!(evs[12].1["usage"]["output_tokens"], 40);
         assert!(c.complete);
+    }
+
+    /// The recorded gpt-4o tool stream, as sent (`finish_reason: "tool_calls"`) and with
+    /// only its finish reason made `"stop"`, as gpt-4o-mini sends under `tool_choice:
+    /// "required"`: both must end with `stop_reason: "tool_use"`, cut anywhere.
+    #[test]
+    fn recorded_tool_stream_stops_for_tool_use_whatever_the_finish_reason() {
+        let recorded = fx::WIRE_OPENAI_TOOLS_STREAM;
+        let from = br#""finish_reason":"tool_calls""#;
+        let at = fx::find(recorded, from);
+        let mut stop = recorded[..at].to_vec();
+        stop.extend_from_slice(br#""finish_reason":"stop""#);
+        stop.extend_from_slice(&recorded[at + from.len()..]);
+        for input in [recorded, &stop[..]] {
+            let (evs, c) = translate(input);
+            assert!(c.complete && !c.upstream_error);
+            let starts: Vec<&Value> = evs
+                .iter()
+                .filter(|(n, _)| n == "content_block_start")
+                .map(|(_, v)| &v["content_block"])
+                .collect();
+            assert_eq!(starts.len(), 2);
+            assert!(starts.iter().all(|b| b["type"] == "tool_use"));
+            assert_eq!(starts[0]["name"], "GetWeatherArgs");
+            assert_eq!(starts[1]["name"], "get_stock_price");
+            let n = names(&evs);
+            assert_eq!(&n[n.len() - 2..], ["message_delta", "message_stop"]);
+            let delta = &evs[evs.len() - 2].1;
+            assert_eq!(delta["delta"]["stop_reason"], "tool_use");
+            assert_eq!(delta["usage"]["input_tokens"], 149);
+            assert_eq!(delta["usage"]["output_tokens"], 60);
+        }
     }
 
     #[test]

@@ -192,6 +192,8 @@ pub struct Ctx {
     client_gone: bool,
     /// The audit row, once written ahead of the response's last bytes.
     sealed: Option<Box<AuditRow>>,
+    /// Keeps a stopping process alive until this request is over (`inflight.rs`).
+    _in_flight: Option<crate::inflight::InFlight>,
 }
 
 #[async_trait]
@@ -209,6 +211,7 @@ impl ProxyHttp for Gateway {
 
     /// The whole request is served here; Pingora's own upstream phases never run.
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        ctx._in_flight = Some(crate::inflight::InFlight::enter());
         self.handle(session, ctx).await;
         Ok(true)
     }

@@ -418,6 +418,25 @@ def test_anthropic_tools_on_openai_model(gw, mock, stream):
     assert rec["model"] == "gpt-4o-mini-2024-07-18"
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["non-stream", "stream"])
+def test_required_tool_choice_on_openai_model_stops_for_tool_use(gw, mock, stream):
+    """`tool_choice: any` goes upstream as OpenAI `required`, which gpt-4o-mini answers with
+    tool calls under `finish_reason: "stop"` (so does the mock): the client must still get
+    `stop_reason: "tool_use"`, or its tool loop ends early."""
+    c = ant(gw)
+    kw = dict(model="gpt-4o-mini", max_tokens=200, tools=TOOLS_ANTHROPIC, tool_choice={"type": "any"},
+              messages=user("Weather in Kyiv? [[mock: tool=*]]"))
+    if stream:
+        with c.messages.stream(**kw) as s:
+            m = s.get_final_message()
+    else:
+        m = c.messages.create(**kw)
+    assert [b.type for b in m.content] == ["tool_use"]
+    assert m.content[0].input == MOCK_TOOL_ARGS
+    assert m.stop_reason == "tool_use"
+    assert mock.only_request()["path"] == "/v1/chat/completions"
+
+
 def test_anthropic_tool_round_trip_on_openai_model(gw, mock):
     c = ant(gw)
     q = "Weather in Lima? [[mock: tool=*]]"
