@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import http.server
 import json
+import re
 import signal
 import socket
 import struct
@@ -827,3 +828,30 @@ def test_a_4mib_body_fails_over_whole(gw, mock, trigger, first, extra, stream):
         [first_try] = [q for q in mock.requests() if q["path"] == OPENAI_PATH]
         assert sent - 1000 <= first_try["body_len"] <= sent + 1000, (sent, first_try["body_len"])
     assert_audit(gw, rid, status=200, attempts=2, fallback_used=1, model="llama-70b")
+
+
+def _attempts_metric(gw) -> dict[tuple[str, str], float]:
+    text = httpx.get(gw.admin_url + "/metrics", timeout=5).text
+    return {(m[1], m[2]): float(m[3]) for m in re.finditer(
+        r'^llmgw_upstream_attempts_total\{provider="([^"]+)",result="([^"]+)"\} (\S+)$', text, re.M)}
+
+
+def test_every_attempt_is_counted_also_the_ones_a_fallback_rescued(gw, mock):
+    """`llmgw_upstream_attempts_total` shows a primary failing behind a working fallback
+    (the request itself succeeded, so `llmgw_upstream_failures_total` does not)."""
+    dead_provider = gw.config["models"]["dead-model"]["provider"]
+    before = _attempts_metric(gw)
+    _, h = rid_headers(fail_first_once())
+    r = post_chat(gw, chat_body("count my attempts [[mock: tokens=3]]", model="gpt-4o-mini"), key=FO, headers=h)
+    assert r.status_code == 200, r.text
+    _, h = rid_headers()
+    r = post_chat(gw, chat_body("count my attempts [[mock: tokens=3]]", model="dead-model"), key=FO, headers=h)
+    assert r.status_code == 200, r.text
+    after = _attempts_metric(gw)
+
+    def delta(provider, result):
+        return after.get((provider, result), 0) - before.get((provider, result), 0)
+
+    assert delta("openai", "status_5xx") == 1, after
+    assert delta(dead_provider, "connect") == 1, after
+    assert delta("inhouse", "ok") == 2, after
