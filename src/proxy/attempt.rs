@@ -38,7 +38,7 @@ pub(super) struct Attempted {
 }
 
 impl Attempted {
-    fn failed(report: AttemptReport, error: GatewayError, result: AttemptResult) -> Self {
+    pub fn failed(report: AttemptReport, error: GatewayError, result: AttemptResult) -> Self {
         Attempted {
             report: report.failed(error, result),
             tail: None,

@@ -207,105 +207,69 @@ impl Shared {
         report.upstream_status = 200;
         let Some(answer) = answer else {
             let e = GatewayError::new(ErrorKind::Internal, "a cache entry without its origin");
-            return Attempted {
-                report: report.failed(e, AttemptResult::BadResponse),
-                tail: None,
-            };
+            return Attempted::failed(report, e, AttemptResult::BadResponse);
         };
         let content_type = meta.response_header().headers.get("content-type").cloned();
-        let broken = || {
-            GatewayError::new(
-                ErrorKind::BadUpstreamResponse,
-                "the answer this request was reading from the cache broke off",
-            )
-        };
         if !plan.req.stream {
             // A non-stream answer goes out whole, so a fill that breaks costs nothing.
             let mut body = BytesMut::new();
             loop {
-                let read = tokio::select! {
-                    r = hit.read_body() => r,
-                    _ = client.gone() => return gone(report),
-                };
-                match read {
+                match next_piece(client, &mut hit).await {
                     Ok(Some(b)) => body.extend_from_slice(&b),
                     Ok(None) => break,
-                    Err(_) => {
-                        return Attempted {
-                            report: report.failed(broken(), AttemptResult::BadResponse),
-                            tail: None,
-                        }
+                    Err(None) => return gone(report),
+                    Err(Some(e)) => {
+                        return Attempted::failed(report, e, AttemptResult::BadResponse)
                     }
                 }
             }
-            let header =
-                respond::stored_header(plan, &answer, content_type, Some(body.len()), 0, false);
-            let Ok(header) = header else {
-                let e = GatewayError::new(ErrorKind::Internal, "cannot build the response");
-                return Attempted {
-                    report: report.failed(e, AttemptResult::BadResponse),
-                    tail: None,
-                };
+            let Ok(header) =
+                respond::stored_header(plan, &answer, content_type, Some(body.len()), 0, false)
+            else {
+                return unbuildable(report);
             };
             report.ended = Ended::Delivered;
             report.client_status = 200;
             report.completion = answer.completion().unwrap_or_default();
             report.first_byte = Some(Instant::now());
+            let tail = Tail {
+                header: Some(header),
+                body: body.freeze(),
+            };
             return Attempted {
                 report,
-                tail: Some(Tail {
-                    header: Some(header),
-                    body: body.freeze(),
-                }),
+                tail: Some(tail),
             };
         }
-        let first = tokio::select! {
-            r = hit.read_body() => r,
-            _ = client.gone() => return gone(report),
-        };
-        let first = match first {
+        let first = match next_piece(client, &mut hit).await {
             Ok(b) => b.unwrap_or_default(),
-            Err(_) => {
-                return Attempted {
-                    report: report.failed(broken(), AttemptResult::BadResponse),
-                    tail: None,
-                }
-            }
+            Err(None) => return gone(report),
+            Err(Some(e)) => return Attempted::failed(report, e, AttemptResult::BadResponse),
         };
         let Ok(header) = respond::stored_header(plan, &answer, content_type, None, 0, false) else {
-            let e = GatewayError::new(ErrorKind::Internal, "cannot build the response");
-            return Attempted {
-                report: report.failed(e, AttemptResult::BadResponse),
-                tail: None,
-            };
+            return unbuildable(report);
         };
         report.ended = Ended::Delivered;
         report.client_status = 200;
-        if !client
-            .send(vec![
-                HttpTask::Header(header, false),
-                HttpTask::Body(Some(first), false),
-            ])
-            .await
-        {
+        report.first_byte = Some(Instant::now());
+        let first = vec![
+            HttpTask::Header(header, false),
+            HttpTask::Body(Some(first), false),
+        ];
+        if !client.send(first).await {
             return gone(report);
         }
-        report.first_byte = Some(Instant::now());
         let mut tail = Bytes::new();
         loop {
-            let read = tokio::select! {
-                r = hit.read_body() => r,
-                _ = client.gone() => return gone(report),
-            };
-            match read {
+            match next_piece(client, &mut hit).await {
                 Ok(Some(b)) => {
                     if !client.send(vec![HttpTask::Body(Some(b), false)]).await {
                         return gone(report);
                     }
                 }
                 Ok(None) => break,
-                Err(_) => {
-                    let e = broken();
+                Err(None) => return gone(report),
+                Err(Some(e)) => {
                     tail = e.sse_event(plan.req.format);
                     report.error = Some(e);
                     report.error_event_sent = true;
@@ -377,4 +341,24 @@ fn gone(mut report: AttemptReport) -> Attempted {
     report.ended = Ended::ClientGone;
     report.result = AttemptResult::Cancelled;
     Attempted { report, tail: None }
+}
+
+/// The next piece of a hit's body; `Err(None)` when the client left meanwhile,
+/// `Err(Some(..))` when the fill being followed broke off.
+async fn next_piece<C: Client + ?Sized>(
+    client: &mut C,
+    hit: &mut HitHandler,
+) -> Result<Option<Bytes>, Option<GatewayError>> {
+    tokio::select! {
+        r = hit.read_body() => r.map_err(|_| Some(GatewayError::new(
+            ErrorKind::BadUpstreamResponse,
+            "the answer this request was reading from the cache broke off",
+        ))),
+        _ = client.gone() => Err(None),
+    }
+}
+
+fn unbuildable(report: AttemptReport) -> Attempted {
+    let e = GatewayError::new(ErrorKind::Internal, "cannot build the response");
+    Attempted::failed(report, e, AttemptResult::BadResponse)
 }

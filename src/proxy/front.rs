@@ -374,7 +374,12 @@ impl Gateway {
 
 /// What the chain did, into the row: attempts, the model that served (or was tried
 /// last), its usage and cost, and the error it ended with.
-pub(super) fn outcome_into_row(row: &mut AuditRow, plan: &Plan, outcome: &ChainOutcome, node_region: &str) {
+pub(super) fn outcome_into_row(
+    row: &mut AuditRow,
+    plan: &Plan,
+    outcome: &ChainOutcome,
+    node_region: &str,
+) {
     row.attempts = outcome.upstream_attempts();
     let Some(a) = outcome.last() else {
         return;

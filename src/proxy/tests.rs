@@ -79,7 +79,8 @@ async fn serve(mut sock: TcpStream, acts: &[Act], seen: &AtomicUsize) {
             "data: {{\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"up\",\"choices\":[{{\"index\":0,\"delta\":{delta},\"finish_reason\":{finish}}}]}}\n\n"
         )
     };
-    let sse_head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n";
+    let sse_head =
+        "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n";
     match act {
         Act::Ok { delay_ms } => {
             tokio::time::sleep(Duration::from_millis(delay_ms)).await;
@@ -100,7 +101,9 @@ async fn serve(mut sock: TcpStream, acts: &[Act], seen: &AtomicUsize) {
                 }
             } else {
                 let b = r#"{"id":"c1","object":"chat.completion","created":1,"model":"up","choices":[{"index":0,"message":{"role":"assistant","content":"Hello world"},"finish_reason":"stop"}],"usage":{"prompt_tokens":7,"completion_tokens":2,"total_tokens":9}}"#;
-                let _ = sock.write_all(response(200, "application/json", &[], b).as_bytes()).await;
+                let _ = sock
+                    .write_all(response(200, "application/json", &[], b).as_bytes())
+                    .await;
             }
         }
         Act::Status(code, retry) => {
@@ -108,7 +111,9 @@ async fn serve(mut sock: TcpStream, acts: &[Act], seen: &AtomicUsize) {
                 .map(|s| vec![("retry-after".to_string(), s.to_string())])
                 .unwrap_or_default();
             let b = r#"{"error":{"message":"try later","type":"server_error"}}"#;
-            let _ = sock.write_all(response(code, "application/json", &extra, b).as_bytes()).await;
+            let _ = sock
+                .write_all(response(code, "application/json", &extra, b).as_bytes())
+                .await;
         }
         Act::Stall => {
             tokio::time::sleep(Duration::from_secs(30)).await;
@@ -227,9 +232,8 @@ impl Recorder {
 
 /// A gateway whose models m1..mN are served by `addrs`, tried in that order.
 fn gateway(addrs: &[SocketAddr]) -> (Arc<Shared>, Vec<Arc<Model>>, tempdir::Dir) {
-    let mut yaml = String::from(
-        "node: { region: r1 }\nlisten: { http: 127.0.0.1:18080 }\nproviders:\n",
-    );
+    let mut yaml =
+        String::from("node: { region: r1 }\nlisten: { http: 127.0.0.1:18080 }\nproviders:\n");
     for (i, a) in addrs.iter().enumerate() {
         yaml += &format!(
             "  p{i}: {{ kind: openai_compatible, base_url: \"http://{a}\", region: r1, timeouts: {{ connect_ms: 500, first_token_ms: 400, idle_ms: 2000, total_ms: 5000 }} }}\n"
@@ -250,7 +254,10 @@ fn gateway(addrs: &[SocketAddr]) -> (Arc<Shared>, Vec<Arc<Model>>, tempdir::Dir)
     let dir = tempdir::Dir::new();
     yaml += &format!("audit: {{ spool_dir: \"{}\" }}\n", dir.path());
     let cfg = Arc::new(Config::from_yaml_str(&yaml).expect("valid config"));
-    let models = names.iter().map(|n| cfg.model(n).expect("model").clone()).collect();
+    let models = names
+        .iter()
+        .map(|n| cfg.model(n).expect("model").clone())
+        .collect();
     let metrics = Metrics::new().expect("metrics");
     let (audit, _service) =
         crate::audit::AuditLog::new(&cfg.audit, metrics.audit.clone()).expect("audit log");
@@ -264,10 +271,8 @@ mod tempdir {
         pub fn new() -> Dir {
             static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
             let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            let p = std::env::temp_dir().join(format!(
-                "llmgw-proxy-test-{}-{n}",
-                std::process::id()
-            ));
+            let p =
+                std::env::temp_dir().join(format!("llmgw-proxy-test-{}-{n}", std::process::id()));
             std::fs::create_dir_all(&p).expect("temp dir");
             Dir(p)
         }
@@ -313,11 +318,7 @@ fn row_of(plan: &Plan, outcome: &ChainOutcome) -> AuditRow {
     row
 }
 
-async fn run(
-    gw: &Shared,
-    models: &[Arc<Model>],
-    stream: bool,
-) -> (ChainOutcome, Recorder, Plan) {
+async fn run(gw: &Shared, models: &[Arc<Model>], stream: bool) -> (ChainOutcome, Recorder, Plan) {
     let (plan, req) = plan(models, stream, None);
     let mut client = Recorder::default();
     let outcome = gw.run_chain(&mut client, &plan, req).await;
@@ -335,7 +336,15 @@ async fn a_healthy_first_choice_answers_in_one_attempt() {
         assert_eq!(a.result, AttemptResult::Ok);
         assert!(a.completion.complete && a.error.is_none(), "{a:?}");
         let row = row_of(&plan, &outcome);
-        assert_eq!((row.attempts, row.fallback_used, row.tokens_in, row.tokens_out), (1, 0, 7, 2));
+        assert_eq!(
+            (
+                row.attempts,
+                row.fallback_used,
+                row.tokens_in,
+                row.tokens_out
+            ),
+            (1, 0, 7, 2)
+        );
         assert_eq!(row.model, "m0");
         assert!(row.error_code.is_empty() && row.cost_nanousd > 0, "{row:?}");
         let (status, body) = client.finish(&mut outcome);
@@ -355,7 +364,11 @@ async fn every_failure_before_the_first_byte_fails_over() {
     let addrs = [refused, unavailable.addr, stalled.addr, good.addr];
     let (gw, models, _d) = gateway(&addrs);
     let (mut outcome, client, plan) = run(&gw, &models, true).await;
-    let results: Vec<_> = outcome.attempts.iter().map(|a| (a.ended, a.result)).collect();
+    let results: Vec<_> = outcome
+        .attempts
+        .iter()
+        .map(|a| (a.ended, a.result))
+        .collect();
     assert_eq!(
         results,
         vec![
@@ -380,7 +393,10 @@ async fn every_failure_before_the_first_byte_fails_over() {
     let (gw, models, _d) = gateway(&[garbage.addr, good.addr]);
     let (outcome, _client, _plan) = run(&gw, &models, false).await;
     assert_eq!(outcome.attempts[0].result, AttemptResult::BadResponse);
-    assert_eq!(outcome.delivered().map(|a| a.model.name.as_str()), Some("m1"));
+    assert_eq!(
+        outcome.delivered().map(|a| a.model.name.as_str()),
+        Some("m1")
+    );
 }
 
 #[tokio::test]
@@ -403,7 +419,11 @@ async fn a_stream_cut_after_its_first_byte_ends_with_one_error_event_and_no_fail
     let good = fake(vec![Act::Ok { delay_ms: 0 }]).await;
     let (gw, models, _d) = gateway(&[cut.addr, good.addr]);
     let (mut outcome, client, plan) = run(&gw, &models, true).await;
-    assert_eq!(outcome.upstream_attempts(), 1, "no failover once the client has bytes");
+    assert_eq!(
+        outcome.upstream_attempts(),
+        1,
+        "no failover once the client has bytes"
+    );
     let a = outcome.delivered().expect("delivered").clone();
     assert!(a.error_event_sent && !a.completion.complete, "{a:?}");
     assert_eq!(good.requests.load(Ordering::SeqCst), 0);
@@ -412,7 +432,11 @@ async fn a_stream_cut_after_its_first_byte_ends_with_one_error_event_and_no_fail
     assert!(row.tokens_out > 0, "the produced part is billed: {row:?}");
     let (_, body) = client.finish(&mut outcome);
     assert!(body.contains("Hel"), "{body}");
-    assert_eq!(body.matches("\"error\"").count(), 1, "exactly one error event: {body}");
+    assert_eq!(
+        body.matches("\"error\"").count(),
+        1,
+        "exactly one error event: {body}"
+    );
     assert!(!body.contains("[DONE]"), "never a clean end: {body}");
 }
 
@@ -431,11 +455,18 @@ async fn retry_after_of_every_failure_is_merged_to_the_longest() {
     let results: Vec<_> = outcome.attempts.iter().map(|a| a.result).collect();
     assert_eq!(
         results,
-        [AttemptResult::Status429, AttemptResult::Status5xx, AttemptResult::Status5xx]
+        [
+            AttemptResult::Status429,
+            AttemptResult::Status5xx,
+            AttemptResult::Status5xx
+        ]
     );
     assert!(client.tasks.is_empty(), "nothing reached the client");
     let row = row_of(&plan, &outcome);
-    assert_eq!((row.attempts, row.error_code.as_str()), (3, "upstream_unavailable"));
+    assert_eq!(
+        (row.attempts, row.error_code.as_str()),
+        (3, "upstream_unavailable")
+    );
     assert_eq!(row.model, "m2", "the last model tried");
     assert_eq!(row.cost_nanousd, 0);
 }
@@ -453,7 +484,10 @@ async fn a_client_that_leaves_mid_stream_is_reported_with_what_it_used() {
     let outcome = gw.run_chain(&mut client, &plan, req).await;
     assert!(outcome.client_gone());
     let a = outcome.last().expect("one attempt");
-    assert_eq!((a.ended, a.result), (Ended::ClientGone, AttemptResult::Cancelled));
+    assert_eq!(
+        (a.ended, a.result),
+        (Ended::ClientGone, AttemptResult::Cancelled)
+    );
     assert_eq!(a.client_status, 200);
     assert!(a.first_byte.is_some());
     assert!(a.completion.content_bytes > 0);
