@@ -12,7 +12,7 @@
 //! audit row is written before them (`front.rs`).
 
 use super::client::Client;
-use super::report::{AttemptReport, Ended, Tail};
+use super::report::{AttemptReport, Attempted, Ended, Tail};
 use super::{cache::FillSlot, respond, upstream, Plan, Shared};
 use crate::config::Model;
 use crate::error::{ErrorKind, GatewayError};
@@ -30,21 +30,6 @@ use tokio::time::timeout_at;
 
 /// The most of a provider's own error answer (a 4xx) that is read to re-render it.
 const ERROR_BODY_CAP: usize = 1 << 20;
-
-/// What an attempt hands back: its report and, when it delivered, the answer's end.
-pub(super) struct Attempted {
-    pub report: AttemptReport,
-    pub tail: Option<Tail>,
-}
-
-impl Attempted {
-    pub fn failed(report: AttemptReport, error: GatewayError, result: AttemptResult) -> Self {
-        Attempted {
-            report: report.failed(error, result),
-            tail: None,
-        }
-    }
-}
 
 /// The answer so far, while it is held back.
 struct Held {

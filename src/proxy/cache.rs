@@ -13,9 +13,8 @@
 //! and usage of the original call. When every provider of the chain failed, the front
 //! serves a stored answer past its TTL instead of the error ([`Shared::serve_stale`]).
 
-use super::attempt::Attempted;
 use super::client::Client;
-use super::report::{AttemptReport, Ended, Tail};
+use super::report::{AttemptReport, Attempted, Ended, Tail};
 use super::{respond, Plan, Shared};
 use crate::cache::{Answer, Store, Stored};
 use crate::config::Model;

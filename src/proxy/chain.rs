@@ -5,10 +5,9 @@
 //! costs the client only time. Circuits are consulted before and updated after each
 //! attempt, from its report; the retry budget bounds how many requests fail over at once.
 
-use super::attempt::Attempted;
 use super::cache::Begin;
 use super::client::Client;
-use super::report::{ChainOutcome, Ended};
+use super::report::{Attempted, ChainOutcome, Ended};
 use super::{Plan, Shared};
 use crate::error::{ErrorKind, Fault, GatewayError};
 use crate::providers::ClientRequest;

@@ -105,6 +105,21 @@ impl AttemptReport {
     }
 }
 
+/// What an attempt hands back: its report and, when it delivered, the answer's end.
+pub(super) struct Attempted {
+    pub report: AttemptReport,
+    pub tail: Option<Tail>,
+}
+
+impl Attempted {
+    pub fn failed(report: AttemptReport, error: GatewayError, result: AttemptResult) -> Self {
+        Attempted {
+            report: report.failed(error, result),
+            tail: None,
+        }
+    }
+}
+
 /// The last bytes of a delivered answer, written only after the audit row is sealed,
 /// so that a client holding its whole answer always has its row.
 #[derive(Debug, Default)]
