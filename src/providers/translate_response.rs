@@ -55,9 +55,11 @@ pub fn stop_reason(finish_reason: &str) -> &'static str {
 /// tool loop on `stop_reason == "tool_use"`, but OpenAI does not always say
 /// `tool_calls` when it calls tools: gpt-4o-mini answers `tool_choice: "required"`
 /// with `finish_reason: "stop"` (tests/fixtures/wire/openai-tools-cached.json). So a
-/// message that carries `tool_use` blocks always stops for `tool_use`.
+/// message that carries `tool_use` blocks stops for `tool_use`, unless it was cut
+/// at its token limit (`length`): then a tool call may be truncated, and Anthropic
+/// itself says `max_tokens` so the client does not run it.
 pub fn message_stop_reason(finish_reason: &str, has_tool_use: bool) -> &'static str {
-    if has_tool_use {
+    if has_tool_use && finish_reason != "length" {
         "tool_use"
     } else {
         stop_reason(finish_reason)
@@ -452,6 +454,8 @@ mod tests {
         assert_eq!(parse(&out)["stop_reason"], "end_turn");
         assert_eq!(message_stop_reason("length", false), "max_tokens");
         assert_eq!(message_stop_reason("stop", true), "tool_use");
+        // Cut at the token limit, a tool call may be truncated: not one to run.
+        assert_eq!(message_stop_reason("length", true), "max_tokens");
     }
 
     #[test]
