@@ -106,7 +106,9 @@ impl Shared {
             total
         };
         let deadlines = Deadlines { first, total };
-        let hold = self.hold(plan, model, &peer, up, translator);
+        // Boxed: connecting and reading up to the first byte takes Pingora's connector
+        // futures, which a stream relaying for minutes must not keep allocated.
+        let hold = Box::pin(self.hold(plan, model, &peer, up, translator));
         let held = tokio::select! {
             biased;
             r = timeout_at(deadlines.first.into(), hold) => match r {
@@ -366,6 +368,8 @@ impl Shared {
         } else if let Some(slot) = fill.take() {
             slot.give_up();
         }
+        // The client's header is built: a long stream need not keep the provider's.
+        drop(up_header);
         if ended {
             // Whole already (every non-stream, and short streams): one write, after
             // the audit row.

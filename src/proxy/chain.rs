@@ -24,7 +24,8 @@ impl Shared {
     ) -> ChainOutcome {
         let mut out = ChainOutcome::default();
         let mut fill = None;
-        match self.cache_begin(client, plan).await {
+        // Boxed, like the attempt's connect phase: a miss is done with it at once.
+        match Box::pin(self.cache_begin(client, plan)).await {
             Begin::Hit(served) => {
                 let ended = served.report.ended;
                 out.attempts.push(served.report);

@@ -131,7 +131,9 @@ impl Gateway {
         self.limits
             .precheck(&tenant, &api_key)
             .map_err(|r| refusal_error(r, ctx))?;
-        let body = read_body(session, cfg.max_body_bytes).await?;
+        // The transient steps are boxed: a future's memory is what its largest step
+        // touched, and a stream relays for minutes after these are done.
+        let body = Box::pin(read_body(session, cfg.max_body_bytes)).await?;
         let prompt_bytes = body.len();
         let mut req = ClientRequest::parse(endpoint.format(), &body)?;
         drop(body);
@@ -161,11 +163,13 @@ impl Gateway {
             override_header,
         )?;
         providers::check_max_tokens(&req, chain.first())?;
-        let ticket = self
-            .limits
-            .admit(&tenant, &api_key, demand(&req, &chain, prompt_bytes))
-            .await
-            .map_err(|r| refusal_error(r, ctx))?;
+        let ticket = Box::pin(self.limits.admit(
+            &tenant,
+            &api_key,
+            demand(&req, &chain, prompt_bytes),
+        ))
+        .await
+        .map_err(|r| refusal_error(r, ctx))?;
         ctx.rate_headers = Some(ticket.headers.clone());
         let rate_headers = ticket.headers.clone();
         ctx.ticket = Some(ticket);
