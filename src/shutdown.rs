@@ -6,8 +6,9 @@
 //! runtimes: `Server::run` has no hook to end that sleep early, and its
 //! `ShutdownSignalWatch` only picks the kind of shutdown. So an idle gateway took
 //! the whole grace period (30 s by default) to stop. This background service waits
-//! for the same broadcast, then for the last request in flight ([`crate::inflight`])
-//! and for the audit rows to be on disk, and exits the process itself; when
+//! for the same broadcast, then for the last request in flight ([`crate::inflight`]),
+//! for the audit rows to be on disk and for the ClickHouse shipper to catch up, and
+//! exits the process itself; when
 //! requests still run at the end of the grace period it does nothing, and Pingora
 //! stops them as before.
 
@@ -46,6 +47,11 @@ impl BackgroundService for ExitWhenIdle {
             return;
         }
         self.audit.flush(deadline).await;
+        // Rows held back for a full batch or `flush_ms` ship on the way out, as they did
+        // when the process waited out the grace period.
+        if !self.audit.wait_shipped(deadline).await {
+            log::warn!("shutdown: audit rows left unshipped; they ship at the next start");
+        }
         log::info!("shutdown: no request in flight and the audit rows written; exiting");
         // Pingora's own end (`run_forever`) is `process::exit(0)` too, after the runtimes
         // stopped; nothing here needs their destructors.

@@ -110,6 +110,33 @@ pub struct Shared {
     /// Latest start ms given to each recently seen client-chosen request id (hashed).
     recent_ids: Mutex<RecentIds>,
     metrics: AuditMetrics,
+    /// Whether this process has anything left to ship while stopping
+    /// ([`Shipped`]); the early exit on SIGTERM waits for it (`crate::shutdown`).
+    shipped: tokio::sync::watch::Sender<Shipped>,
+}
+
+/// A stopping shipper's progress.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Shipped {
+    /// Rows may be waiting.
+    Pending,
+    /// The shipper found the spool shipped, as of its last look.
+    CaughtUp,
+    /// Nothing will ever ship from this process: no ClickHouse, or another process
+    /// (an upgrade's new one) holds the spool.
+    Never,
+}
+
+impl Shared {
+    pub(crate) fn mark_shipped(&self, state: Shipped) {
+        self.shipped.send_if_modified(|s| {
+            let change = *s != Shipped::Never && *s != state;
+            if change {
+                *s = state;
+            }
+            change
+        });
+    }
 }
 
 /// The request path's handle.
@@ -163,6 +190,11 @@ impl AuditLog {
             closing: AtomicBool::new(false),
             recent_ids: Mutex::new(RecentIds::default()),
             metrics: metrics.clone(),
+            shipped: tokio::sync::watch::Sender::new(if conf.clickhouse.is_none() {
+                Shipped::Never
+            } else {
+                Shipped::Pending
+            }),
         });
         let wake = Arc::new(Notify::new());
         let shipper = conf.clickhouse.as_ref().map(|ch| shipper::ChShipper {
@@ -285,6 +317,21 @@ impl AuditLog {
         }
         write_lines(&self.shared, &line);
         false
+    }
+
+    /// Returns once a stopping shipper has shipped everything in the spool (at once
+    /// without ClickHouse, or when another process ships), or at `deadline`; what is
+    /// left then ships at the next start.
+    /// Call it after [`AuditLog::flush`]: an earlier "caught up" may predate the last
+    /// rows, so the shipper is asked to look again (it does every 250 ms).
+    pub async fn wait_shipped(&self, deadline: std::time::Instant) -> bool {
+        self.shared.mark_shipped(Shipped::Pending);
+        let mut rx = self.shared.shipped.subscribe();
+        let deadline = tokio::time::Instant::from_std(deadline);
+        let done = tokio::time::timeout_at(deadline, rx.wait_for(|s| *s != Shipped::Pending))
+            .await
+            .is_ok_and(|r| r.is_ok());
+        done
     }
 
     /// Sets the audit gauges (read at scrape time).

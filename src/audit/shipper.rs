@@ -76,10 +76,17 @@ impl ChShipper {
                 }
                 _ => {}
             }
+            if *shutdown.borrow() {
+                // Stopping, but the spool may hold rows of ours: the process holding the
+                // lock (an upgrade's old one) is about to end, so keep trying until the
+                // process itself ends (`crate::shutdown` bounds that by the grace period).
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                 changed = shutdown.changed() => {
-                    if changed.is_err() || *shutdown.borrow() {
+                    if changed.is_err() {
                         return None;
                     }
                 }
@@ -89,6 +96,8 @@ impl ChShipper {
 
     pub async fn run(mut self, mut shutdown: ShutdownWatch) {
         let Some(_lock) = self.lock(&mut shutdown).await else {
+            // The server is gone: nothing can ship from here.
+            self.shared.mark_shipped(super::Shipped::Never);
             return;
         };
         let dir = self.dir.clone();
@@ -137,6 +146,10 @@ impl ChShipper {
                 Ordering::Relaxed,
             );
             if !b.moves(reader.cursor()) {
+                if stopping {
+                    // Caught up with the spool: the process may end.
+                    self.shared.mark_shipped(super::Shipped::CaughtUp);
+                }
                 pending_since = None;
                 self.idle(&mut shutdown, POLL).await;
                 continue;
