@@ -348,15 +348,26 @@ pub enum ProviderKind {
     OpenAi,
     Anthropic,
     OpenAiCompatible,
+    /// Azure OpenAI: OpenAI's chat wire format at a per-deployment path with an
+    /// `api-version` query and an `api-key` header.
+    AzureOpenAi,
 }
 
 impl ProviderKind {
+    /// Speaks OpenAI's own API (OpenAI or Azure OpenAI), so takes what only it knows,
+    /// such as `max_completion_tokens`, which reasoning models require and some
+    /// OpenAI-compatible servers refuse.
+    pub fn openai_native(self) -> bool {
+        matches!(self, ProviderKind::OpenAi | ProviderKind::AzureOpenAi)
+    }
+
     /// The spelling used in the file, so messages match what the operator wrote.
     pub fn as_str(&self) -> &'static str {
         match self {
             ProviderKind::OpenAi => "openai",
             ProviderKind::Anthropic => "anthropic",
             ProviderKind::OpenAiCompatible => "openai_compatible",
+            ProviderKind::AzureOpenAi => "azure_openai",
         }
     }
 }
@@ -373,6 +384,9 @@ pub struct Provider {
     pub kind: ProviderKind,
     pub base_url: BaseUrl,
     pub api_key: Option<String>,
+    /// Azure's `api-version` (`Some` exactly for `azure_openai`): Azure refuses a
+    /// request without one, and which one is the operator's choice of API surface.
+    pub api_version: Option<String>,
     pub region: String,
     pub timeouts: Timeouts,
     /// `http2: auto` (the default): offer `h2` and `http/1.1` by ALPN to a TLS upstream

@@ -96,6 +96,7 @@ pub(super) enum RawKind {
     OpenAi,
     Anthropic,
     OpenAiCompatible,
+    AzureOpenAi,
 }
 
 impl TryFrom<String> for RawKind {
@@ -107,6 +108,7 @@ impl TryFrom<String> for RawKind {
                 ("openai", RawKind::OpenAi),
                 ("anthropic", RawKind::Anthropic),
                 ("openai_compatible", RawKind::OpenAiCompatible),
+                ("azure_openai", RawKind::AzureOpenAi),
             ],
         )
     }
@@ -129,6 +131,8 @@ pub(super) struct RawProvider {
     pub kind: RawKind,
     pub base_url: String,
     pub api_key_env: Option<String>,
+    /// Azure OpenAI's `api-version` query parameter; only that kind takes one.
+    pub api_version: Option<String>,
     pub region: String,
     pub timeouts: Option<RawTimeouts>,
     /// Absent: `auto`.

@@ -518,3 +518,60 @@ fn config_is_send_and_sync() {
     check::<Config>();
     check::<ConfigErrors>();
 }
+
+#[test]
+fn azure_openai_provider() {
+    set_env("CFGT_AZURE_KEY", "azure-secret");
+    let yaml = minimal().replace(
+        "kind: openai_compatible, base_url: \"http://127.0.0.1:9\",",
+        "kind: azure_openai, base_url: \"https://my-resource.openai.azure.com\", \
+         api_version: \"2024-10-21\", api_key_env: CFGT_AZURE_KEY,",
+    );
+    let cfg = match Config::from_yaml_str(&yaml) {
+        Ok(c) => c,
+        Err(e) => panic!("azure provider refused:\n{e}"),
+    };
+    let p = &cfg.providers[0];
+    assert_eq!(p.kind, ProviderKind::AzureOpenAi);
+    assert_eq!(p.kind.as_str(), "azure_openai");
+    assert_eq!(p.api_version.as_deref(), Some("2024-10-21"));
+    assert_eq!(p.api_key.as_deref(), Some("azure-secret"));
+    assert_eq!(p.base_url.host, "my-resource.openai.azure.com");
+}
+
+#[test]
+fn azure_openai_api_version_errors() {
+    set_env("CFGT_AZURE_KEY2", "azure-secret");
+    let azure = |extra: &str| {
+        minimal().replace(
+            "kind: openai_compatible,",
+            &format!("kind: azure_openai, api_key_env: CFGT_AZURE_KEY2,{extra}"),
+        )
+    };
+    assert_error(&azure(""), "providers.p1.api_version", "needs api_version");
+    assert_error(
+        &azure(" api_version: \"2024-10-21&x=1\","),
+        "providers.p1.api_version",
+        "must be an Azure OpenAI API version",
+    );
+    assert_error(
+        &azure(" api_version: \"\","),
+        "providers.p1.api_version",
+        "must be an Azure OpenAI API version",
+    );
+    // The key is required as for openai: Azure refuses requests without `api-key`.
+    let yaml = minimal().replace(
+        "kind: openai_compatible,",
+        "kind: azure_openai, api_version: \"2024-10-21\",",
+    );
+    assert_error(&yaml, "providers.p1.api_key_env", "needs api_key_env");
+    let yaml = minimal().replace(
+        "kind: openai_compatible,",
+        "kind: openai_compatible, api_version: \"2024-10-21\",",
+    );
+    assert_error(
+        &yaml,
+        "providers.p1.api_version",
+        "only a provider of kind azure_openai",
+    );
+}

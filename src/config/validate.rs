@@ -136,6 +136,41 @@ fn build_provider(name: &str, raw: RawProvider, at: &str, report: &mut Report) -
         RawKind::OpenAi => ProviderKind::OpenAi,
         RawKind::Anthropic => ProviderKind::Anthropic,
         RawKind::OpenAiCompatible => ProviderKind::OpenAiCompatible,
+        RawKind::AzureOpenAi => ProviderKind::AzureOpenAi,
+    };
+    let api_version = match (raw.api_version, kind) {
+        (Some(v), ProviderKind::AzureOpenAi) => {
+            let v = v.trim().to_string();
+            // It goes into the query string as is: only what Azure's versions use.
+            let usable = !v.is_empty()
+                && v.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+            if !usable {
+                err(
+                    report,
+                    "api_version",
+                    "must be an Azure OpenAI API version such as \"2024-10-21\"".into(),
+                );
+            }
+            Some(v)
+        }
+        (None, ProviderKind::AzureOpenAi) => {
+            err(
+                report,
+                "api_version",
+                "a provider of kind azure_openai needs api_version, e.g. \"2024-10-21\"".into(),
+            );
+            None
+        }
+        (Some(_), _) => {
+            err(
+                report,
+                "api_version",
+                format!("only a provider of kind azure_openai takes api_version, not {kind}"),
+            );
+            None
+        }
+        (None, _) => None,
     };
     let url = base_url(&raw.base_url)
         .map_err(|e| err(report, "base_url", e))
@@ -198,6 +233,7 @@ fn build_provider(name: &str, raw: RawProvider, at: &str, report: &mut Report) -
         kind,
         base_url: url,
         api_key,
+        api_version,
         region,
         timeouts,
         http2: raw.http2.unwrap_or(RawHttp2::Auto) == RawHttp2::Auto,

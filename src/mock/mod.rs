@@ -10,6 +10,9 @@
 //! Endpoints (matched on the path suffix, so `/inhouse/v1/chat/completions` works):
 //! - `POST …/v1/chat/completions` — OpenAI Chat Completions, streaming or not.
 //! - `POST …/v1/messages` — Anthropic Messages, streaming or not.
+//! - `POST …/openai/deployments/{name}/chat/completions?api-version=…` — Azure OpenAI:
+//!   OpenAI's format, `api-key` header required (401), `api-version` required (404),
+//!   Azure-shaped error bodies.
 //! - `GET …/v1/models` — OpenAI list format (Anthropic's when `anthropic-version` is sent).
 //! - `GET /_mock/requests`, `GET /_mock/stats`, `POST /_mock/reset` — what reached the mock
 //!   (each request with its `http_version`: `HTTP/1.1` or `HTTP/2.0`).
@@ -24,6 +27,7 @@
 //! `tool_choice: "required"` finishes with `"stop"`, as gpt-4o-mini's do.
 
 mod anthropic;
+mod azure;
 mod content;
 pub mod directives;
 mod openai;

@@ -7,6 +7,7 @@
 //! mid-response (`fault=cut`).
 
 use super::anthropic::{self, MessagesRequest};
+use super::azure;
 use super::content::{
     assemble, generate, random_id, unix_now, Generation, Prompt, Step, StreamShape,
 };
@@ -143,12 +144,15 @@ fn json_response(status: StatusCode, body: Bytes) -> Response<MockBody> {
 enum Api {
     OpenAi,
     Anthropic,
+    /// OpenAI's format at Azure's path, with Azure's error bodies.
+    Azure,
 }
 
 fn error_response(api: Api, status: u16, message: Option<&str>) -> Response<MockBody> {
     let body = match api {
         Api::OpenAi => openai::error_json(status, message),
         Api::Anthropic => anthropic::error_json(status, message),
+        Api::Azure => azure::error_json(status, message),
     };
     let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let mut resp = json_response(code, Bytes::from(body.to_string()));
@@ -183,6 +187,11 @@ pub(super) async fn handle(
         Api::Anthropic
     } else if path.ends_with("/v1/chat/completions") {
         Api::OpenAi
+    } else if azure::chat_deployment(path).is_some() {
+        if let Some((status, msg)) = azure::refusal(parts.uri.query(), &parts.headers) {
+            return Ok(error_response(Api::Azure, status, Some(msg)));
+        }
+        Api::Azure
     } else if path.ends_with("/v1/models") && parts.method == Method::GET {
         return Ok(if parts.headers.contains_key("anthropic-version") {
             json_response(StatusCode::OK, anthropic::models_list())
@@ -284,11 +293,13 @@ async fn completion(
 ) -> Result<Response<MockBody>, io::Error> {
     let request = parsed
         .map_err(|e| match api {
-            Api::OpenAi => format!("We could not parse the JSON body of your request. ({e})"),
+            Api::OpenAi | Api::Azure => {
+                format!("We could not parse the JSON body of your request. ({e})")
+            }
             Api::Anthropic => format!("There was an error parsing the body: {e}"),
         })
         .and_then(|body| match api {
-            Api::OpenAi => openai::parse_request(&body).map(ApiRequest::OpenAi),
+            Api::OpenAi | Api::Azure => openai::parse_request(&body).map(ApiRequest::OpenAi),
             Api::Anthropic => anthropic::parse_request(&body).map(ApiRequest::Anthropic),
         });
     let mut d = request
@@ -354,7 +365,7 @@ async fn non_stream_response(
             Bytes::from_static(b"<html><body>mock garbage: this is not JSON</body></html>"),
         )),
         Some(Fault::MidstreamError) => Ok(match api {
-            Api::OpenAi => error_response(api, 500, None),
+            Api::OpenAi | Api::Azure => error_response(api, 500, None),
             Api::Anthropic => error_response(api, 529, None),
         }),
         Some(Fault::Cut) => {

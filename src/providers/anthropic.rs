@@ -43,7 +43,7 @@ pub fn upstream_request(
     let body = serde_json::to_vec(&body)
         .map_err(|e| GatewayError::new(ErrorKind::Internal, format!("encode: {e}")))?;
     Ok(UpstreamRequest {
-        path: MESSAGES_PATH,
+        path: MESSAGES_PATH.into(),
         body: Bytes::from(body),
         headers: headers(req, model),
         strip_usage: false,

@@ -11,7 +11,7 @@ pub mod openai;
 pub mod sse;
 pub mod translate_error;
 #[cfg(test)]
-mod translate_fixtures;
+pub(crate) mod translate_fixtures;
 pub mod translate_request;
 pub mod translate_response;
 pub mod translate_stream_chat;
@@ -23,6 +23,7 @@ use crate::config::{Model, ProviderKind};
 use crate::error::{ApiFormat, ErrorKind, GatewayError};
 use bytes::{Bytes, BytesMut};
 use serde_json::{Map, Value};
+use std::borrow::Cow;
 
 /// Token usage of one call, as the provider reported it or as estimated.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -148,8 +149,10 @@ fn invalid(msg: impl Into<String>) -> GatewayError {
 /// What to send upstream for one attempt.
 #[derive(Debug, Clone)]
 pub struct UpstreamRequest {
-    /// Path below the provider's base URL prefix, e.g. `/v1/chat/completions`.
-    pub path: &'static str,
+    /// Path (and query) below the provider's base URL prefix, e.g.
+    /// `/v1/chat/completions`; owned only where it names the model, as Azure's
+    /// per-deployment path does.
+    pub path: Cow<'static, str>,
     pub body: Bytes,
     /// Provider-specific headers (credentials, API version), set after the client's
     /// own credentials were removed.
@@ -200,9 +203,10 @@ pub fn check_max_tokens(req: &ClientRequest, first: &Model) -> Result<(), Gatewa
 /// through with the model rewritten, the other is translated.
 pub fn prepare(req: &ClientRequest, model: &Model) -> Result<UpstreamRequest, GatewayError> {
     match (req.format, model.provider.kind) {
-        (ApiFormat::OpenAi, ProviderKind::OpenAi | ProviderKind::OpenAiCompatible) => {
-            openai::prepare_chat(req, model)
-        }
+        (
+            ApiFormat::OpenAi,
+            ProviderKind::OpenAi | ProviderKind::OpenAiCompatible | ProviderKind::AzureOpenAi,
+        ) => openai::prepare_chat(req, model),
         (ApiFormat::OpenAi, ProviderKind::Anthropic) => {
             let body = translate_request::chat_to_messages(
                 &req.body,
@@ -212,12 +216,17 @@ pub fn prepare(req: &ClientRequest, model: &Model) -> Result<UpstreamRequest, Ga
             anthropic::upstream_request(req, model, body)
         }
         (ApiFormat::Anthropic, ProviderKind::Anthropic) => anthropic::prepare_native(req, model),
-        (ApiFormat::Anthropic, kind @ (ProviderKind::OpenAi | ProviderKind::OpenAiCompatible)) => {
+        (
+            ApiFormat::Anthropic,
+            kind @ (ProviderKind::OpenAi
+            | ProviderKind::OpenAiCompatible
+            | ProviderKind::AzureOpenAi),
+        ) => {
             let body = translate_request::messages_to_chat(
                 &req.body,
                 &model.upstream_model,
                 max_tokens_for(req, model),
-                kind == ProviderKind::OpenAi,
+                kind.openai_native(),
             )?;
             openai::chat_request(model, body, false)
         }

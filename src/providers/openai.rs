@@ -1,11 +1,13 @@
-//! OpenAI Chat Completions, spoken by `openai` and `openai_compatible` providers.
+//! OpenAI Chat Completions, spoken by `openai`, `openai_compatible` and
+//! `azure_openai` providers (Azure: another path and credential header, same body).
 
 use super::sse::SseParser;
 use super::{ClientRequest, Completion, UpstreamRequest, Usage};
-use crate::config::Model;
+use crate::config::{Model, ProviderKind};
 use crate::error::GatewayError;
 use bytes::{Bytes, BytesMut};
 use serde_json::{json, Map, Value};
+use std::borrow::Cow;
 
 pub const CHAT_PATH: &str = "/v1/chat/completions";
 
@@ -16,7 +18,7 @@ pub fn prepare_chat(req: &ClientRequest, model: &Model) -> Result<UpstreamReques
     // The budget reservation assumes this bound: make the provider keep to it.
     match (req.max_tokens, super::max_tokens_for(req, model)) {
         (None, Some(cap)) => {
-            let key = if model.provider.kind == crate::config::ProviderKind::OpenAi {
+            let key = if model.provider.kind.openai_native() {
                 "max_completion_tokens"
             } else {
                 "max_tokens"
@@ -59,15 +61,46 @@ pub fn chat_request(
         GatewayError::new(crate::error::ErrorKind::Internal, format!("encode: {e}"))
     })?;
     let mut headers = Vec::with_capacity(1);
-    if let Some(key) = &model.provider.api_key {
-        headers.push(("authorization", format!("Bearer {key}")));
-    }
+    let p = &model.provider;
+    let path = match (p.kind, &p.api_version) {
+        (ProviderKind::AzureOpenAi, Some(version)) => {
+            if let Some(key) = &p.api_key {
+                headers.push(("api-key", key.clone()));
+            }
+            Cow::Owned(azure_chat_path(&model.upstream_model, version))
+        }
+        _ => {
+            if let Some(key) = &p.api_key {
+                headers.push(("authorization", format!("Bearer {key}")));
+            }
+            Cow::Borrowed(CHAT_PATH)
+        }
+    };
     Ok(UpstreamRequest {
-        path: CHAT_PATH,
+        path,
         body: Bytes::from(body),
         headers,
         strip_usage,
     })
+}
+
+/// Azure OpenAI's chat path: the model is chosen by the deployment named in the
+/// path (the body's `model` is ignored), and the API version is a required query.
+/// The deployment name is percent-encoded so that no configured name can change
+/// the path's shape; `api_version` was checked at load to need no encoding.
+pub fn azure_chat_path(deployment: &str, api_version: &str) -> String {
+    let mut path = String::with_capacity(48 + deployment.len() + api_version.len());
+    path.push_str("/openai/deployments/");
+    for b in deployment.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            path.push(char::from(b));
+        } else {
+            path.push_str(&format!("%{b:02X}"));
+        }
+    }
+    path.push_str("/chat/completions?api-version=");
+    path.push_str(api_version);
+    path
 }
 
 /// Reads an OpenAI `usage` object.

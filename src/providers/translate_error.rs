@@ -14,7 +14,9 @@ use serde_json::Value;
 pub fn provider_format(kind: ProviderKind) -> ApiFormat {
     match kind {
         ProviderKind::Anthropic => ApiFormat::Anthropic,
-        ProviderKind::OpenAi | ProviderKind::OpenAiCompatible => ApiFormat::OpenAi,
+        ProviderKind::OpenAi | ProviderKind::OpenAiCompatible | ProviderKind::AzureOpenAi => {
+            ApiFormat::OpenAi
+        }
     }
 }
 
@@ -231,6 +233,34 @@ mod tests {
         assert!(v["error"]["message"]
             .as_str()
             .is_some_and(|m| m.contains("422")));
+    }
+
+    #[test]
+    fn azure_bodies_without_a_type_map_by_status() {
+        let a = br#"{"error":{"code":"429","message":"Requests to the ChatCompletions_Create Operation have exceeded the rate limit."}}"#;
+        let out = translate_error_body(ProviderKind::AzureOpenAi, ApiFormat::OpenAi, 429, a);
+        assert_eq!(&out[..], &a[..]);
+        let v = parse(&translate_error_body(
+            ProviderKind::AzureOpenAi,
+            ApiFormat::Anthropic,
+            429,
+            a,
+        ));
+        assert_eq!(v["error"]["type"], "rate_limit_error");
+        assert!(v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("exceeded the rate limit")));
+        let f = br#"{"error":{"code":"content_filter","message":"filtered","param":"prompt","status":400,"innererror":{"code":"ResponsibleAIPolicyViolation"}}}"#;
+        let v = parse(&translate_error_body(
+            ProviderKind::AzureOpenAi,
+            ApiFormat::Anthropic,
+            400,
+            f,
+        ));
+        assert_eq!(
+            v,
+            json!({"type": "error", "error": {"type": "invalid_request_error", "message": "filtered"}})
+        );
     }
 
     #[test]

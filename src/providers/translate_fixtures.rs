@@ -54,6 +54,7 @@ pub fn model(kind: ProviderKind, max_output_tokens: Option<u32>) -> Model {
                 original: "http://127.0.0.1:1".into(),
             },
             api_key: Some("sk-test".into()),
+            api_version: (kind == ProviderKind::AzureOpenAi).then(|| "2024-10-21".into()),
             region: "test".into(),
             timeouts: Timeouts::default(),
             http2: true,

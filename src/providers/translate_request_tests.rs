@@ -445,3 +445,34 @@ fn prepare_covers_every_pair() {
     assert_eq!(up.path, "/v1/chat/completions");
     assert!(up.strip_usage);
 }
+
+#[test]
+fn azure_openai_gets_the_deployment_path_the_api_version_and_an_api_key_header() {
+    let chat = ClientRequest::parse(
+        ApiFormat::OpenAi,
+        br#"{"model":"x","stream":true,"messages":[{"role":"user","content":"hi"}]}"#,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let msgs = ClientRequest::parse(
+        ApiFormat::Anthropic,
+        br#"{"model":"x","max_tokens":50,"messages":[{"role":"user","content":"hi"}]}"#,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let mut azure = fx::model(ProviderKind::AzureOpenAi, Some(99));
+    azure.upstream_model = "gpt4o prod".into();
+    let want = "/openai/deployments/gpt4o%20prod/chat/completions?api-version=2024-10-21";
+
+    let up = prepare(&chat, &azure).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(up.path, want);
+    assert_eq!(up.headers, vec![("api-key", "sk-test".to_string())]);
+    let b: Value = serde_json::from_slice(&up.body).unwrap_or_default();
+    assert_eq!(b["stream_options"]["include_usage"], true);
+    assert_eq!(b["max_completion_tokens"], 99);
+    assert!(up.strip_usage);
+
+    let up = prepare(&msgs, &azure).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(up.path, want);
+    assert_eq!(up.headers, vec![("api-key", "sk-test".to_string())]);
+    let b: Value = serde_json::from_slice(&up.body).unwrap_or_default();
+    assert_eq!(b["max_completion_tokens"], 50);
+}

@@ -219,3 +219,39 @@ pub(super) fn retry_after_s(resp: &pingora_http::ResponseHeader) -> u64 {
         .and_then(|v| v.trim().parse::<u64>().ok())
         .unwrap_or(1)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ProviderKind;
+    use crate::error::ApiFormat;
+    use crate::providers::translate_fixtures as fx;
+    use crate::providers::{prepare, ClientRequest};
+    use std::sync::Arc;
+
+    #[test]
+    fn azure_path_keeps_the_base_url_prefix_and_its_query() {
+        let mut model = fx::model(ProviderKind::AzureOpenAi, None);
+        model.upstream_model = "dep1".into();
+        let mut provider = (*model.provider).clone();
+        provider.base_url.path_prefix = "/azure".into();
+        model.provider = Arc::new(provider);
+        let req = ClientRequest::parse(
+            ApiFormat::OpenAi,
+            br#"{"model":"x","messages":[{"role":"user","content":"hi"}]}"#,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let up = prepare(&req, &model).unwrap_or_else(|e| panic!("{e}"));
+        let h = request_header(&model, &up, &[], "r1").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            h.uri.path(),
+            "/azure/openai/deployments/dep1/chat/completions"
+        );
+        assert_eq!(h.uri.query(), Some("api-version=2024-10-21"));
+        assert_eq!(
+            h.headers.get("api-key").and_then(|v| v.to_str().ok()),
+            Some("sk-test")
+        );
+        assert!(h.headers.get("authorization").is_none());
+    }
+}
