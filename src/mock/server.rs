@@ -93,7 +93,7 @@ pub async fn serve(listener: TcpListener, state: Arc<State>, tls: Option<TlsAcce
                 let state = state.clone();
                 match &tls {
                     Some(acceptor) => {
-                        tokio::spawn(super::tls::serve_conn(acceptor.clone(), stream, state));
+                        tokio::spawn(serve_tls(acceptor.clone(), stream, state));
                     }
                     None => {
                         // Small SSE frames must leave immediately, not wait for Nagle.
@@ -110,8 +110,27 @@ pub async fn serve(listener: TcpListener, state: Arc<State>, tls: Option<TlsAcce
     }
 }
 
+/// One TLS connection: HTTP/2 or HTTP/1.1, as its handshake agreed.
+async fn serve_tls(acceptor: TlsAcceptor, stream: tokio::net::TcpStream, state: Arc<State>) {
+    let Some((tls, h2)) = super::tls::accept(&acceptor, stream).await else {
+        return;
+    };
+    if !h2 {
+        serve_http1(tls, state).await;
+        return;
+    }
+    let svc = service_fn(move |req| handle(state.clone(), req));
+    let result = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .serve_connection(TokioIo::new(tls), svc)
+        .await;
+    if let Err(e) = result {
+        log::debug!("mock-provider: h2 connection ended: {e}");
+    }
+}
+
 /// One HTTP/1.1 connection, over plain TCP or TLS.
-pub(super) async fn serve_http1<IO>(io: IO, state: Arc<State>)
+async fn serve_http1<IO>(io: IO, state: Arc<State>)
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -164,7 +183,7 @@ fn error_response(api: Api, status: u16, message: Option<&str>) -> Response<Mock
 }
 
 /// Routes on the path *suffix* so a base URL with a prefix (`/inhouse/v1/...`) works.
-pub(super) async fn handle(
+async fn handle(
     state: Arc<State>,
     req: Request<Incoming>,
 ) -> Result<Response<MockBody>, io::Error> {

@@ -6,10 +6,7 @@
 //! bytes: a client that offered only `http/1.1` must get HTTP/1.1 even if it then sent
 //! something that looks like an h2 preface, exactly as a real provider would treat it.
 
-use super::server::{handle, serve_http1, State};
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use pingora_rustls::{ServerConfig, TlsAcceptor};
+use pingora_rustls::{ServerConfig, ServerTlsStream, TlsAcceptor};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -59,33 +56,27 @@ fn path_str(p: &Path) -> io::Result<&str> {
     })
 }
 
-/// One TLS connection: the handshake, then HTTP/2 when the client and the mock
-/// agreed on `h2`, else HTTP/1.1 (no ALPN at all included, like real servers).
-pub async fn serve_conn(acceptor: TlsAcceptor, stream: TcpStream, state: Arc<State>) {
+/// The handshake of one TLS connection: the stream, and whether the client and the
+/// mock agreed on `h2` (else HTTP/1.1, no ALPN at all included, like real servers);
+/// `None` when it failed or timed out.
+pub async fn accept(
+    acceptor: &TlsAcceptor,
+    stream: TcpStream,
+) -> Option<(ServerTlsStream<TcpStream>, bool)> {
     // Small SSE frames must leave immediately, not wait for Nagle.
     let _ = stream.set_nodelay(true);
-    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-        Ok(Ok(tls)) => tls,
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => {
+            let h2 = tls.get_ref().1.alpn_protocol() == Some(H2);
+            Some((tls, h2))
+        }
         Ok(Err(e)) => {
             log::debug!("mock-provider: TLS handshake failed: {e}");
-            return;
+            None
         }
         Err(_) => {
             log::debug!("mock-provider: TLS handshake timed out");
-            return;
+            None
         }
-    };
-    let h2 = tls.get_ref().1.alpn_protocol() == Some(H2);
-    if !h2 {
-        serve_http1(tls, state).await;
-        return;
-    }
-    let svc = service_fn(move |req| handle(state.clone(), req));
-    let result = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .serve_connection(TokioIo::new(tls), svc)
-        .await;
-    if let Err(e) = result {
-        log::debug!("mock-provider: h2 connection ended: {e}");
     }
 }
