@@ -11,14 +11,15 @@
 //! request path writes the spool itself, slower for that request but losing nothing.
 
 pub mod clickhouse;
+mod metrics;
 pub mod reader;
 pub mod shipper;
 pub mod spool;
 pub mod time;
 
 use crate::config::AuditConf;
-use crate::metrics::AuditMetrics;
 use async_trait::async_trait;
+pub use metrics::AuditMetrics;
 use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
 use serde::{Deserialize, Serialize};

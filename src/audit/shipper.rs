@@ -12,8 +12,8 @@
 use super::clickhouse::ClickHouse;
 use super::reader::{Batch, SpoolReader};
 use super::time::now_ms;
+use super::AuditMetrics;
 use super::Shared;
-use crate::metrics::AuditMetrics;
 use pingora_core::server::ShutdownWatch;
 use std::fs::File;
 use std::path::PathBuf;
