@@ -53,11 +53,19 @@ struct Refused {
     upstream_status: u16,
 }
 
-fn refused(error: GatewayError, result: AttemptResult) -> Refused {
-    Refused {
-        error,
-        result,
-        upstream_status: 0,
+impl Refused {
+    /// A refusal before any response header arrived.
+    fn early(error: GatewayError, result: AttemptResult) -> Refused {
+        Refused::at(0, error, result)
+    }
+
+    /// A refusal of an answer whose header said `upstream_status`.
+    fn at(upstream_status: u16, error: GatewayError, result: AttemptResult) -> Refused {
+        Refused {
+            error,
+            result,
+            upstream_status,
+        }
     }
 }
 
@@ -128,12 +136,7 @@ impl Shared {
                     return Attempted::failed(report, e, result);
                 }
             },
-            _ = client.gone() => {
-                let mut report = report;
-                report.ended = Ended::ClientGone;
-                report.result = AttemptResult::Cancelled;
-                return Attempted { report, tail: None };
-            }
+            _ = client.gone() => return Attempted::gone(report),
         };
         // The answer goes to the client: nothing is sent upstream again.
         *request = None;
@@ -155,7 +158,7 @@ impl Shared {
     ) -> Result<Held, Refused> {
         let header = upstream::request_header(model, &up, &plan.forward, &plan.request_id)
             .map_err(|e| {
-                refused(
+                Refused::early(
                     GatewayError::new(ErrorKind::Internal, format!("upstream request: {e}")),
                     AttemptResult::BadResponse,
                 )
@@ -164,7 +167,7 @@ impl Shared {
         let mut session = loop {
             let (mut s, reused) = self.connector.get_http_session(peer).await.map_err(|e| {
                 let (ge, result) = upstream::classify(&e, true);
-                refused(ge, result)
+                Refused::early(ge, result)
             })?;
             // A non-stream answer comes in one piece: only the total bounds its wait.
             let t = &model.provider.timeouts;
@@ -183,13 +186,13 @@ impl Shared {
                 Err(e) => {
                     s.shutdown().await;
                     let (ge, result) = upstream::classify(&e, true);
-                    return Err(refused(ge, result));
+                    return Err(Refused::early(ge, result));
                 }
             }
         };
         drop(up);
         let resp = session.response_header().cloned().ok_or_else(|| {
-            refused(
+            Refused::early(
                 GatewayError::new(ErrorKind::BadUpstreamResponse, "no response header"),
                 AttemptResult::BadResponse,
             )
@@ -210,11 +213,7 @@ impl Shared {
             } else {
                 AttemptResult::Status5xx
             };
-            return Err(Refused {
-                error: e,
-                result,
-                upstream_status: status,
-            });
+            return Err(Refused::at(status, e, result));
         }
         let mut held = Held {
             session,
@@ -259,11 +258,7 @@ impl Shared {
                     ErrorKind::BadUpstreamResponse,
                     "the upstream stream ended before completion",
                 );
-                return Err(Refused {
-                    error: e,
-                    result: AttemptResult::Reset,
-                    upstream_status: status,
-                });
+                return Err(Refused::at(status, e, AttemptResult::Reset));
             }
             c
         } else {
@@ -274,11 +269,7 @@ impl Shared {
                 ErrorKind::BadUpstreamResponse,
                 "the upstream answered with an unreadable response",
             );
-            return Err(Refused {
-                error: e,
-                result: AttemptResult::BadResponse,
-                upstream_status: status,
-            });
+            return Err(Refused::at(status, e, AttemptResult::BadResponse));
         }
         if stream && so_far.upstream_error && so_far.content_bytes == 0 {
             // The provider's own error event before its first token: the next
@@ -289,11 +280,7 @@ impl Shared {
                 "the provider reported an error before its first token",
             )
             .with_retry_after(1);
-            return Err(Refused {
-                error: e,
-                result: AttemptResult::BadResponse,
-                upstream_status: status,
-            });
+            return Err(Refused::at(status, e, AttemptResult::BadResponse));
         }
         if held.ended {
             held.completion = Some(so_far);
@@ -357,10 +344,7 @@ impl Shared {
             body_len,
         ) {
             Ok(h) => h,
-            Err(_) => {
-                let e = GatewayError::new(ErrorKind::Internal, "cannot build the response");
-                return Attempted::failed(report, e, AttemptResult::BadResponse);
-            }
+            Err(_) => return Attempted::unbuildable(report),
         };
         // Only a 200 this attempt translated may be stored.
         if let (Some(slot), Some(_)) = (fill.as_mut(), translator.as_ref()) {
@@ -398,11 +382,11 @@ impl Shared {
         ];
         report.first_byte = Some(Instant::now());
         let Some(t) = translator.as_mut() else {
-            return gone(report);
+            return Attempted::gone(report);
         };
         if !client.send(tasks).await {
             report.completion = t.snapshot();
-            return gone(report);
+            return Attempted::gone(report);
         }
         let end: Result<(), (GatewayError, AttemptResult)> = loop {
             let read = tokio::select! {
@@ -411,7 +395,7 @@ impl Shared {
                 _ = client.gone() => {
                     // What was produced until the client left is billed.
                     report.completion = t.snapshot();
-                    return gone(report);
+                    return Attempted::gone(report);
                 }
             };
             match read {
@@ -426,7 +410,7 @@ impl Shared {
                     }
                     if !client.send(vec![HttpTask::Body(Some(bytes), false)]).await {
                         report.completion = t.snapshot();
-                        return gone(report);
+                        return Attempted::gone(report);
                     }
                 }
                 Ok(Ok(None)) => break Ok(()),
@@ -511,12 +495,6 @@ fn conclude(
     }
 }
 
-fn gone(mut report: AttemptReport) -> Attempted {
-    report.ended = Ended::ClientGone;
-    report.result = AttemptResult::Cancelled;
-    Attempted { report, tail: None }
-}
-
 /// Writes the request and reads the response header (skipping informational ones).
 async fn send(
     s: &mut HttpSession,
@@ -539,10 +517,6 @@ async fn send(
 async fn read(s: &mut HttpSession, status: u16) -> Result<Option<Bytes>, Refused> {
     s.read_response_body().await.map_err(|e| {
         let (error, result) = upstream::classify(&e, false);
-        Refused {
-            error,
-            result,
-            upstream_status: status,
-        }
+        Refused::at(status, error, result)
     })
 }

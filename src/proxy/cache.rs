@@ -171,10 +171,8 @@ impl Shared {
                     tokio::select! {
                         _ = wait.wait() => {}
                         _ = client.gone() => {
-                            let mut report = AttemptReport::new(plan.chain.first().clone());
-                            report.ended = Ended::ClientGone;
-                            report.result = AttemptResult::Cancelled;
-                            return Begin::ClientGone(Box::new(report));
+                            let report = AttemptReport::new(plan.chain.first().clone());
+                            return Begin::ClientGone(Box::new(report.client_gone()));
                         }
                     }
                     if wait.lock_status() == LockStatus::GiveUp {
@@ -216,7 +214,7 @@ impl Shared {
                 match next_piece(client, &mut hit).await {
                     Ok(Some(b)) => body.extend_from_slice(&b),
                     Ok(None) => break,
-                    Err(None) => return gone(report),
+                    Err(None) => return Attempted::gone(report),
                     Err(Some(e)) => {
                         return Attempted::failed(report, e, AttemptResult::BadResponse)
                     }
@@ -225,7 +223,7 @@ impl Shared {
             let Ok(header) =
                 respond::stored_header(plan, &answer, content_type, Some(body.len()), 0, false)
             else {
-                return unbuildable(report);
+                return Attempted::unbuildable(report);
             };
             report.ended = Ended::Delivered;
             report.client_status = 200;
@@ -242,11 +240,11 @@ impl Shared {
         }
         let first = match next_piece(client, &mut hit).await {
             Ok(b) => b.unwrap_or_default(),
-            Err(None) => return gone(report),
+            Err(None) => return Attempted::gone(report),
             Err(Some(e)) => return Attempted::failed(report, e, AttemptResult::BadResponse),
         };
         let Ok(header) = respond::stored_header(plan, &answer, content_type, None, 0, false) else {
-            return unbuildable(report);
+            return Attempted::unbuildable(report);
         };
         report.ended = Ended::Delivered;
         report.client_status = 200;
@@ -256,18 +254,18 @@ impl Shared {
             HttpTask::Body(Some(first), false),
         ];
         if !client.send(first).await {
-            return gone(report);
+            return Attempted::gone(report);
         }
         let mut tail = Bytes::new();
         loop {
             match next_piece(client, &mut hit).await {
                 Ok(Some(b)) => {
                     if !client.send(vec![HttpTask::Body(Some(b), false)]).await {
-                        return gone(report);
+                        return Attempted::gone(report);
                     }
                 }
                 Ok(None) => break,
-                Err(None) => return gone(report),
+                Err(None) => return Attempted::gone(report),
                 Err(Some(e)) => {
                     tail = e.sse_event(plan.req.format);
                     report.error = Some(e);
@@ -316,11 +314,7 @@ impl Shared {
             stored.expired,
         );
         let Ok(header) = header else {
-            let e = GatewayError::new(ErrorKind::Internal, "cannot build the response");
-            return Attempted {
-                report: report.failed(e, AttemptResult::BadResponse),
-                tail: None,
-            };
+            return Attempted::unbuildable(report);
         };
         report.ended = Ended::Delivered;
         report.client_status = 200;
@@ -336,12 +330,6 @@ impl Shared {
     }
 }
 
-fn gone(mut report: AttemptReport) -> Attempted {
-    report.ended = Ended::ClientGone;
-    report.result = AttemptResult::Cancelled;
-    Attempted { report, tail: None }
-}
-
 /// The next piece of a hit's body; `Err(None)` when the client left meanwhile,
 /// `Err(Some(..))` when the fill being followed broke off.
 async fn next_piece<C: Client + ?Sized>(
@@ -355,9 +343,4 @@ async fn next_piece<C: Client + ?Sized>(
         ))),
         _ = client.gone() => Err(None),
     }
-}
-
-fn unbuildable(report: AttemptReport) -> Attempted {
-    let e = GatewayError::new(ErrorKind::Internal, "cannot build the response");
-    Attempted::failed(report, e, AttemptResult::BadResponse)
 }

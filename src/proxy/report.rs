@@ -7,7 +7,7 @@
 //! rule ("one error event per stream") is kept in more than one place.
 
 use crate::config::Model;
-use crate::error::{Fault, GatewayError};
+use crate::error::{ErrorKind, Fault, GatewayError};
 use crate::metrics::AttemptResult;
 use crate::providers::Completion;
 use bytes::Bytes;
@@ -86,6 +86,13 @@ impl AttemptReport {
         self
     }
 
+    /// The client went away during this attempt.
+    pub fn client_gone(mut self) -> Self {
+        self.ended = Ended::ClientGone;
+        self.result = AttemptResult::Cancelled;
+        self
+    }
+
     /// The provider's health as this attempt saw it: `None` when it says nothing
     /// (served from the cache, the client left, our own or the client's fault).
     pub fn upstream_healthy(&self) -> Option<bool> {
@@ -117,6 +124,20 @@ impl Attempted {
             report: report.failed(error, result),
             tail: None,
         }
+    }
+
+    /// The client went away.
+    pub fn gone(report: AttemptReport) -> Self {
+        Attempted {
+            report: report.client_gone(),
+            tail: None,
+        }
+    }
+
+    /// The client's response header could not be built (a header value Pingora refused).
+    pub fn unbuildable(report: AttemptReport) -> Self {
+        let e = GatewayError::new(ErrorKind::Internal, "cannot build the response");
+        Self::failed(report, e, AttemptResult::BadResponse)
     }
 }
 
