@@ -141,6 +141,12 @@ pub fn run(config: Config, opts: RunOptions) -> ! {
         },
     ));
     let gateway = Gateway::new(config.clone(), audit, metrics);
+    server.add_service(background_service(
+        "deployment cooldowns",
+        crate::routing::pool::Refresher {
+            gateway: gateway.clone(),
+        },
+    ));
     let mut proxy = Service::new(
         "llm-gateway".to_string(),
         HeadDeadline(Arc::new(pingora_proxy::http_proxy(

@@ -16,10 +16,11 @@
 -- The sorting key holds ts_ms and node so that calls that reused one client-chosen
 -- x-request-id stay one row each (a node never gives one such id the same ts_ms twice).
 --
--- Upgrading: columns added since a table was created (end_user) are added by the
+-- Upgrading: columns added since a table was created (end_user, upstream_model) are added by the
 -- gateway at start-up with ALTER TABLE ... ADD COLUMN when missing; rows written
 -- before have them empty. To do it by hand first (a user without ALTER rights):
 --   ALTER TABLE llm_audit ADD COLUMN IF NOT EXISTS end_user String;
+--   ALTER TABLE llm_audit ADD COLUMN IF NOT EXISTS upstream_model String;
 CREATE TABLE IF NOT EXISTS llm_audit
 (
     request_id       String,
@@ -50,7 +51,10 @@ CREATE TABLE IF NOT EXISTS llm_audit
     -- The tenant's own end user (x-gateway-end-user, OpenAI `user`, Anthropic
     -- metadata.user_id), empty when none: plain String, an end user per row can run to
     -- millions of distinct values, past what LowCardinality suits.
-    end_user         String
+    end_user         String,
+    -- The provider's name for the model that served: which deployment (an upstream
+    -- model or an Azure deployment name) answered; empty when none was tried.
+    upstream_model   LowCardinality(String)
 )
 ENGINE = ReplacingMergeTree
 PARTITION BY toYYYYMM(ts)

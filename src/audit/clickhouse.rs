@@ -45,6 +45,7 @@ struct ChRow<'a> {
     attempts: u8,
     node: &'a str,
     end_user: &'a str,
+    upstream_model: &'a str,
 }
 
 impl<'a> From<&'a AuditRow> for ChRow<'a> {
@@ -75,6 +76,7 @@ impl<'a> From<&'a AuditRow> for ChRow<'a> {
             attempts: r.attempts,
             node: &r.node,
             end_user: &r.end_user,
+            upstream_model: &r.upstream_model,
         }
     }
 }
@@ -115,7 +117,8 @@ pub fn create_table_sql(database: &str, table: &str) -> String {
     fallback_used UInt8,
     attempts UInt8,
     node String,
-    end_user String
+    end_user String,
+    upstream_model String
 ) ENGINE = ReplacingMergeTree
 PARTITION BY toYYYYMM(ts)
 ORDER BY (tenant, ts, request_id, ts_ms, node)"
@@ -128,7 +131,7 @@ ORDER BY (tenant, ts, request_id, ts_ms, node)"
 /// COLUMN`, and ClickHouse gives the rows written before the type's default (empty):
 /// an upgrade needs no manual migration. 18.16 has no `ADD COLUMN IF NOT EXISTS`, so
 /// `system.columns` is read first.
-pub const ADDED_COLUMNS: &[(&str, &str)] = &[("end_user", "String")];
+pub const ADDED_COLUMNS: &[(&str, &str)] = &[("end_user", "String"), ("upstream_model", "String")];
 
 /// One ClickHouse server, as the config names it.
 pub struct ClickHouse {

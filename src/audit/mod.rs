@@ -67,6 +67,10 @@ pub struct AuditRow {
     /// written by a version without the column still ship, with it empty.
     #[serde(default)]
     pub end_user: String,
+    /// The provider's name for the model that served (a deployment's upstream model or
+    /// Azure deployment name), empty when none was tried. Defaulted like `end_user`.
+    #[serde(default)]
+    pub upstream_model: String,
 }
 
 /// Rows queued in memory before the request path falls back to writing the spool itself.

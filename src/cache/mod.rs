@@ -34,14 +34,17 @@ pub const MAX_STALE: Duration = Duration::from_secs(24 * 3600);
 pub struct Answer {
     pub model: String,
     pub provider: String,
+    /// The deployment's name for the model, for the audit rows of hits.
+    pub upstream_model: String,
     completion: Mutex<Option<Completion>>,
 }
 
 impl Answer {
-    pub fn new(model: &str, provider: &str) -> Self {
+    pub fn new(model: &str, provider: &str, upstream_model: &str) -> Self {
         Answer {
             model: model.to_string(),
             provider: provider.to_string(),
+            upstream_model: upstream_model.to_string(),
             completion: Mutex::new(None),
         }
     }

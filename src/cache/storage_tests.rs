@@ -19,7 +19,7 @@ fn meta() -> CacheMeta {
         now,
         now + std::time::Duration::from_secs(60),
         h,
-        &Arc::new(Answer::new("gpt-4o-mini", "openai")),
+        &Arc::new(Answer::new("gpt-4o-mini", "openai", "gpt-4o-mini")),
     )
 }
 
@@ -215,7 +215,7 @@ async fn expired_entries_are_reported_stale() {
     let mut h = ResponseHeader::build(200, None).unwrap();
     h.insert_header("content-type", "application/json").unwrap();
     let past = SystemTime::now() - std::time::Duration::from_secs(10);
-    let answer = Arc::new(Answer::new("m", "p"));
+    let answer = Arc::new(Answer::new("m", "p", "m"));
     let m = meta_of(past, past, h, &answer);
     let w = s.get_miss_handler(&k, &m, &span()).await.unwrap();
     answer.set_completion(complete());

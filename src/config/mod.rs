@@ -7,6 +7,7 @@
 //! to integer nano-USD. A `Config` therefore only exists when the whole file is
 //! consistent, and the proxy never has to handle a dangling reference.
 
+mod model;
 mod money;
 mod named;
 mod net;
@@ -427,13 +428,83 @@ impl Default for Timeouts {
     }
 }
 
+/// A public model: what tenants ask for and are billed by, served by one or more
+/// deployments.
 #[derive(Debug, Clone)]
 pub struct Model {
     pub name: String,
-    pub provider: Arc<Provider>,
-    pub upstream_model: String,
+    /// At least one, in the order written; tried in [`Model::balance`] order.
+    pub deployments: Vec<Arc<Deployment>>,
+    pub balance: Balance,
+    /// Every deployment's upstream name, in order, for the cache key: pointing the
+    /// model at another upstream model is a different answer.
+    pub upstream_names: String,
     pub price: Price,
     pub max_output_tokens: Option<u32>,
+}
+
+impl Model {
+    /// Whether any deployment is served in `region` (a tenant's region pin).
+    pub fn serves_region(&self, region: &str) -> bool {
+        self.deployments.iter().any(|d| d.provider.region == region)
+    }
+
+    /// The provider named for the model where one name is wanted (`/v1/models`).
+    pub fn first_provider(&self) -> &Arc<Provider> {
+        &self.deployments[0].provider
+    }
+}
+
+/// One place that serves a model: a provider account and the upstream model (or
+/// Azure deployment) name, with that account's quota for it.
+#[derive(Debug, Clone)]
+pub struct Deployment {
+    /// `provider/upstream_model`: the provider's quota, cooldowns and counters are per
+    /// account and upstream model, so models sharing a deployment share its state.
+    pub key: String,
+    pub provider: Arc<Provider>,
+    pub upstream_model: String,
+    /// Relative share under `balance: weighted`, and the tie-break of `least_busy`.
+    pub weight: u32,
+    /// Requests per minute the gateway may send it (all nodes together on Redis).
+    pub rpm: Option<u64>,
+    /// Tokens per minute, likewise.
+    pub tpm: Option<u64>,
+}
+
+impl Deployment {
+    pub fn has_quota(&self) -> bool {
+        self.rpm.is_some() || self.tpm.is_some()
+    }
+}
+
+/// Where one attempt goes: the public model (its name, price and bounds) and the
+/// deployment (provider and upstream name) chosen for it.
+#[derive(Debug, Clone, Copy)]
+pub struct Target<'a> {
+    pub model: &'a Model,
+    pub dep: &'a Deployment,
+}
+
+/// The order a model's deployments are tried in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Balance {
+    /// Fewest requests in flight on this node; ties by weight, then as written.
+    LeastBusy,
+    /// At random in proportion to weight.
+    Weighted,
+    /// Lowest moving average of time to first token; untried ones first.
+    LowestLatency,
+}
+
+impl Balance {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Balance::LeastBusy => "least_busy",
+            Balance::Weighted => "weighted",
+            Balance::LowestLatency => "lowest_latency",
+        }
+    }
 }
 
 /// USD per million tokens, held as integer nano-USD so that cost sums are exact.

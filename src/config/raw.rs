@@ -169,10 +169,49 @@ pub(super) struct RawTimeouts {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, expecting = "a mapping")]
 pub(super) struct RawModel {
-    pub provider: String,
+    /// The one-deployment form; `deployments` is the other, and exactly one is given.
+    pub provider: Option<String>,
     pub upstream_model: Option<String>,
+    pub deployments: Option<Vec<RawDeployment>>,
+    /// Absent: `least_busy`.
+    pub balance: Option<RawBalance>,
     pub price: RawPrice,
     pub max_output_tokens: Option<u32>,
+}
+
+/// One place that serves a model: a provider, the name it knows the model by, and
+/// that provider account's quota for it.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a mapping")]
+pub(super) struct RawDeployment {
+    pub provider: String,
+    pub upstream_model: Option<String>,
+    pub weight: Option<u32>,
+    pub rpm: Option<u64>,
+    pub tpm: Option<u64>,
+}
+
+/// The order a model's deployments are tried in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub(super) enum RawBalance {
+    LeastBusy,
+    Weighted,
+    LowestLatency,
+}
+
+impl TryFrom<String> for RawBalance {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        variant(
+            &s,
+            &[
+                ("least_busy", RawBalance::LeastBusy),
+                ("weighted", RawBalance::Weighted),
+                ("lowest_latency", RawBalance::LowestLatency),
+            ],
+        )
+    }
 }
 
 #[derive(Debug, Deserialize)]

@@ -141,7 +141,7 @@ pub(super) fn build_tenant_from(
     let region = raw.region.as_deref().map(str::trim).map(str::to_string);
     if let Some(r) = &region {
         let region_at = child(at, "region");
-        let in_region = |m: &Arc<Model>| &m.provider.region == r;
+        let in_region = |m: &Arc<Model>| m.serves_region(r);
         if r.is_empty() {
             report.error(
                 &region_at,

@@ -104,7 +104,7 @@ fn contract_example_parses_into_exact_values() {
     );
 
     let mini = cfg.model("gpt-4o-mini").unwrap();
-    assert_eq!(mini.provider.name, "openai");
+    assert_eq!(mini.deployments[0].provider.name, "openai");
     assert_eq!(
         mini.price,
         Price {
@@ -115,13 +115,16 @@ fn contract_example_parses_into_exact_values() {
     );
     assert_eq!(mini.max_output_tokens, Some(16384));
     let haiku = cfg.model("claude-haiku").unwrap();
-    assert_eq!(haiku.upstream_model, "claude-3-5-haiku-20241022");
+    assert_eq!(
+        haiku.deployments[0].upstream_model,
+        "claude-3-5-haiku-20241022"
+    );
     assert_eq!(haiku.price.output_nanousd_per_mtok, 4_000_000_000);
     assert_eq!(haiku.price.cached_input_nanousd_per_mtok, 800_000_000);
     let llama = cfg.model("llama-70b").unwrap();
-    assert_eq!(llama.upstream_model, "llama-70b");
+    assert_eq!(llama.deployments[0].upstream_model, "llama-70b");
     assert_eq!(llama.price.input_nanousd_per_mtok, 100_000_000);
-    assert!(Arc::ptr_eq(&llama.provider, inhouse));
+    assert!(Arc::ptr_eq(&llama.deployments[0].provider, inhouse));
 
     let acme = cfg.tenant("acme").unwrap();
     let allowed: Vec<&str> = acme.models.iter().map(|m| m.name.as_str()).collect();
@@ -209,7 +212,7 @@ fn demo_yaml_loads_with_env_vars_set() {
     assert_eq!(inhouse.base_url.path_prefix, "/inhouse");
     assert_eq!(inhouse.region, "local-2");
     assert_eq!(
-        cfg.model("claude-haiku").unwrap().upstream_model,
+        cfg.model("claude-haiku").unwrap().deployments[0].upstream_model,
         "claude-3-5-haiku-20241022"
     );
     let (demo, key) = cfg.authenticate("sk-demo-key", 0).unwrap();

@@ -5,16 +5,15 @@
 //! is broken is still remembered by name, so that references to it do not produce a
 //! second "unknown" error on top of the real one.
 
-use super::money::usd_to_nanousd;
-use super::named::{check_name, sub, Named, Ref};
+use super::named::{check_name, sub, Named};
 use super::net::base_url;
-use super::raw::{Entries, RawConfig, RawHttp2, RawKind, RawModel, RawProvider, Sec};
+use super::raw::{Entries, RawConfig, RawHttp2, RawKind, RawProvider, Sec};
 use super::report::{child, Report};
 use super::sections::{self, env_secret};
 use super::tenant;
 use super::{
-    Admin, AuditConf, BaseUrl, CacheConf, Counters, Listen, Model, Node, Price, Provider,
-    ProviderKind, StoreConf, Tenant, Timeouts,
+    Admin, AuditConf, BaseUrl, CacheConf, Counters, Listen, Model, Node, Provider, ProviderKind,
+    StoreConf, Tenant, Timeouts,
 };
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -41,7 +40,7 @@ pub(super) fn build(raw: RawConfig, report: &mut Report) -> Option<Parts> {
     let max_body_bytes = sections::max_body_bytes(raw.max_body_bytes, report);
     let providers = named(raw.providers, "providers", report, build_provider);
     let models = named(raw.models, "models", report, |name, raw, at, report| {
-        build_model(name, raw, at, &providers, report)
+        super::model::build_model(name, raw, at, &providers, report)
     });
     let mut key_owners = HashMap::new();
     let tenants = named(raw.tenants, "tenants", report, |id, raw, at, report| {
@@ -62,10 +61,12 @@ pub(super) fn build(raw: RawConfig, report: &mut Report) -> Option<Parts> {
         }
     }
     for (name, provider) in &providers.items {
-        if provider.is_some() && !models.values().any(|m| &m.provider.name == name) {
+        let used = |m: &Arc<Model>| m.deployments.iter().any(|d| &d.provider.name == name);
+        if provider.is_some() && !models.values().any(used) {
             report.warn(child("providers", name), "no model uses this provider");
         }
     }
+    super::model::check_shared_quotas(&models, report);
     if tenants.section_ok && tenants.items.is_empty() {
         report.warn(
             "tenants",
@@ -246,70 +247,4 @@ fn is_local(url: &BaseUrl) -> bool {
         || host
             .parse::<std::net::IpAddr>()
             .is_ok_and(|ip| ip.is_loopback())
-}
-
-fn build_model(
-    name: &str,
-    raw: RawModel,
-    at: &str,
-    providers: &Named<Provider>,
-    report: &mut Report,
-) -> Option<Model> {
-    let mut ok = true;
-    let provider = match providers.get(&raw.provider) {
-        Ref::Found(p) => Some(p.clone()),
-        Ref::Broken => None,
-        Ref::Missing => {
-            report.error(
-                child(at, "provider"),
-                format!(
-                    "unknown provider `{}` ({})",
-                    raw.provider,
-                    providers.known()
-                ),
-            );
-            None
-        }
-    };
-    let upstream_model = raw.upstream_model.unwrap_or_else(|| name.to_string());
-    if upstream_model.trim().is_empty() {
-        report.error(child(at, "upstream_model"), "must not be empty");
-        ok = false;
-    }
-    let mut money = |key: &str, usd: f64, report: &mut Report| {
-        usd_to_nanousd(usd)
-            .map_err(|e| {
-                report.error(sub(at, "price", key), e);
-                ok = false;
-            })
-            .unwrap_or(0)
-    };
-    let input = money("input_per_mtok", raw.price.input_per_mtok, report);
-    let output = money("output_per_mtok", raw.price.output_per_mtok, report);
-    let cached = match raw.price.cached_input_per_mtok {
-        Some(usd) => money("cached_input_per_mtok", usd, report),
-        None => input,
-    };
-    if cached > input {
-        report.warn(
-            sub(at, "price", "cached_input_per_mtok"),
-            "cached input costs more than uncached input",
-        );
-    }
-    if raw.max_output_tokens == Some(0) {
-        report.error(child(at, "max_output_tokens"), "must be greater than 0");
-        ok = false;
-    }
-    let provider = provider?;
-    ok.then(|| Model {
-        name: name.to_string(),
-        provider,
-        upstream_model,
-        price: Price {
-            input_nanousd_per_mtok: input,
-            output_nanousd_per_mtok: output,
-            cached_input_nanousd_per_mtok: cached,
-        },
-        max_output_tokens: raw.max_output_tokens,
-    })
 }

@@ -39,7 +39,10 @@
 mod calendar;
 mod conn;
 mod memory;
+mod quota;
 mod redis;
+
+pub use quota::{MinuteUse, Take, COOLDOWN_POLL};
 
 use crate::config::{ApiKey, Budget, Counters, OnError, Rate, Tenant};
 use calendar::Now;
@@ -361,6 +364,8 @@ struct Inner {
     /// The whole store for `memory`; this node's view in front of Redis.
     local: Store,
     shared: Option<Arc<redis::Shared>>,
+    /// Deployment quotas: the whole store for `memory`, the fallback on Redis.
+    quota: quota::Local,
 }
 
 impl Inner {
@@ -449,6 +454,7 @@ impl Limits {
                 clock,
                 local: Store::default(),
                 shared,
+                quota: quota::Local::default(),
             }),
         }
     }

@@ -119,7 +119,7 @@ pub(super) enum Failure {
 }
 
 pub(super) struct Shared {
-    conn: Conn,
+    pub(super) conn: Conn,
     pub(super) fail_open: bool,
     /// Prefix of this node's ticket ids: random per process.
     node: String,

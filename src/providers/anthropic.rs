@@ -7,7 +7,7 @@
 
 use super::sse::{SseEvent, SseParser};
 use super::{ClientRequest, Completion, Translate, UpstreamRequest, Usage};
-use crate::config::Model;
+use crate::config::{Provider, Target};
 use crate::error::{ErrorKind, GatewayError};
 use bytes::{Bytes, BytesMut};
 use serde_json::{Map, Value};
@@ -21,9 +21,9 @@ pub const DEFAULT_MAX_TOKENS: u64 = 4096;
 
 /// Credential and API version headers; the client's `anthropic-version` and
 /// `anthropic-beta` win over the defaults because the client's code depends on them.
-pub fn headers(req: &ClientRequest, model: &Model) -> Vec<(&'static str, String)> {
+pub fn headers(req: &ClientRequest, provider: &Provider) -> Vec<(&'static str, String)> {
     let mut h = Vec::with_capacity(3);
-    if let Some(key) = &model.provider.api_key {
+    if let Some(key) = &provider.api_key {
         h.push(("x-api-key", key.clone()));
     }
     let version = req.anthropic_version.as_deref().unwrap_or(DEFAULT_VERSION);
@@ -37,7 +37,7 @@ pub fn headers(req: &ClientRequest, model: &Model) -> Vec<(&'static str, String)
 /// Encodes a finished Messages body into the upstream request.
 pub fn upstream_request(
     req: &ClientRequest,
-    model: &Model,
+    provider: &Provider,
     body: Map<String, Value>,
 ) -> Result<UpstreamRequest, GatewayError> {
     let body = serde_json::to_vec(&body)
@@ -45,7 +45,7 @@ pub fn upstream_request(
     Ok(UpstreamRequest {
         path: MESSAGES_PATH.into(),
         body: Bytes::from(body),
-        headers: headers(req, model),
+        headers: headers(req, provider),
         strip_usage: false,
     })
 }
@@ -53,17 +53,20 @@ pub fn upstream_request(
 /// `/v1/messages` to an Anthropic provider: the client's body with the upstream model
 /// name and, when the client sent none, the model's `max_tokens` (a fallback's
 /// smaller bound caps the client's).
-pub fn prepare_native(req: &ClientRequest, model: &Model) -> Result<UpstreamRequest, GatewayError> {
+pub fn prepare_native(
+    req: &ClientRequest,
+    to: Target<'_>,
+) -> Result<UpstreamRequest, GatewayError> {
     let mut body = req.body.clone();
-    body.insert("model".into(), Value::String(model.upstream_model.clone()));
+    body.insert("model".into(), Value::String(to.dep.upstream_model.clone()));
     // The client's, capped at a fallback's smaller bound; else the model's.
-    if req.max_tokens != super::max_tokens_for(req, model) || req.max_tokens.is_none() {
+    if req.max_tokens != super::max_tokens_for(req, to.model) || req.max_tokens.is_none() {
         body.insert(
             "max_tokens".into(),
-            Value::from(super::output_bound(req, model)),
+            Value::from(super::output_bound(req, to.model)),
         );
     }
-    upstream_request(req, model, body)
+    upstream_request(req, &to.dep.provider, body)
 }
 
 /// Anthropic's usage counters as sent, kept apart until the end because
@@ -292,7 +295,7 @@ mod tests {
         let req = client(
             json!({"model": "claude-haiku", "messages": [{"role": "user", "content": "hi"}]}),
         );
-        let up = prepare_native(&req, &model).unwrap_or_else(|e| panic!("{e}"));
+        let up = prepare_native(&req, fx::target(&model)).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(up.path, "/v1/messages");
         let body: Value = serde_json::from_slice(&up.body).unwrap_or_default();
         assert_eq!(body["model"], "claude-3-5-haiku-20241022");
@@ -311,7 +314,7 @@ mod tests {
         req.anthropic_beta = Some("prompt-caching-2024-07-31".into());
         let up = prepare_native(
             &req,
-            &fx::model(crate::config::ProviderKind::Anthropic, None),
+            fx::target(&fx::model(crate::config::ProviderKind::Anthropic, None)),
         )
         .unwrap_or_else(|e| panic!("{e}"));
         let body: Value = serde_json::from_slice(&up.body).unwrap_or_default();
@@ -329,7 +332,7 @@ mod tests {
         let req = client(json!({"messages": [{"role": "user", "content": "hi"}]}));
         let up = prepare_native(
             &req,
-            &fx::model(crate::config::ProviderKind::Anthropic, None),
+            fx::target(&fx::model(crate::config::ProviderKind::Anthropic, None)),
         )
         .unwrap_or_else(|e| panic!("{e}"));
         let body: Value = serde_json::from_slice(&up.body).unwrap_or_default();

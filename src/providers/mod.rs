@@ -19,7 +19,7 @@ pub mod translate_stream_messages;
 
 pub use translate_error::translate_error_body;
 
-use crate::config::{Model, ProviderKind};
+use crate::config::{Model, ProviderKind, Target};
 use crate::error::{ApiFormat, ErrorKind, GatewayError};
 use bytes::{Bytes, BytesMut};
 use serde_json::{Map, Value};
@@ -197,25 +197,25 @@ pub fn check_max_tokens(req: &ClientRequest, first: &Model) -> Result<(), Gatewa
     }
 }
 
-/// Builds the upstream request for `model` from the client's request.
+/// Builds the upstream request for `to` from the client's request.
 ///
 /// Every pair of endpoint format and provider kind is served: the same format is passed
 /// through with the model rewritten, the other is translated.
-pub fn prepare(req: &ClientRequest, model: &Model) -> Result<UpstreamRequest, GatewayError> {
-    match (req.format, model.provider.kind) {
+pub fn prepare(req: &ClientRequest, to: Target<'_>) -> Result<UpstreamRequest, GatewayError> {
+    match (req.format, to.dep.provider.kind) {
         (
             ApiFormat::OpenAi,
             ProviderKind::OpenAi | ProviderKind::OpenAiCompatible | ProviderKind::AzureOpenAi,
-        ) => openai::prepare_chat(req, model),
+        ) => openai::prepare_chat(req, to),
         (ApiFormat::OpenAi, ProviderKind::Anthropic) => {
             let body = translate_request::chat_to_messages(
                 &req.body,
-                &model.upstream_model,
-                max_tokens_for(req, model),
+                &to.dep.upstream_model,
+                max_tokens_for(req, to.model),
             )?;
-            anthropic::upstream_request(req, model, body)
+            anthropic::upstream_request(req, &to.dep.provider, body)
         }
-        (ApiFormat::Anthropic, ProviderKind::Anthropic) => anthropic::prepare_native(req, model),
+        (ApiFormat::Anthropic, ProviderKind::Anthropic) => anthropic::prepare_native(req, to),
         (
             ApiFormat::Anthropic,
             kind @ (ProviderKind::OpenAi
@@ -224,11 +224,11 @@ pub fn prepare(req: &ClientRequest, model: &Model) -> Result<UpstreamRequest, Ga
         ) => {
             let body = translate_request::messages_to_chat(
                 &req.body,
-                &model.upstream_model,
-                max_tokens_for(req, model),
+                &to.dep.upstream_model,
+                max_tokens_for(req, to.model),
                 kind.openai_native(),
             )?;
-            openai::chat_request(model, body, false)
+            openai::chat_request(to.dep, body, false)
         }
     }
 }
@@ -307,10 +307,10 @@ fn unix_now() -> u64 {
 impl ResponseTranslator {
     /// Picks the translator for the pair of endpoint format and provider kind that
     /// [`prepare`] built the upstream request for.
-    pub fn new(req: &ClientRequest, up: &UpstreamRequest, model: &Model) -> Self {
+    pub fn new(req: &ClientRequest, up: &UpstreamRequest, to: Target<'_>) -> Self {
         use ResponseTranslator as T;
-        let anthropic_provider = model.provider.kind == ProviderKind::Anthropic;
-        let fallback_model = model.upstream_model.as_str();
+        let anthropic_provider = to.dep.provider.kind == ProviderKind::Anthropic;
+        let fallback_model = to.dep.upstream_model.as_str();
         match (req.format, anthropic_provider, req.stream) {
             (ApiFormat::OpenAi, false, true) => {
                 T::OpenAiStream(openai::ChatStream::new(up.strip_usage))
@@ -439,12 +439,14 @@ mod output_bound_tests {
         );
         assert_eq!(output_bound(&chat, &small), 100);
         assert_eq!(
-            sent(&prepare(&chat, &small).unwrap())["max_completion_tokens"],
+            sent(&prepare(&chat, super::translate_fixtures::target(&small)).unwrap())
+                ["max_completion_tokens"],
             100
         );
         let roomy = model(ProviderKind::OpenAi, Some(1000));
         assert_eq!(
-            sent(&prepare(&chat, &roomy).unwrap())["max_completion_tokens"],
+            sent(&prepare(&chat, super::translate_fixtures::target(&roomy)).unwrap())
+                ["max_completion_tokens"],
             500
         );
         let msgs = req(
@@ -453,15 +455,18 @@ mod output_bound_tests {
         );
         let small_anthropic = model(ProviderKind::Anthropic, Some(100));
         assert_eq!(
-            sent(&prepare(&msgs, &small_anthropic).unwrap())["max_tokens"],
+            sent(&prepare(&msgs, super::translate_fixtures::target(&small_anthropic)).unwrap())
+                ["max_tokens"],
             100
         );
         assert_eq!(
-            sent(&prepare(&msgs, &small).unwrap())["max_completion_tokens"],
+            sent(&prepare(&msgs, super::translate_fixtures::target(&small)).unwrap())
+                ["max_completion_tokens"],
             100
         );
         assert_eq!(
-            sent(&prepare(&chat, &small_anthropic).unwrap())["max_tokens"],
+            sent(&prepare(&chat, super::translate_fixtures::target(&small_anthropic)).unwrap())
+                ["max_tokens"],
             100
         );
     }

@@ -3,7 +3,7 @@
 
 use super::sse::SseParser;
 use super::{ClientRequest, Completion, UpstreamRequest, Usage};
-use crate::config::{Model, ProviderKind};
+use crate::config::{Deployment, ProviderKind, Target};
 use crate::error::GatewayError;
 use bytes::{Bytes, BytesMut};
 use serde_json::{json, Map, Value};
@@ -12,13 +12,13 @@ use std::borrow::Cow;
 pub const CHAT_PATH: &str = "/v1/chat/completions";
 
 /// Rewrites the model and, for streams, asks for the usage chunk the gateway bills from.
-pub fn prepare_chat(req: &ClientRequest, model: &Model) -> Result<UpstreamRequest, GatewayError> {
+pub fn prepare_chat(req: &ClientRequest, to: Target<'_>) -> Result<UpstreamRequest, GatewayError> {
     let mut body = req.body.clone();
-    body.insert("model".into(), Value::String(model.upstream_model.clone()));
+    body.insert("model".into(), Value::String(to.dep.upstream_model.clone()));
     // The budget reservation assumes this bound: make the provider keep to it.
-    match (req.max_tokens, super::max_tokens_for(req, model)) {
+    match (req.max_tokens, super::max_tokens_for(req, to.model)) {
         (None, Some(cap)) => {
-            let key = if model.provider.kind.openai_native() {
+            let key = if to.dep.provider.kind.openai_native() {
                 "max_completion_tokens"
             } else {
                 "max_tokens"
@@ -47,13 +47,13 @@ pub fn prepare_chat(req: &ClientRequest, model: &Model) -> Result<UpstreamReques
             }
         }
     }
-    chat_request(model, body, strip_usage)
+    chat_request(to.dep, body, strip_usage)
 }
 
 /// The upstream request for a finished chat body: encoding and the provider credential,
 /// shared by the passthrough and by the translation from Anthropic requests.
 pub fn chat_request(
-    model: &Model,
+    dep: &Deployment,
     body: Map<String, Value>,
     strip_usage: bool,
 ) -> Result<UpstreamRequest, GatewayError> {
@@ -61,13 +61,13 @@ pub fn chat_request(
         GatewayError::new(crate::error::ErrorKind::Internal, format!("encode: {e}"))
     })?;
     let mut headers = Vec::with_capacity(1);
-    let p = &model.provider;
+    let p = &dep.provider;
     let path = match (p.kind, &p.api_version) {
         (ProviderKind::AzureOpenAi, Some(version)) => {
             if let Some(key) = &p.api_key {
                 headers.push(("api-key", key.clone()));
             }
-            Cow::Owned(azure_chat_path(&model.upstream_model, version))
+            Cow::Owned(azure_chat_path(&dep.upstream_model, version))
         }
         _ => {
             if let Some(key) = &p.api_key {

@@ -7,7 +7,9 @@
 //! under `tests/fixtures/wire/` are verbatim recordings of real provider answers.
 
 use super::{Completion, Translate};
-use crate::config::{BaseUrl, Model, Price, Provider, ProviderKind, Timeouts};
+use crate::config::{
+    Balance, BaseUrl, Deployment, Model, Price, Provider, ProviderKind, Target, Timeouts,
+};
 use bytes::BytesMut;
 use serde_json::Value;
 use std::sync::Arc;
@@ -41,25 +43,34 @@ pub fn model(kind: ProviderKind, max_output_tokens: Option<u32>) -> Model {
         ProviderKind::Anthropic => "claude-3-5-haiku-20241022",
         _ => "gpt-4o-mini",
     };
+    let provider = Arc::new(Provider {
+        name: kind.as_str().into(),
+        kind,
+        base_url: BaseUrl {
+            tls: false,
+            host: "127.0.0.1".into(),
+            port: 1,
+            path_prefix: String::new(),
+            original: "http://127.0.0.1:1".into(),
+        },
+        api_key: Some("sk-test".into()),
+        api_version: (kind == ProviderKind::AzureOpenAi).then(|| "2024-10-21".into()),
+        region: "test".into(),
+        timeouts: Timeouts::default(),
+        http2: true,
+    });
     Model {
         name: "public-model".into(),
-        provider: Arc::new(Provider {
-            name: kind.as_str().into(),
-            kind,
-            base_url: BaseUrl {
-                tls: false,
-                host: "127.0.0.1".into(),
-                port: 1,
-                path_prefix: String::new(),
-                original: "http://127.0.0.1:1".into(),
-            },
-            api_key: Some("sk-test".into()),
-            api_version: (kind == ProviderKind::AzureOpenAi).then(|| "2024-10-21".into()),
-            region: "test".into(),
-            timeouts: Timeouts::default(),
-            http2: true,
-        }),
-        upstream_model: upstream.into(),
+        deployments: vec![Arc::new(Deployment {
+            key: format!("{}/{upstream}", provider.name),
+            provider,
+            upstream_model: upstream.into(),
+            weight: 1,
+            rpm: None,
+            tpm: None,
+        })],
+        balance: Balance::LeastBusy,
+        upstream_names: upstream.into(),
         price: Price {
             input_nanousd_per_mtok: 0,
             output_nanousd_per_mtok: 0,
@@ -67,6 +78,19 @@ pub fn model(kind: ProviderKind, max_output_tokens: Option<u32>) -> Model {
         },
         max_output_tokens,
     }
+}
+
+/// The model's one deployment as an attempt's target.
+pub fn target(model: &Model) -> Target<'_> {
+    Target {
+        model,
+        dep: &model.deployments[0],
+    }
+}
+
+/// The model's one deployment, to change in a test.
+pub fn dep_mut(model: &mut Model) -> &mut Deployment {
+    Arc::make_mut(&mut model.deployments[0])
 }
 
 /// Feeds `chunks` in order, then finishes.

@@ -406,7 +406,7 @@ fn prepare_covers_every_pair() {
     let oai = fx::model(ProviderKind::OpenAi, None);
     let compat = fx::model(ProviderKind::OpenAiCompatible, Some(77));
 
-    let up = prepare(&chat, &anth).unwrap_or_else(|e| panic!("{e}"));
+    let up = prepare(&chat, fx::target(&anth)).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(up.path, "/v1/messages");
     let b: Value = serde_json::from_slice(&up.body).unwrap_or_default();
     assert_eq!(
@@ -423,7 +423,7 @@ fn prepare_covers_every_pair() {
         .contains(&("anthropic-version", "2023-06-01".into())));
     assert!(!up.strip_usage);
 
-    let up = prepare(&msgs, &oai).unwrap_or_else(|e| panic!("{e}"));
+    let up = prepare(&msgs, fx::target(&oai)).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(up.path, "/v1/chat/completions");
     let b: Value = serde_json::from_slice(&up.body).unwrap_or_default();
     assert_eq!(b["model"], "gpt-4o-mini");
@@ -433,15 +433,15 @@ fn prepare_covers_every_pair() {
         .headers
         .contains(&("authorization", "Bearer sk-test".into())));
 
-    let up = prepare(&msgs, &compat).unwrap_or_else(|e| panic!("{e}"));
+    let up = prepare(&msgs, fx::target(&compat)).unwrap_or_else(|e| panic!("{e}"));
     let b: Value = serde_json::from_slice(&up.body).unwrap_or_default();
     assert_eq!(b["max_tokens"], 77);
 
-    let up = prepare(&msgs, &anth).unwrap_or_else(|e| panic!("{e}"));
+    let up = prepare(&msgs, fx::target(&anth)).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(up.path, "/v1/messages");
     assert!(up.headers.contains(&("anthropic-beta", "b1".into())));
 
-    let up = prepare(&chat, &oai).unwrap_or_else(|e| panic!("{e}"));
+    let up = prepare(&chat, fx::target(&oai)).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(up.path, "/v1/chat/completions");
     assert!(up.strip_usage);
 }
@@ -459,10 +459,10 @@ fn azure_openai_gets_the_deployment_path_the_api_version_and_an_api_key_header()
     )
     .unwrap_or_else(|e| panic!("{e}"));
     let mut azure = fx::model(ProviderKind::AzureOpenAi, Some(99));
-    azure.upstream_model = "gpt4o prod".into();
+    fx::dep_mut(&mut azure).upstream_model = "gpt4o prod".into();
     let want = "/openai/deployments/gpt4o%20prod/chat/completions?api-version=2024-10-21";
 
-    let up = prepare(&chat, &azure).unwrap_or_else(|e| panic!("{e}"));
+    let up = prepare(&chat, fx::target(&azure)).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(up.path, want);
     assert_eq!(up.headers, vec![("api-key", "sk-test".to_string())]);
     let b: Value = serde_json::from_slice(&up.body).unwrap_or_default();
@@ -470,7 +470,7 @@ fn azure_openai_gets_the_deployment_path_the_api_version_and_an_api_key_header()
     assert_eq!(b["max_completion_tokens"], 99);
     assert!(up.strip_usage);
 
-    let up = prepare(&msgs, &azure).unwrap_or_else(|e| panic!("{e}"));
+    let up = prepare(&msgs, fx::target(&azure)).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(up.path, want);
     assert_eq!(up.headers, vec![("api-key", "sk-test".to_string())]);
     let b: Value = serde_json::from_slice(&up.body).unwrap_or_default();

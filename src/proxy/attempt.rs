@@ -14,10 +14,12 @@
 use super::client::Client;
 use super::report::{AttemptReport, Attempted, Ended, Tail};
 use super::{cache::FillSlot, respond, upstream, Plan, Shared};
-use crate::config::Model;
+use crate::config::{Model, Target};
 use crate::error::{ErrorKind, GatewayError};
 use crate::metrics::AttemptResult;
 use crate::providers::{self, ClientRequest, Completion, ResponseTranslator, UpstreamRequest};
+use crate::routing::cooldown;
+use crate::routing::pool::Candidate;
 use bytes::{Bytes, BytesMut};
 use pingora::prelude::*;
 use pingora_core::protocols::http::client::HttpSession;
@@ -34,6 +36,8 @@ const ERROR_BODY_CAP: usize = 1 << 20;
 /// The answer so far, while it is held back.
 struct Held {
     session: HttpSession,
+    /// How long the provider asked not to be called again (its quota headers).
+    cooldown: Option<Duration>,
     header: ResponseHeader,
     /// What the client gets, translated, so far.
     out: BytesMut,
@@ -51,6 +55,7 @@ struct Refused {
     error: GatewayError,
     result: AttemptResult,
     upstream_status: u16,
+    cooldown: Option<Duration>,
 }
 
 impl Refused {
@@ -65,7 +70,13 @@ impl Refused {
             error,
             result,
             upstream_status,
+            cooldown: None,
         }
+    }
+
+    fn cooling(mut self, cooldown: Option<Duration>) -> Refused {
+        self.cooldown = cooldown;
+        self
     }
 }
 
@@ -78,7 +89,7 @@ struct Deadlines {
 }
 
 impl Shared {
-    /// Tries `model` once. `request` is the client's request, body included; it is
+    /// Tries `model` once, at deployment `cand`. `request` is the client's request, body included; it is
     /// dropped once the answer reaches the client (no attempt can follow then), so a
     /// long stream does not hold its prompt for its whole life. `attempt_no` is this
     /// attempt's number in the chain, for `x-gateway-attempts`.
@@ -87,25 +98,32 @@ impl Shared {
         client: &mut C,
         plan: &Plan,
         model: &Arc<Model>,
+        cand: &Candidate,
         request: &mut Option<ClientRequest>,
         attempt_no: u8,
         fill: &mut Option<FillSlot>,
     ) -> Attempted {
-        let report = AttemptReport::new(model.clone());
+        let mut report = AttemptReport::new(model.clone());
+        report.deployment = Some(cand.dep.clone());
+        let to = Target {
+            model,
+            dep: &cand.dep,
+        };
         let Some(req) = request.as_ref() else {
             let e = GatewayError::new(ErrorKind::Internal, "the request was already answered");
             return Attempted::failed(report, e, AttemptResult::Cancelled);
         };
-        let up = match providers::prepare(req, model) {
+        let up = match providers::prepare(req, to) {
             Ok(u) => u,
             Err(e) => return Attempted::failed(report, e, AttemptResult::BadResponse),
         };
-        let translator = ResponseTranslator::new(req, &up, model);
-        let peer = match upstream::peer(&self.resolver, model).await {
+        let translator = ResponseTranslator::new(req, &up, to);
+        let provider = &cand.dep.provider;
+        let peer = match upstream::peer(&self.resolver, provider).await {
             Ok(p) => p,
             Err(e) => return Attempted::failed(report, e, AttemptResult::Connect),
         };
-        let t = &model.provider.timeouts;
+        let t = &provider.timeouts;
         let started = Instant::now();
         let total = started + Duration::from_millis(t.total_ms);
         let first = if plan.req.stream {
@@ -116,7 +134,7 @@ impl Shared {
         let deadlines = Deadlines { first, total };
         // Boxed: connecting and reading up to the first byte takes Pingora's connector
         // futures, which a stream relaying for minutes must not keep allocated.
-        let hold = Box::pin(self.hold(plan, model, &peer, up, translator));
+        let hold = Box::pin(self.hold(plan, to, &peer, up, translator));
         let held = tokio::select! {
             biased;
             r = timeout_at(deadlines.first.into(), hold) => match r {
@@ -124,6 +142,7 @@ impl Shared {
                 Ok(Err(r)) => {
                     let mut a = Attempted::failed(report, r.error, r.result);
                     a.report.upstream_status = r.upstream_status;
+                    a.report.cooldown = r.cooldown;
                     return a;
                 }
                 Err(_) => {
@@ -140,6 +159,7 @@ impl Shared {
         };
         // The answer goes to the client: nothing is sent upstream again.
         *request = None;
+        report.cooldown = held.cooldown;
         self.deliver(
             client, plan, report, held, attempt_no, deadlines, fill, &peer,
         )
@@ -151,12 +171,13 @@ impl Shared {
     async fn hold(
         &self,
         plan: &Plan,
-        model: &Model,
+        to: Target<'_>,
         peer: &HttpPeer,
         up: UpstreamRequest,
         mut translator: ResponseTranslator,
     ) -> Result<Held, Refused> {
-        let header = upstream::request_header(model, &up, &plan.forward, &plan.request_id)
+        let provider = &to.dep.provider;
+        let header = upstream::request_header(provider, &up, &plan.forward, &plan.request_id)
             .map_err(|e| {
                 Refused::early(
                     GatewayError::new(ErrorKind::Internal, format!("upstream request: {e}")),
@@ -170,7 +191,7 @@ impl Shared {
                 Refused::early(ge, result)
             })?;
             // A non-stream answer comes in one piece: only the total bounds its wait.
-            let t = &model.provider.timeouts;
+            let t = &provider.timeouts;
             let read_ms = if plan.req.stream {
                 t.idle_ms
             } else {
@@ -198,13 +219,14 @@ impl Shared {
             )
         })?;
         let status = resp.status.as_u16();
+        let cooldown = cooldown::cooldown(status, &resp.headers, crate::audit::time::now_ms());
         if status == 429 || status >= 500 {
             session.shutdown().await;
             let e = GatewayError::new(
                 ErrorKind::UpstreamUnavailable,
                 format!(
                     "model '{}' is unavailable: upstream answered {status}",
-                    model.name
+                    to.model.name
                 ),
             )
             .with_retry_after(upstream::retry_after_s(&resp));
@@ -213,10 +235,11 @@ impl Shared {
             } else {
                 AttemptResult::Status5xx
             };
-            return Err(Refused::at(status, e, result));
+            return Err(Refused::at(status, e, result).cooling(cooldown));
         }
         let mut held = Held {
             session,
+            cooldown,
             header: resp,
             out: BytesMut::new(),
             ended: false,
@@ -304,6 +327,7 @@ impl Shared {
     ) -> Attempted {
         let Held {
             mut session,
+            cooldown: _,
             header: up_header,
             mut out,
             ended,
@@ -316,14 +340,14 @@ impl Shared {
         report.client_status = status;
         report.ended = Ended::Delivered;
         let model = report.model.clone();
+        let Some(dep) = report.deployment.clone() else {
+            return Attempted::unbuildable(report);
+        };
+        let provider = &dep.provider;
         let (mut translator, body_len) = match (translator, error_body) {
             (_, Some(body)) => {
-                let b = providers::translate_error_body(
-                    model.provider.kind,
-                    plan.req.format,
-                    status,
-                    &body,
-                );
+                let b =
+                    providers::translate_error_body(provider.kind, plan.req.format, status, &body);
                 report.client_error_code = Some(upstream::client_error_code(status));
                 report.result = AttemptResult::Status4xx;
                 out = BytesMut::from(&b[..]);
@@ -339,7 +363,7 @@ impl Shared {
             &up_header,
             plan,
             &model.name,
-            &model.provider.name,
+            &provider.name,
             attempt_no,
             body_len,
         ) {
@@ -348,7 +372,7 @@ impl Shared {
         };
         // Only a 200 this attempt translated may be stored.
         if let (Some(slot), Some(_)) = (fill.as_mut(), translator.as_ref()) {
-            report.cache.filled = slot.start(&up_header, &model).await;
+            report.cache.filled = slot.start(&up_header, &model.name, &dep).await;
         } else if let Some(slot) = fill.take() {
             slot.give_up();
         }

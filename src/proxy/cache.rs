@@ -17,7 +17,7 @@ use super::client::Client;
 use super::report::{AttemptReport, Attempted, Ended, Tail};
 use super::{respond, Plan, Shared};
 use crate::cache::{Answer, Store, Stored};
-use crate::config::Model;
+use crate::config::Deployment;
 use crate::error::{ErrorKind, GatewayError};
 use crate::metrics::AttemptResult;
 use crate::providers::Completion;
@@ -61,14 +61,19 @@ impl FillSlot {
     /// Starts the fill with the answer's header: from here concurrent identical
     /// requests read it as it is written, so the lock is released. `false` when the
     /// storage refused.
-    pub async fn start(&mut self, upstream: &ResponseHeader, model: &Model) -> bool {
+    pub async fn start(
+        &mut self,
+        upstream: &ResponseHeader,
+        model: &str,
+        dep: &Deployment,
+    ) -> bool {
         let Ok(mut header) = ResponseHeader::build(200, Some(2)) else {
             return false;
         };
         if let Some(ct) = upstream.headers.get("content-type") {
             let _ = header.insert_header("content-type", ct.clone());
         }
-        let answer = Arc::new(Answer::new(&model.name, &model.provider.name));
+        let answer = Arc::new(Answer::new(model, &dep.provider.name, &dep.upstream_model));
         let now = SystemTime::now();
         let mut meta = CacheMeta::new(now + self.ttl, now, 0, 0, header);
         meta.extensions_mut().insert(answer.clone());
@@ -206,6 +211,7 @@ impl Shared {
             let e = GatewayError::new(ErrorKind::Internal, "a cache entry without its origin");
             return Attempted::failed(report, e, AttemptResult::BadResponse);
         };
+        report.cached_upstream_model = answer.upstream_model.clone();
         let content_type = meta.response_header().headers.get("content-type").cloned();
         if !plan.req.stream {
             // A non-stream answer goes out whole, so a fill that breaks costs nothing.
@@ -304,6 +310,7 @@ impl Shared {
         let mut report = AttemptReport::new(model);
         report.cache.hit = true;
         report.cache.stale = stored.expired;
+        report.cached_upstream_model = answer.upstream_model.clone();
         report.upstream_status = 200;
         let header = respond::stored_header(
             plan,

@@ -390,8 +390,11 @@ pub(super) fn outcome_into_row(
     };
     let m = &a.model;
     row.model = m.name.clone();
-    row.provider = m.provider.name.clone();
-    row.region = m.provider.region.clone();
+    row.upstream_model = a.upstream_model().to_string();
+    if let Some(d) = &a.deployment {
+        row.provider = d.provider.name.clone();
+        row.region = d.provider.region.clone();
+    }
     row.fallback_used = (m.name != plan.chain.first().name) as u8;
     let bill = accounting::bill(
         &a.completion,
@@ -438,7 +441,7 @@ impl Gateway {
         let names: Vec<(&str, &str)> = chain
             .models
             .iter()
-            .map(|m| (m.name.as_str(), m.upstream_model.as_str()))
+            .map(|m| (m.name.as_str(), m.upstream_names.as_str()))
             .collect();
         // Several Cache-Control headers count as one list.
         let cache_control: Vec<&str> = session
@@ -479,7 +482,7 @@ fn models_list(tenant: &Tenant) -> Bytes {
         .models
         .iter()
         .map(
-            |m| json!({"id": m.name, "object": "model", "created": 0, "owned_by": m.provider.name}),
+            |m| json!({"id": m.name, "object": "model", "created": 0, "owned_by": m.first_provider().name}),
         )
         .collect();
     Bytes::from(json!({"object": "list", "data": data}).to_string())

@@ -31,6 +31,7 @@ use crate::error::{ApiFormat, ErrorKind, GatewayError};
 use crate::limits::{Limits, RateHeaders, Ticket};
 use crate::metrics::Metrics;
 use crate::providers::ClientRequest;
+use crate::routing::pool::Pool;
 use crate::routing::Chain;
 use async_trait::async_trait;
 use pingora::prelude::*;
@@ -53,6 +54,8 @@ pub struct Shared {
     resolver: dns::Resolver,
     pub audit: AuditLog,
     pub breakers: Breakers,
+    /// Every deployment's live state: in flight, time to first token, cooldown.
+    pub pool: Pool,
     retry_budget: RetryBudget,
     pub limits: Limits,
     pub metrics: Metrics,
@@ -86,6 +89,7 @@ impl Shared {
             resolver: dns::Resolver::default(),
             audit,
             breakers: Breakers::default(),
+            pool: Pool::default(),
             retry_budget: RetryBudget::default(),
             metrics,
             connector: Connector::new(None),

@@ -6,7 +6,7 @@
 //! that one value (`chain.rs`, `front.rs`), so nothing is reset between attempts and no
 //! rule ("one error event per stream") is kept in more than one place.
 
-use crate::config::Model;
+use crate::config::{Deployment, Model};
 use crate::error::{ErrorKind, Fault, GatewayError};
 use crate::metrics::AttemptResult;
 use crate::providers::Completion;
@@ -42,6 +42,13 @@ pub struct CacheFacts {
 #[derive(Debug, Clone)]
 pub struct AttemptReport {
     pub model: Arc<Model>,
+    /// Where it went; `None` for answers from the cache.
+    pub deployment: Option<Arc<Deployment>>,
+    /// For an answer from the cache, the original call's upstream model (an attempt's
+    /// is its deployment's: see [`AttemptReport::upstream_model`]).
+    pub cached_upstream_model: String,
+    /// How long the provider asked not to be called again (retry-after, used-up quota).
+    pub cooldown: Option<std::time::Duration>,
     pub ended: Ended,
     /// The metric's word for how it ended (also for hits, which are not counted).
     pub result: AttemptResult,
@@ -65,6 +72,9 @@ impl AttemptReport {
     pub fn new(model: Arc<Model>) -> Self {
         AttemptReport {
             model,
+            deployment: None,
+            cached_upstream_model: String::new(),
+            cooldown: None,
             ended: Ended::Failed,
             result: AttemptResult::Ok,
             upstream_status: 0,
@@ -76,6 +86,13 @@ impl AttemptReport {
             cache: CacheFacts::default(),
             first_byte: None,
         }
+    }
+
+    /// The provider's name for the model that answered or was tried.
+    pub fn upstream_model(&self) -> &str {
+        self.deployment
+            .as_ref()
+            .map_or(&self.cached_upstream_model, |d| &d.upstream_model)
     }
 
     /// A failure before anything reached the client.

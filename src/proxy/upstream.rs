@@ -7,7 +7,7 @@
 //! ALPN, and the header rewritten for the provider.
 
 use super::dns::Resolver;
-use crate::config::{Model, Provider};
+use crate::config::Provider;
 use crate::error::{ErrorKind, GatewayError};
 use crate::metrics::AttemptResult;
 use crate::providers::UpstreamRequest;
@@ -43,9 +43,8 @@ fn alpn(p: &Provider) -> ALPN {
     }
 }
 
-/// The peer for one attempt at `model`.
-pub(super) async fn peer(resolver: &Resolver, model: &Model) -> Result<HttpPeer, GatewayError> {
-    let p = &model.provider;
+/// The peer for one attempt at provider `p`.
+pub(super) async fn peer(resolver: &Resolver, p: &Provider) -> Result<HttpPeer, GatewayError> {
     let addrs = resolver
         .resolve(&p.base_url.host, p.base_url.port)
         .await
@@ -110,14 +109,14 @@ pub(super) fn forwarded(req: &RequestHeader) -> Vec<(HeaderName, HeaderValue)> {
         .collect()
 }
 
-/// The request header one attempt sends to `model`'s provider.
+/// The request header one attempt sends to provider `p`.
 pub(super) fn request_header(
-    model: &Model,
+    p: &Provider,
     up: &UpstreamRequest,
     forward: &[(HeaderName, HeaderValue)],
     request_id: &str,
 ) -> Result<Box<RequestHeader>> {
-    let base = &model.provider.base_url;
+    let base = &p.base_url;
     let path = format!("{}{}", base.path_prefix, up.path);
     let mut req = RequestHeader::build("POST", path.as_bytes(), Some(forward.len() + 8))?;
     for (k, v) in forward {
@@ -232,17 +231,19 @@ mod tests {
     #[test]
     fn azure_path_keeps_the_base_url_prefix_and_its_query() {
         let mut model = fx::model(ProviderKind::AzureOpenAi, None);
-        model.upstream_model = "dep1".into();
-        let mut provider = (*model.provider).clone();
+        let dep = fx::dep_mut(&mut model);
+        dep.upstream_model = "dep1".into();
+        let mut provider = (*dep.provider).clone();
         provider.base_url.path_prefix = "/azure".into();
-        model.provider = Arc::new(provider);
+        dep.provider = Arc::new(provider);
         let req = ClientRequest::parse(
             ApiFormat::OpenAi,
             br#"{"model":"x","messages":[{"role":"user","content":"hi"}]}"#,
         )
         .unwrap_or_else(|e| panic!("{e}"));
-        let up = prepare(&req, &model).unwrap_or_else(|e| panic!("{e}"));
-        let h = request_header(&model, &up, &[], "r1").unwrap_or_else(|e| panic!("{e}"));
+        let up = prepare(&req, fx::target(&model)).unwrap_or_else(|e| panic!("{e}"));
+        let h = request_header(&model.deployments[0].provider, &up, &[], "r1")
+            .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(
             h.uri.path(),
             "/azure/openai/deployments/dep1/chat/completions"

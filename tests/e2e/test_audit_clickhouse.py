@@ -66,11 +66,12 @@ CONTRACT_COLUMNS = [
     ("cached_tokens_in", "UInt32"), ("usage_estimated", "UInt8"), ("cost_nanousd", "UInt64"),
     ("latency_ms", "UInt32"), ("ttft_ms", "UInt32"), ("cache_hit", "UInt8"), ("fallback_used", "UInt8"),
     ("attempts", "UInt8"), ("node", "String"), ("end_user", "String"),
+    ("upstream_model", "String"),
 ]
 # The gateway's CREATE TABLE before `end_user` existed (the columns above but the last),
 # for the test that an existing table gains the column.
 OLD_DDL = ("CREATE TABLE {db}.llm_audit ("
-           + ", ".join(f"{n} {t}" for n, t in CONTRACT_COLUMNS if n != "end_user")
+           + ", ".join(f"{n} {t}" for n, t in CONTRACT_COLUMNS if n not in ("end_user", "upstream_model"))
            + ") ENGINE = ReplacingMergeTree PARTITION BY toYYYYMM(ts) ORDER BY (tenant, ts, request_id, ts_ms, node)")
 
 
@@ -777,7 +778,8 @@ def test_a_table_and_spool_from_before_end_user_gain_it_and_new_rows_ship(clickh
     # A spool line an earlier version wrote and did not ship: no end_user key.
     pg.spool.mkdir(parents=True)
     old_in_spool = new_request_id("old-spool")
-    old_line = {n: (0 if t.startswith("UInt") else "") for n, t in CONTRACT_COLUMNS if n != "end_user"}
+    old_line = {n: (0 if t.startswith("UInt") else "") for n, t in CONTRACT_COLUMNS
+                if n not in ("end_user", "upstream_model")}
     old_line.update(request_id=old_in_spool, ts=ts, ts_ms=now_ms, tenant="acme", status=200)
     hour = dt.datetime.fromtimestamp(now_ms // 1000, dt.timezone.utc).strftime("%Y%m%d%H")
     (pg.spool / f"audit-{hour}.jsonl").write_text(json.dumps(old_line) + "\n")
@@ -794,6 +796,8 @@ def test_a_table_and_spool_from_before_end_user_gain_it_and_new_rows_ship(clickh
     desc = clickhouse.rows("DESCRIBE TABLE llm_audit", database=db)
     assert [(c["name"], c["type"]) for c in desc] == CONTRACT_COLUMNS
     assert "added column end_user" in pg.log_text()
+    assert "added column upstream_model" in pg.log_text()
+    assert {r["request_id"]: r["upstream_model"] for r in rows}[new_rid] != ""
 
     # A restart finds the column there and adds nothing; shipping goes on.
     pg.stop()

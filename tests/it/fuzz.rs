@@ -242,7 +242,7 @@ fn request_parsing_and_translation_survive_any_body() {
             if let Ok(req) = ClientRequest::parse(format, input) {
                 accepted += 1;
                 for model in [&openai, &anthropic] {
-                    if let Ok(up) = providers::prepare(&req, model) {
+                    if let Ok(up) = providers::prepare(&req, target(model)) {
                         // What goes upstream is JSON whatever came in.
                         assert!(serde_json::from_slice::<serde_json::Value>(&up.body).is_ok());
                     }
@@ -326,11 +326,11 @@ fn response_translators_survive_any_upstream_bytes() {
         let mut body: serde_json::Value = serde_json::from_str(raw).expect("json");
         body["stream"] = serde_json::Value::Bool(stream);
         let req = ClientRequest::parse(format, body.to_string().as_bytes()).expect("request");
-        let up = providers::prepare(&req, model).expect("prepare");
+        let up = providers::prepare(&req, target(model)).expect("prepare");
         let mut completed = 0u64;
         let label = format!("translator-{format:?}-{}-stream{stream}", model.name);
         fuzz(&label, corpus, |rng, input| {
-            let mut t = ResponseTranslator::new(&req, &up, model);
+            let mut t = ResponseTranslator::new(&req, &up, target(model));
             let mut out = BytesMut::new();
             for r in chunks(rng, input) {
                 t.feed(&input[r], &mut out);
@@ -372,4 +372,12 @@ fn config_parsing_survives_any_yaml() {
         }
     });
     assert!(valid >= 1, "the demo config must parse");
+}
+
+/// A model's first deployment as an attempt's target.
+fn target(model: &llm_gateway::config::Model) -> llm_gateway::config::Target<'_> {
+    llm_gateway::config::Target {
+        model,
+        dep: &model.deployments[0],
+    }
 }

@@ -1,7 +1,11 @@
 //! Per-tenant routing policy: which models a request may try, in which order.
 //!
 //! The chain is decided once, before anything goes upstream, so every later step
-//! (reservation, attempts, audit) works from the same list.
+//! (reservation, attempts, audit) works from the same list. Which of a model's
+//! deployments serves is decided per attempt, from live state (`pool`).
+
+pub mod cooldown;
+pub mod pool;
 
 use crate::config::{ApiKey, Config, Model, Tenant};
 use crate::error::{ErrorKind, GatewayError};
@@ -13,6 +17,8 @@ pub struct Chain {
     pub models: Vec<Arc<Model>>,
     /// The model the client asked for, as sent (empty when none).
     pub requested: String,
+    /// The tenant's region pin: only deployments there are tried.
+    pub region: Option<String>,
 }
 
 impl Chain {
@@ -96,7 +102,7 @@ pub fn plan(
             continue;
         }
         if let Some(region) = &tenant.region {
-            if &m.provider.region != region {
+            if !m.serves_region(region) {
                 continue;
             }
         }
@@ -114,6 +120,7 @@ pub fn plan(
     Ok(Chain {
         models,
         requested: requested.unwrap_or("").to_string(),
+        region: tenant.region.clone(),
     })
 }
 
