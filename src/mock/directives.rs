@@ -62,6 +62,9 @@ pub struct Directives {
     pub tool: Option<String>,
     pub fail_first: Option<u32>,
     pub key: Option<String>,
+    /// The `retry-after` an error answer carries (seconds or an HTTP date, as given);
+    /// without it 429/503/529 say `1`.
+    pub retry_after: Option<String>,
 }
 
 impl Directives {
@@ -102,6 +105,7 @@ impl Directives {
             "tool" if !v.is_empty() => self.tool = Some(v.to_string()),
             "fail_first" => self.fail_first = v.parse().ok().or(self.fail_first),
             "key" => self.key = Some(v.to_string()),
+            "retry_after" if !v.is_empty() => self.retry_after = Some(v.to_string()),
             _ => {}
         }
     }
@@ -131,6 +135,7 @@ impl Directives {
         self.tool = other.tool.or(self.tool.take());
         self.fail_first = other.fail_first.or(self.fail_first);
         self.key = other.key.or(self.key.take());
+        self.retry_after = other.retry_after.or(self.retry_after.take());
     }
 
     /// The error status this request must get, if any: `status=` alone always

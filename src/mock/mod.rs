@@ -15,7 +15,10 @@
 //!   Azure-shaped error bodies.
 //! - `GET …/v1/models` — OpenAI list format (Anthropic's when `anthropic-version` is sent).
 //! - `GET /_mock/requests`, `GET /_mock/stats`, `POST /_mock/reset` — what reached the mock
-//!   (each request with its `http_version`: `HTTP/1.1` or `HTTP/2.0`).
+//!   (each request with its `http_version`: `HTTP/1.1` or `HTTP/2.0`); `POST
+//!   /_mock/defaults` with a body `k=v;k=v` sets directives every request gets under
+//!   its own (empty body: none), so one mock process plays a deployment that is down
+//!   or rate limited for a while.
 //!
 //! Plain HTTP/1.1 by default; with `--tls-cert FILE --tls-key FILE`, HTTPS with ALPN
 //! `h2` and `http/1.1` on the same port (see [`tls`]).
@@ -23,7 +26,8 @@
 //! Per-request control: header `x-mock: k=v;k=v` or `[[mock: k=v; k=v]]` in the
 //! prompt text (see [`directives`]); keys `ttft_ms`, `gap_ms`, `tokens`, `status`,
 //! `fault` (`reset|stall|cut|garbage|midstream_error`), `cut_after`, `usage=none`,
-//! `tool=NAME|*`, `fail_first=N` with `key=ID`. A tool call made under OpenAI
+//! `tool=NAME|*`, `fail_first=N` with `key=ID`, `retry_after=SECONDS|HTTP-DATE` (the
+//! error answer's `retry-after`; 1 by default on 429/503/529). A tool call made under OpenAI
 //! `tool_choice: "required"` finishes with `"stop"`, as gpt-4o-mini's do.
 
 mod anthropic;

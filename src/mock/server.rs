@@ -80,6 +80,9 @@ pub struct State {
     pub tokens: u32,
     pub log: RequestLog,
     pub fails: FailCounters,
+    /// Directives every request gets under its own (`POST /_mock/defaults`), so one
+    /// mock can play a deployment that is down or rate limited for a while.
+    pub defaults: std::sync::Mutex<Directives>,
 }
 
 /// Accepts forever; accept errors (e.g. out of file descriptors) are transient,
@@ -168,6 +171,15 @@ enum Api {
 }
 
 fn error_response(api: Api, status: u16, message: Option<&str>) -> Response<MockBody> {
+    error_with_retry(api, status, message, None)
+}
+
+fn error_with_retry(
+    api: Api,
+    status: u16,
+    message: Option<&str>,
+    retry_after: Option<&str>,
+) -> Response<MockBody> {
     let body = match api {
         Api::OpenAi => openai::error_json(status, message),
         Api::Anthropic => anthropic::error_json(status, message),
@@ -175,7 +187,10 @@ fn error_response(api: Api, status: u16, message: Option<&str>) -> Response<Mock
     };
     let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let mut resp = json_response(code, Bytes::from(body.to_string()));
-    if matches!(status, 429 | 503 | 529) {
+    let retry = retry_after.and_then(|v| HeaderValue::from_str(v).ok());
+    if let Some(v) = retry {
+        resp.headers_mut().insert(header::RETRY_AFTER, v);
+    } else if matches!(status, 429 | 503 | 529) {
         resp.headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     }
@@ -191,7 +206,7 @@ async fn handle(
     let body = body.collect().await.map_err(io::Error::other)?.to_bytes();
     let path = parts.uri.path();
     if let Some(rest) = path.strip_prefix("/_mock/") {
-        return Ok(admin(&state, &parts.method, rest));
+        return Ok(admin(&state, &parts.method, rest, &body));
     }
     let parsed = serde_json::from_slice::<Value>(&body).map_err(|e| e.to_string());
     state
@@ -236,13 +251,19 @@ async fn handle(
 }
 
 /// `/_mock/*`: introspection for tests; not recorded in the log itself.
-fn admin(state: &State, method: &Method, rest: &str) -> Response<MockBody> {
+fn admin(state: &State, method: &Method, rest: &str, body: &[u8]) -> Response<MockBody> {
     match (method, rest) {
         (&Method::GET, "requests") => json_response(StatusCode::OK, state.log.requests_json()),
         (&Method::GET, "stats") => json_response(StatusCode::OK, state.log.stats_json()),
+        (&Method::POST, "defaults") => {
+            let d = Directives::parse_list(&String::from_utf8_lossy(body));
+            *lock(&state.defaults) = d;
+            json_response(StatusCode::OK, Bytes::from_static(b"{\"ok\":true}"))
+        }
         (&Method::POST, "reset") => {
             state.log.clear();
             state.fails.clear();
+            *lock(&state.defaults) = Directives::default();
             json_response(StatusCode::OK, Bytes::from_static(b"{\"ok\":true}"))
         }
         _ => json_response(
@@ -321,10 +342,10 @@ async fn completion(
             Api::OpenAi | Api::Azure => openai::parse_request(&body).map(ApiRequest::OpenAi),
             Api::Anthropic => anthropic::parse_request(&body).map(ApiRequest::Anthropic),
         });
-    let mut d = request
-        .as_ref()
-        .map(|r| r.prompt().directives())
-        .unwrap_or_default();
+    let mut d = lock(&state.defaults).clone();
+    if let Ok(r) = &request {
+        d.merge(r.prompt().directives());
+    }
     d.merge(header);
     let ttft = d.ttft_ms.unwrap_or(state.ttft_ms);
     let gap = d.gap_ms.unwrap_or(state.gap_ms);
@@ -342,7 +363,12 @@ async fn completion(
     }
     if let Some(status) = d.error_status(&state.fails) {
         sleep_ms(ttft).await;
-        return Ok(error_response(api, status, None));
+        return Ok(error_with_retry(
+            api,
+            status,
+            None,
+            d.retry_after.as_deref(),
+        ));
     }
     let request = match request {
         Ok(r) => r,
@@ -493,5 +519,12 @@ mod tests {
         assert_eq!(pick_tool(Some("*".into()), &offered), Some("a".into()));
         assert_eq!(pick_tool(Some("b".into()), &[]), None);
         assert_eq!(pick_tool(None, &offered), None);
+    }
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
     }
 }

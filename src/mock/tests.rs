@@ -280,6 +280,33 @@ async fn large_body_and_request_log() {
 }
 
 #[tokio::test]
+async fn defaults_apply_under_each_request_until_reset() {
+    let addr = start().await;
+    let body = json!({"model": "m", "messages": [{"role": "user", "content": "x"}]});
+    let set = |d: &'static str| request("POST", "/_mock/defaults", &[], d.as_bytes());
+    parse(&exchange(addr, &set("status=429;retry_after=3")).await);
+    let (r, _) = post(addr, "/v1/chat/completions", &[], &body).await;
+    assert_eq!(r.status, 429);
+    assert_eq!(r.header("retry-after").as_deref(), Some("3"));
+    // The request's own directives win key by key.
+    let (r, _) = post(
+        addr,
+        "/v1/chat/completions",
+        &[("x-mock", "status=200")],
+        &body,
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    parse(&exchange(addr, &set("")).await);
+    let (r, _) = post(addr, "/v1/chat/completions", &[], &body).await;
+    assert_eq!(r.status, 200);
+    parse(&exchange(addr, &set("status=503")).await);
+    parse(&exchange(addr, &request("POST", "/_mock/reset", &[], b"")).await);
+    let (r, _) = post(addr, "/v1/chat/completions", &[], &body).await;
+    assert_eq!(r.status, 200, "reset forgets the defaults");
+}
+
+#[tokio::test]
 async fn status_directives_and_fail_first() {
     let addr = start().await;
     let body = json!({"model": "m", "messages": [{"role": "user", "content": "x"}]});
