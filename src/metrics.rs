@@ -86,6 +86,13 @@ pub struct Metrics {
     upstream_attempts: IntCounterVec,
     fallbacks: IntCounterVec,
     pub circuit_state: IntGaugeVec,
+    /// Per deployment, read at scrape time: attempts in flight on this node, the
+    /// remaining cooldown, this minute's requests against the quota, the TTFT average.
+    pub deployment_in_flight: IntGaugeVec,
+    pub deployment_cooldown_ms: IntGaugeVec,
+    pub deployment_requests_minute: IntGaugeVec,
+    pub deployment_rpm: IntGaugeVec,
+    pub deployment_ttft_ms: IntGaugeVec,
     pub budget_used_ppm: IntGaugeVec,
     pub spend_velocity_pct: IntGaugeVec,
     pub spend_this_hour: IntGaugeVec,
@@ -251,6 +258,36 @@ impl Metrics {
                 "circuit_state",
                 "Provider circuit: 0 closed, 1 half-open, 2 open",
                 &["provider"],
+            )?,
+            deployment_in_flight: gauge(
+                &r,
+                "deployment_in_flight",
+                "Attempts in flight on this node, per model deployment",
+                &["model", "deployment"],
+            )?,
+            deployment_cooldown_ms: gauge(
+                &r,
+                "deployment_cooldown_ms",
+                "Milliseconds until a deployment the provider asked to pause is tried again (0: usable)",
+                &["model", "deployment"],
+            )?,
+            deployment_requests_minute: gauge(
+                &r,
+                "deployment_requests_this_minute",
+                "Requests sent to a deployment in the current UTC minute (all nodes, on Redis)",
+                &["model", "deployment"],
+            )?,
+            deployment_rpm: gauge(
+                &r,
+                "deployment_rpm_quota",
+                "A deployment's requests-per-minute quota (absent: none)",
+                &["model", "deployment"],
+            )?,
+            deployment_ttft_ms: gauge(
+                &r,
+                "deployment_ttft_ewma_ms",
+                "Moving average of a deployment's time to first byte on this node, ms",
+                &["model", "deployment"],
             )?,
             budget_used_ppm: gauge(
                 &r,

@@ -174,6 +174,7 @@ impl Admin {
             };
             m.circuit_state.with_label_values(&[&p.name]).set(state);
         }
+        self.deployment_gauges(&cfg).await;
         for (i, t) in cfg.tenants.iter().enumerate() {
             let limits = &self.gateway.limits;
             if i >= cfg.file_tenants && !limits.seen_here(t) {
@@ -281,7 +282,57 @@ impl Admin {
         (ready, body)
     }
 
-    fn providers(&self) -> Response<Vec<u8>> {
+    async fn deployment_gauges(&self, cfg: &crate::config::Config) {
+        let m = &self.gateway.metrics;
+        for g in [
+            &m.deployment_in_flight,
+            &m.deployment_cooldown_ms,
+            &m.deployment_requests_minute,
+            &m.deployment_rpm,
+            &m.deployment_ttft_ms,
+        ] {
+            g.reset();
+        }
+        let deps: Vec<_> = cfg
+            .models
+            .iter()
+            .flat_map(|md| md.deployments.iter().map(move |d| (&md.name, &**d)))
+            .collect();
+        let uses = self
+            .gateway
+            .limits
+            .quota_use(&deps.iter().map(|(_, d)| *d).collect::<Vec<_>>())
+            .await;
+        let now = crate::audit::time::now_ms();
+        for ((model, d), u) in deps.iter().zip(uses) {
+            let labels = [model.as_str(), d.key.as_str()];
+            let live = self.gateway.pool.live(d);
+            m.deployment_in_flight
+                .with_label_values(&labels)
+                .set(i64::from(live.in_flight()));
+            let cd = live.cooling_until(now).map_or(0, |t| t - now);
+            m.deployment_cooldown_ms
+                .with_label_values(&labels)
+                .set(cd.min(i64::MAX as u64) as i64);
+            m.deployment_requests_minute
+                .with_label_values(&labels)
+                .set(u.requests.min(i64::MAX as u64) as i64);
+            if let Some(rpm) = d.rpm {
+                m.deployment_rpm
+                    .with_label_values(&labels)
+                    .set(rpm.min(i64::MAX as u64) as i64);
+            }
+            if let Some(t) = live.ewma_ttft() {
+                m.deployment_ttft_ms
+                    .with_label_values(&labels)
+                    .set(t.as_millis().min(i64::MAX as u128) as i64);
+            }
+        }
+    }
+
+    /// Providers with their circuits, and every model's deployments with what decides
+    /// whether they are tried now: circuit, cooldown, this minute's use against quota.
+    async fn providers(&self) -> Response<Vec<u8>> {
         let cfg = self.gateway.config();
         let views: std::collections::HashMap<_, _> =
             self.gateway.breakers.views().into_iter().collect();
@@ -303,7 +354,48 @@ impl Admin {
                 })
             })
             .collect();
-        json_reply(200, json!({ "providers": list }))
+        let deps: Vec<(&crate::config::Model, &crate::config::Deployment)> = cfg
+            .models
+            .iter()
+            .flat_map(|m| m.deployments.iter().map(move |d| (&**m, &**d)))
+            .collect();
+        let uses = self
+            .gateway
+            .limits
+            .quota_use(&deps.iter().map(|(_, d)| *d).collect::<Vec<_>>())
+            .await;
+        let now = crate::audit::time::now_ms();
+        let deployments: Vec<_> = deps
+            .iter()
+            .zip(uses)
+            .map(|((m, d), u)| {
+                let live = self.gateway.pool.live(d);
+                let v = views.get(&d.provider.name);
+                let until = live.cooling_until(now);
+                json!({
+                    "model": m.name,
+                    "balance": m.balance.as_str(),
+                    "key": d.key,
+                    "provider": d.provider.name,
+                    "upstream_model": d.upstream_model,
+                    "region": d.provider.region,
+                    "weight": d.weight,
+                    "circuit": v.map_or("closed", |v| v.state),
+                    "cooldown_until": until.map(crate::audit::time::rfc3339),
+                    "cooldown_remaining_ms": until.map_or(0, |t| t - now),
+                    "rpm": d.rpm,
+                    "tpm": d.tpm,
+                    "requests_this_minute": u.requests,
+                    "tokens_this_minute": u.tokens,
+                    "in_flight": live.in_flight(),
+                    "ewma_ttft_ms": live.ewma_ttft().map(|t| t.as_secs_f64() * 1000.0),
+                })
+            })
+            .collect();
+        json_reply(
+            200,
+            json!({ "providers": list, "deployments": deployments }),
+        )
     }
 }
 
@@ -371,7 +463,7 @@ impl ServeHttp for Admin {
             }
         }
         match (method.as_str(), path.as_str()) {
-            ("GET", "/admin/v1/providers") => self.providers(),
+            ("GET", "/admin/v1/providers") => self.providers().await,
             ("GET", p) if p.starts_with("/admin/v1/tenants/") && p.ends_with("/audit") => {
                 let id = &p["/admin/v1/tenants/".len()..p.len() - "/audit".len()];
                 self.audit(id, session.req_header().uri.query().unwrap_or(""))
