@@ -280,7 +280,7 @@ impl Metrics {
             deployment_rpm: gauge(
                 &r,
                 "deployment_rpm_quota",
-                "A deployment's requests-per-minute quota (absent: none)",
+                "A deployment's requests-per-minute quota (0: none)",
                 &["model", "deployment"],
             )?,
             deployment_ttft_ms: gauge(

@@ -317,11 +317,9 @@ impl Admin {
             m.deployment_requests_minute
                 .with_label_values(&labels)
                 .set(u.requests.min(i64::MAX as u64) as i64);
-            if let Some(rpm) = d.rpm {
-                m.deployment_rpm
-                    .with_label_values(&labels)
-                    .set(rpm.min(i64::MAX as u64) as i64);
-            }
+            m.deployment_rpm
+                .with_label_values(&labels)
+                .set(d.rpm.map_or(0, |r| r.min(i64::MAX as u64) as i64));
             if let Some(t) = live.ewma_ttft() {
                 m.deployment_ttft_ms
                     .with_label_values(&labels)

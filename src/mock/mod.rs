@@ -27,7 +27,7 @@
 //! prompt text (see [`directives`]); keys `ttft_ms`, `gap_ms`, `tokens`, `status`,
 //! `fault` (`reset|stall|cut|garbage|midstream_error`), `cut_after`, `usage=none`,
 //! `tool=NAME|*`, `fail_first=N` with `key=ID`, `retry_after=SECONDS|HTTP-DATE` (the
-//! error answer's `retry-after`; 1 by default on 429/503/529). A tool call made under OpenAI
+//! error answer's `retry-after`; 1 by default on 429, none on 503/529). A tool call made under OpenAI
 //! `tool_choice: "required"` finishes with `"stop"`, as gpt-4o-mini's do.
 
 mod anthropic;

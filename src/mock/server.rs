@@ -190,7 +190,9 @@ fn error_with_retry(
     let retry = retry_after.and_then(|v| HeaderValue::from_str(v).ok());
     if let Some(v) = retry {
         resp.headers_mut().insert(header::RETRY_AFTER, v);
-    } else if matches!(status, 429 | 503 | 529) {
+    } else if status == 429 {
+        // As the providers do on a rate limit; an overload (503, 529) says nothing
+        // unless asked (`retry_after=`), so it does not park a deployment.
         resp.headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     }

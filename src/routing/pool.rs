@@ -195,6 +195,8 @@ impl BackgroundService for Refresher {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         let limits: &Limits = &self.gateway.limits;
         if !limits.shares_cooldowns() {
+            // Alone, a node knows every cooldown already; wait for the end quietly.
+            let _ = shutdown.changed().await;
             return;
         }
         let mut tick = tokio::time::interval(crate::limits::COOLDOWN_POLL);

@@ -118,7 +118,9 @@ def test_anthropic_messages_are_served_by_an_azure_model(gw, mock):
 @pytest.mark.parametrize("status", [429, 503])
 def test_an_azure_failure_fails_over_to_the_next_model(gw, mock, status):
     rid = new_request_id("az")
-    x_mock = f"fail_first=1;key={uuid.uuid4().hex};status={status}"
+    # retry_after=0: a refusal that asks for no pause, so the deployment is not parked
+    # (cooldowns are tests/e2e/test_deployments.py's) and the next case starts clean.
+    x_mock = f"fail_first=1;key={uuid.uuid4().hex};status={status};retry_after=0"
     r = post_chat(gw, chat_body(model="azure-gpt"), key=TENANT,
                   headers={"x-request-id": rid, "x-mock": x_mock})
     assert r.status_code == 200, r.text[:300]
