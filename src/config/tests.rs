@@ -578,3 +578,114 @@ fn azure_openai_api_version_errors() {
         "only a provider of kind azure_openai",
     );
 }
+
+/// `minimal()` with model m1 given as `m1_yaml` (indented under `models:`), and a
+/// second provider p2.
+fn with_m1(m1_yaml: &str) -> String {
+    minimal()
+        .replace(
+            "  m1: { provider: p1, price: { input_per_mtok: 1, output_per_mtok: 2 } }\n",
+            m1_yaml,
+        )
+        .replace(
+            "models:\n",
+            "  p2: { kind: openai_compatible, base_url: \"http://127.0.0.1:8\", region: r2 }\nmodels:\n",
+        )
+}
+
+#[test]
+fn deployments_parse_with_their_defaults_and_the_old_form_is_one() {
+    let cfg = Config::from_yaml_str(&with_m1(
+        "  m1:\n    deployments:\n      - { provider: p1, upstream_model: a, weight: 3, rpm: 100, tpm: 5000 }\n      - { provider: p2 }\n    balance: weighted\n    price: { input_per_mtok: 1, output_per_mtok: 2 }\n",
+    ))
+    .unwrap();
+    let m = cfg.model("m1").unwrap();
+    assert_eq!(m.balance, Balance::Weighted);
+    let d: Vec<_> = m
+        .deployments
+        .iter()
+        .map(|d| {
+            (
+                d.key.as_str(),
+                d.provider.name.as_str(),
+                d.upstream_model.as_str(),
+                d.weight,
+                d.rpm,
+                d.tpm,
+            )
+        })
+        .collect();
+    assert_eq!(
+        d,
+        [
+            ("p1/a", "p1", "a", 3, Some(100), Some(5000)),
+            ("p2/m1", "p2", "m1", 1, None, None)
+        ]
+    );
+    assert_eq!(m.upstream_names, "a,m1");
+    assert!(m.serves_region("r2") && !m.serves_region("r3"));
+    let old = cfg.model("m2").unwrap();
+    assert_eq!(old.balance, Balance::LeastBusy);
+    assert_eq!(old.deployments.len(), 1);
+    assert_eq!(old.deployments[0].key, "p1/m2");
+}
+
+#[test]
+fn bad_deployments_name_their_yaml_path() {
+    let m1 = |body: &str| {
+        with_m1(&format!(
+            "  m1:\n{body}    price: {{ input_per_mtok: 1, output_per_mtok: 2 }}\n"
+        ))
+    };
+    assert_error(
+        &m1("    provider: p1\n    deployments: [ { provider: p2 } ]\n"),
+        "models.m1.deployments",
+        "not both",
+    );
+    assert_error(&m1(""), "models.m1.provider", "required");
+    assert_error(
+        &m1("    deployments: []\n"),
+        "models.m1.deployments",
+        "at least one",
+    );
+    assert_error(
+        &m1("    upstream_model: x\n    deployments: [ { provider: p1 } ]\n"),
+        "models.m1.upstream_model",
+        "each entry",
+    );
+    assert_error(
+        &m1("    deployments: [ { provider: p1 }, { provider: nope } ]\n"),
+        "models.m1.deployments[1].provider",
+        "unknown provider `nope`",
+    );
+    for (key, v) in [("weight", "0"), ("rpm", "0"), ("tpm", "0")] {
+        assert_error(
+            &m1(&format!(
+                "    deployments: [ {{ provider: p1, {key}: {v} }} ]\n"
+            )),
+            &format!("models.m1.deployments[0].{key}"),
+            "at least 1",
+        );
+    }
+    assert_error(
+        &m1("    deployments: [ { provider: p1, wieght: 2 } ]\n"),
+        "models.m1.deployments[0].wieght",
+        "unknown field `wieght`",
+    );
+    assert_error(
+        &m1("    deployments: [ { provider: p1 }, { provider: p1, upstream_model: m1 } ]\n"),
+        "models.m1.deployments[1]",
+        "listed twice",
+    );
+    assert_error(
+        &m1("    balance: fastest\n    deployments: [ { provider: p1 } ]\n"),
+        "models.m1.balance",
+        "expected one of `least_busy`, `weighted`, `lowest_latency`",
+    );
+    // One provider account's quota for one upstream model is one number.
+    let shared = minimal().replace(
+        "  m2: { provider: p1, price: { input_per_mtok: 1, output_per_mtok: 2 } }\n",
+        "  m2:\n    deployments: [ { provider: p1, upstream_model: m1, rpm: 5 } ]\n    price: { input_per_mtok: 1, output_per_mtok: 2 }\n",
+    );
+    assert_error(&shared, "models.m2", "another rpm/tpm");
+}
