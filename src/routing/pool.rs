@@ -95,14 +95,18 @@ pub struct Pool {
 
 impl Pool {
     pub fn live(&self, dep: &Deployment) -> Arc<Live> {
-        if let Some(l) = read(&self.map).get(&dep.key) {
+        self.by_key(&dep.key)
+    }
+
+    fn by_key(&self, key: &str) -> Arc<Live> {
+        if let Some(l) = read(&self.map).get(key) {
             return l.clone();
         }
         let mut m = match self.map.write() {
             Ok(m) => m,
             Err(p) => p.into_inner(),
         };
-        m.entry(dep.key.clone()).or_default().clone()
+        m.entry(key.to_string()).or_default().clone()
     }
 
     /// `model`'s deployments in `region` (all without a pin), in the order its
@@ -139,11 +143,13 @@ impl Pool {
 
     /// Applies cooldowns another node wrote (Unix ms per key, 0 for none).
     pub fn absorb(&self, keys: &[&str], until_ms: &[u64]) {
-        let m = read(&self.map);
-        for (k, until) in keys.iter().zip(until_ms) {
-            if let Some(l) = m.get(*k) {
-                l.cool_until(*until);
+        for (k, &until) in keys.iter().zip(until_ms) {
+            if until == 0 {
+                continue;
             }
+            // Also for a deployment this node has not used yet: its first request
+            // must already skip it.
+            self.by_key(k).cool_until(until);
         }
     }
 
@@ -290,6 +296,18 @@ mod tests {
         assert_eq!(names(&pool.order(&m, Some("eu"))), ["up1"]);
         assert_eq!(names(&pool.order(&m, Some("test"))), ["up0"]);
         assert!(pool.order(&m, Some("mars")).is_empty());
+    }
+
+    #[test]
+    fn another_node_s_cooldown_applies_to_a_deployment_not_used_here_yet() {
+        let pool = Pool::default();
+        let m = model(Balance::LeastBusy, &[1, 1]);
+        pool.absorb(&["p/up1", "p/up0"], &[9_000, 0]);
+        assert_eq!(
+            pool.live(&m.deployments[1]).cooling_until(1_000),
+            Some(9_000)
+        );
+        assert_eq!(pool.live(&m.deployments[0]).cooling_until(1_000), None);
     }
 
     #[test]

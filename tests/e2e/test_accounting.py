@@ -28,6 +28,7 @@ ROW_COLUMNS = {
     "request_id", "ts", "ts_ms", "tenant", "api_key_id", "endpoint", "model_requested", "model", "provider",
     "region", "stream", "status", "error_code", "tokens_in", "tokens_out", "cached_tokens_in", "usage_estimated",
     "cost_nanousd", "latency_ms", "ttft_ms", "cache_hit", "fallback_used", "attempts", "node", "end_user",
+    "upstream_model",
 }
 
 
