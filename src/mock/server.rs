@@ -510,6 +510,13 @@ async fn drain(tx: &mpsc::Sender<FrameResult>) {
     tokio::time::sleep(Duration::from_millis(5)).await;
 }
 
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -521,12 +528,5 @@ mod tests {
         assert_eq!(pick_tool(Some("*".into()), &offered), Some("a".into()));
         assert_eq!(pick_tool(Some("b".into()), &[]), None);
         assert_eq!(pick_tool(None, &offered), None);
-    }
-}
-
-fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    match m.lock() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
     }
 }

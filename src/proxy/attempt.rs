@@ -93,6 +93,7 @@ impl Shared {
     /// dropped once the answer reaches the client (no attempt can follow then), so a
     /// long stream does not hold its prompt for its whole life. `attempt_no` is this
     /// attempt's number in the chain, for `x-gateway-attempts`.
+    #[allow(clippy::too_many_arguments)]
     pub(super) async fn attempt<C: Client + ?Sized>(
         &self,
         client: &mut C,
