@@ -130,6 +130,21 @@ counters: {{ backend: memory }}
 """
 
 
+def deployments_config(n):
+    """`policy_config` with model m1 served by `n` deployments (one provider, `n` upstream
+    names, the default `least_busy` balance), to measure what choosing among them costs."""
+    deps = "\n".join(f"      - {{ provider: p-openai, upstream_model: gpt-4o-mini-{i} }}" for i in range(n))
+    m1 = ("  m1: { provider: p-openai, upstream_model: gpt-4o-mini, price: { input_per_mtok: 0.15, "
+          "output_per_mtok: 0.60 }, max_output_tokens: 64 }\n")
+
+    def body(mock_port):
+        cfg = policy_config(mock_port)
+        assert m1 in cfg
+        return cfg.replace(m1, f"  m1:\n    deployments:\n{deps}\n    price: {{ input_per_mtok: 0.15, "
+                               f"output_per_mtok: 0.60 }}\n    max_output_tokens: 64\n")
+    return body
+
+
 # Tenants of the k6 scenarios: name -> (key, yaml body after api_keys).
 TENANTS = {
     "alpha": ("sk-alpha", "models: [m1, m2, m3]\n    fallback: [m2, m3]\n    cache: { enabled: true, ttl_s: 60 }\n    rate: { rps: 100000, concurrency: 10000 }"),

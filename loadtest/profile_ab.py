@@ -7,7 +7,10 @@ the same way, rounds interleaved.
         cargo build --release --features bench,jemalloc --bin llm-gateway --example passthrough
     python3 loadtest/profile_ab.py base=target/release thin=target-thin/release [--rounds 3]
 
-Each NAME=DIR names a build: DIR/llm-gateway and DIR/examples/passthrough. The first
+Each NAME=DIR names a build: DIR/llm-gateway and DIR/examples/passthrough; NAME=DIR@N
+runs that build with model m1 served by N deployments (`benchlib.deployments_config`),
+so `one=target/release@1 eight=target/release@8` measures what choosing among 8
+deployments costs per request. The first
 build is the reference. Same load and pinning as loadtest/bench.py's max-rps section
 (wrk -t1 -c32 keep-alive, non-streaming; the server alone on CPU 1). Every build's
 gateway and passthrough stay up for the whole run and are fed by one mock (the first
@@ -20,7 +23,7 @@ import argparse, json, os, statistics, sys, tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench  # noqa: E402
-from benchlib import BENCH_KEY, Stack, policy_config, raise_nofile  # noqa: E402
+from benchlib import BENCH_KEY, Stack, deployments_config, policy_config, raise_nofile  # noqa: E402
 
 
 def log(msg):
@@ -39,7 +42,12 @@ def main():
     ap.add_argument("--conns", type=int, default=32)
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
-    builds = dict(b.split("=", 1) for b in a.builds)
+    builds, configs = {}, {}
+    for b in a.builds:
+        name, d = b.split("=", 1)
+        d, _, n = d.partition("@")
+        builds[name] = d
+        configs[name] = deployments_config(int(n)) if n else policy_config
     for name, d in builds.items():
         for f in ("llm-gateway", "examples/passthrough"):
             if not os.access(os.path.join(d, f), os.X_OK):
@@ -56,7 +64,7 @@ def main():
     res = {n: {"gateway": [], "passthrough": []} for n in builds}
     try:
         for name, d in builds.items():
-            st = Stack(os.path.join(d, "llm-gateway"), [], policy_config, mock_cpus=client, gw_cpus=server,
+            st = Stack(os.path.join(d, "llm-gateway"), [], configs[name], mock_cpus=client, gw_cpus=server,
                        mock_bin=mock_bin).__enter__()
             stacks[name] = st
             pts[name] = bench.Passthrough(os.path.join(d, "examples/passthrough"), st.mock_port, server)
