@@ -8,7 +8,9 @@
 use super::money::usd_to_nanousd;
 use super::named::{check_name, sub, Named, Ref};
 use super::net::base_url;
-use super::raw::{Entries, RawConfig, RawHttp2, RawKind, RawModel, RawProvider, Sec};
+use super::raw::{
+    Entries, RawConfig, RawHttp2, RawKind, RawModel, RawProvider, RawUpstreamStreaming, Sec,
+};
 use super::report::{child, Report};
 use super::sections::{self, env_secret};
 use super::tenant;
@@ -237,6 +239,10 @@ fn build_provider(name: &str, raw: RawProvider, at: &str, report: &mut Report) -
         region,
         timeouts,
         http2: raw.http2.unwrap_or(RawHttp2::Auto) == RawHttp2::Auto,
+        stream_always: raw
+            .upstream_streaming
+            .unwrap_or(RawUpstreamStreaming::Always)
+            == RawUpstreamStreaming::Always,
     })
 }
 

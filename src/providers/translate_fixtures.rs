@@ -58,6 +58,7 @@ pub fn model(kind: ProviderKind, max_output_tokens: Option<u32>) -> Model {
             region: "test".into(),
             timeouts: Timeouts::default(),
             http2: true,
+            stream_always: true,
         }),
         upstream_model: upstream.into(),
         price: Price {
