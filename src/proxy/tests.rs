@@ -34,11 +34,15 @@ enum Act {
     Cut,
     /// A 200 whose body is not the provider's format.
     Garbage,
+    /// A stream's header, then nothing (the mock's `fault=stall` on a stream).
+    HeaderThenStall,
 }
 
 struct Fake {
     addr: SocketAddr,
     requests: Arc<AtomicUsize>,
+    /// The body of the last request.
+    last_body: Arc<std::sync::Mutex<String>>,
 }
 
 /// A fake provider acting `acts[n]` on its n-th request (the last act repeats).
@@ -46,17 +50,24 @@ async fn fake(acts: Vec<Act>) -> Fake {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let requests = Arc::new(AtomicUsize::new(0));
+    let last_body = Arc::new(std::sync::Mutex::new(String::new()));
     let seen = requests.clone();
+    let last = last_body.clone();
     tokio::spawn(async move {
         while let Ok((sock, _)) = listener.accept().await {
             let acts = acts.clone();
             let seen = seen.clone();
+            let last = last.clone();
             tokio::spawn(async move {
-                serve(sock, &acts, &seen).await;
+                serve(sock, &acts, &seen, &last).await;
             });
         }
     });
-    Fake { addr, requests }
+    Fake {
+        addr,
+        requests,
+        last_body,
+    }
 }
 
 /// An address nothing listens on: connecting is refused.
@@ -67,10 +78,18 @@ async fn refusing() -> SocketAddr {
     addr
 }
 
-async fn serve(mut sock: TcpStream, acts: &[Act], seen: &AtomicUsize) {
+async fn serve(
+    mut sock: TcpStream,
+    acts: &[Act],
+    seen: &AtomicUsize,
+    last: &std::sync::Mutex<String>,
+) {
     let Some(body) = read_request(&mut sock).await else {
         return;
     };
+    if let Ok(mut l) = last.lock() {
+        l.clone_from(&body);
+    }
     let n = seen.fetch_add(1, Ordering::SeqCst);
     let act = acts[n.min(acts.len() - 1)];
     let stream = body.contains("\"stream\":true");
@@ -127,6 +146,10 @@ async fn serve(mut sock: TcpStream, acts: &[Act], seen: &AtomicUsize) {
             let _ = sock
                 .write_all(response(200, "application/json", &[], "<html>oops</html>").as_bytes())
                 .await;
+        }
+        Act::HeaderThenStall => {
+            let _ = sock.write_all(sse_head.as_bytes()).await;
+            tokio::time::sleep(Duration::from_secs(30)).await;
         }
     }
     let _ = sock.shutdown().await;
@@ -232,11 +255,16 @@ impl Recorder {
 
 /// A gateway whose models m1..mN are served by `addrs`, tried in that order.
 fn gateway(addrs: &[SocketAddr]) -> (Arc<Shared>, Vec<Arc<Model>>, tempdir::Dir) {
+    gateway_with(addrs, "")
+}
+
+/// As [`gateway`], with `extra` (`, key: value`) in every provider's mapping.
+fn gateway_with(addrs: &[SocketAddr], extra: &str) -> (Arc<Shared>, Vec<Arc<Model>>, tempdir::Dir) {
     let mut yaml =
         String::from("node: { region: r1 }\nlisten: { http: 127.0.0.1:18080 }\nproviders:\n");
     for (i, a) in addrs.iter().enumerate() {
         yaml += &format!(
-            "  p{i}: {{ kind: openai_compatible, base_url: \"http://{a}\", region: r1, timeouts: {{ connect_ms: 500, first_token_ms: 400, idle_ms: 2000, total_ms: 5000 }} }}\n"
+            "  p{i}: {{ kind: openai_compatible, base_url: \"http://{a}\", region: r1, timeouts: {{ connect_ms: 500, first_token_ms: 400, idle_ms: 2000, total_ms: 5000 }}{extra} }}\n"
         );
     }
     yaml += "models:\n";
@@ -411,6 +439,88 @@ async fn a_stall_fails_over_within_the_first_token_deadline() {
     // first_token_ms is 400 in this config; the stall waits 30 s.
     assert!(took < Duration::from_secs(3), "{took:?}");
     assert!(took >= Duration::from_millis(400), "{took:?}");
+}
+
+/// A non-streaming request goes upstream as a stream, so a provider that stalls
+/// before its first token (before or after its response header) is left within
+/// `first_token_ms`, not `total_ms`.
+#[tokio::test]
+async fn a_stalled_non_streaming_upstream_fails_over_within_the_first_token_deadline() {
+    for stall in [Act::Stall, Act::HeaderThenStall] {
+        let stalled = fake(vec![stall]).await;
+        let good = fake(vec![Act::Ok { delay_ms: 0 }]).await;
+        let (gw, models, _d) = gateway(&[stalled.addr, good.addr]);
+        let t = Instant::now();
+        let (mut outcome, client, _plan) = run(&gw, &models, false).await;
+        let took = t.elapsed();
+        assert!(stalled
+            .last_body
+            .lock()
+            .unwrap()
+            .contains("\"stream\":true"));
+        assert!(stalled
+            .last_body
+            .lock()
+            .unwrap()
+            .contains("\"stream_options\":{\"include_usage\":true}"));
+        let results: Vec<_> = outcome.attempts.iter().map(|a| a.result).collect();
+        assert_eq!(
+            results,
+            [AttemptResult::FirstTokenTimeout, AttemptResult::Ok],
+            "{stall:?}"
+        );
+        // first_token_ms is 400 in this config, total_ms 5000; the stall waits 30 s.
+        assert!(took < Duration::from_millis(1400), "{stall:?}: {took:?}");
+        assert!(took >= Duration::from_millis(400), "{stall:?}: {took:?}");
+        let tail = outcome.tail.as_ref().expect("an answer");
+        let header = tail.header.as_ref().expect("one piece");
+        let h = |n: &str| header.headers.get(n).and_then(|v| v.to_str().ok());
+        assert_eq!(h("content-type"), Some("application/json"));
+        assert_eq!(
+            h("content-length"),
+            Some(tail.body.len().to_string().as_str())
+        );
+        let (status, body) = client.finish(&mut outcome);
+        assert_eq!(status, 200);
+        let v: serde_json::Value = serde_json::from_str(&body).expect("one JSON body");
+        assert_eq!(v["object"], "chat.completion");
+        assert_eq!(v["choices"][0]["message"]["content"], "Hello world");
+        assert_eq!(v["usage"]["completion_tokens"], 2);
+    }
+}
+
+/// An assembled answer cut after its first token has reached no client yet: the
+/// chain moves on, and the cut attempt is reported as a reset, not delivered.
+#[tokio::test]
+async fn a_non_streaming_answer_cut_mid_stream_fails_over() {
+    let cut = fake(vec![Act::Cut]).await;
+    let good = fake(vec![Act::Ok { delay_ms: 0 }]).await;
+    let (gw, models, _d) = gateway(&[cut.addr, good.addr]);
+    let (mut outcome, client, plan) = run(&gw, &models, false).await;
+    let results: Vec<_> = outcome.attempts.iter().map(|a| a.result).collect();
+    assert_eq!(results, [AttemptResult::Reset, AttemptResult::Ok]);
+    let row = row_of(&plan, &outcome);
+    assert_eq!((row.attempts, row.tokens_out), (2, 2));
+    let (_, body) = client.finish(&mut outcome);
+    assert!(!body.contains("Hel\""), "nothing of the cut answer: {body}");
+}
+
+/// `upstream_streaming: as_client`: a non-streaming request goes upstream as the
+/// client sent it, and the provider's body comes back byte for byte.
+#[tokio::test]
+async fn a_provider_that_opted_out_gets_the_request_as_the_client_sent_it() {
+    let up = fake(vec![Act::Ok { delay_ms: 0 }]).await;
+    let (gw, models, _d) = gateway_with(&[up.addr], ", upstream_streaming: as_client");
+    let (mut outcome, client, _plan) = run(&gw, &models, false).await;
+    let sent = up.last_body.lock().unwrap().clone();
+    assert!(sent.contains("\"stream\":false"), "{sent}");
+    assert!(!sent.contains("stream_options"), "{sent}");
+    let (status, body) = client.finish(&mut outcome);
+    assert_eq!(status, 200);
+    assert!(
+        body.starts_with(r#"{"id":"c1","object":"chat.completion","created":1,"#),
+        "{body}"
+    );
 }
 
 #[tokio::test]
