@@ -11,7 +11,7 @@ use super::*;
 use crate::providers::translate_fixtures::{self as fx, check_splits, find, run};
 use crate::providers::translate_response::{ChatToMessageBody, MessageToChatBody};
 use crate::providers::{anthropic, openai};
-use serde_json::json;
+use serde_json::{json, Value};
 
 fn openai_same_format() -> Assembled {
     Assembled::new(
