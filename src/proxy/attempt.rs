@@ -147,9 +147,7 @@ impl Shared {
         };
         // The assembled answer has begun: the rest of it is still held (the client
         // gets one body), each read bounded by `idle_ms`, the whole by `total_ms`.
-        let held = if held.ended {
-            held
-        } else if assembled {
+        let held = if assembled && !held.ended {
             tokio::select! {
                 biased;
                 r = timeout_at(deadlines.total.into(), Box::pin(collect(held))) => match r {
@@ -227,6 +225,15 @@ impl Shared {
             )
         })?;
         let status = resp.status.as_u16();
+        // A server that ignored `stream: true` answers one JSON body: no first token
+        // to wait for, so once its header came only the total bounds it.
+        let json_answer = assembled
+            && status == 200
+            && resp
+                .headers
+                .get("content-type")
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|ct| ct.starts_with("application/json"));
         if assembled && status == 200 {
             // The client gets the assembled JSON body, not the provider's stream.
             let _ = resp.insert_header("content-type", "application/json");
@@ -271,6 +278,10 @@ impl Shared {
             return Ok(held);
         }
         let stream = plan.req.stream;
+        if json_answer {
+            held.translator = Some(translator);
+            return Ok(held);
+        }
         loop {
             match read(&mut held.session, status).await? {
                 Some(chunk) => translator.feed(&chunk, &mut held.out),

@@ -36,6 +36,9 @@ enum Act {
     Garbage,
     /// A stream's header, then nothing (the mock's `fault=stall` on a stream).
     HeaderThenStall,
+    /// A server that cannot stream: a JSON header at once, the body `delay_ms` later,
+    /// whatever the request asked.
+    JsonLater { delay_ms: u64 },
 }
 
 struct Fake {
@@ -146,6 +149,14 @@ async fn serve(
             let _ = sock
                 .write_all(response(200, "application/json", &[], "<html>oops</html>").as_bytes())
                 .await;
+        }
+        Act::JsonLater { delay_ms } => {
+            let b = r#"{"id":"c2","object":"chat.completion","created":1,"model":"up","choices":[{"index":0,"message":{"role":"assistant","content":"Hello later"},"finish_reason":"stop"}],"usage":{"prompt_tokens":7,"completion_tokens":2,"total_tokens":9}}"#;
+            let head = response(200, "application/json", &[], b);
+            let split = head.len() - b.len();
+            let _ = sock.write_all(&head.as_bytes()[..split]).await;
+            tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+            let _ = sock.write_all(b.as_bytes()).await;
         }
         Act::HeaderThenStall => {
             let _ = sock.write_all(sse_head.as_bytes()).await;
@@ -503,6 +514,26 @@ async fn a_non_streaming_answer_cut_mid_stream_fails_over() {
     assert_eq!((row.attempts, row.tokens_out), (2, 2));
     let (_, body) = client.finish(&mut outcome);
     assert!(!body.contains("Hel\""), "nothing of the cut answer: {body}");
+}
+
+/// A server that answers `stream: true` with one JSON body is served as the non-stream
+/// path serves it: its body passed through, bounded by `total_ms` once its header came
+/// (here 800 ms after it, past `first_token_ms`).
+#[tokio::test]
+async fn a_server_that_ignores_stream_true_is_answered_with_its_own_body() {
+    let up = fake(vec![Act::JsonLater { delay_ms: 800 }]).await;
+    let (gw, models, _d) = gateway(&[up.addr]);
+    let (mut outcome, client, _plan) = run(&gw, &models, false).await;
+    assert!(up.last_body.lock().unwrap().contains("\"stream\":true"));
+    let a = outcome.delivered().expect("delivered").clone();
+    assert_eq!(a.result, AttemptResult::Ok);
+    assert_eq!(a.completion.usage.map(|u| u.output), Some(2));
+    let (status, body) = client.finish(&mut outcome);
+    assert_eq!(status, 200);
+    assert!(
+        body.starts_with(r#"{"id":"c2","object":"chat.completion""#),
+        "{body}"
+    );
 }
 
 /// `upstream_streaming: as_client`: a non-streaming request goes upstream as the
