@@ -394,6 +394,12 @@ pub struct Provider {
     /// and use what it picks, so one connection multiplexes many streams. `false`
     /// (`http2: off`) offers `http/1.1` only. Never h2c: plain `http://` is HTTP/1.1.
     pub http2: bool,
+    /// `upstream_streaming: always` (the default): a non-streaming request goes
+    /// upstream as a stream that the gateway assembles into the one body the client
+    /// asked for, so `first_token_ms` and `idle_ms` bound it and a stalled provider is
+    /// failed over within `first_token_ms`. `false` (`as_client`): sent as the client
+    /// asked, for a server that cannot stream; then only `total_ms` bounds it.
+    pub stream_always: bool,
 }
 
 /// A base URL split once at load time, because peers are built from host and port on

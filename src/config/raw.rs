@@ -137,6 +137,8 @@ pub(super) struct RawProvider {
     pub timeouts: Option<RawTimeouts>,
     /// Absent: `auto`.
     pub http2: Option<RawHttp2>,
+    /// Absent: `always`.
+    pub upstream_streaming: Option<RawUpstreamStreaming>,
 }
 
 /// Whether a TLS upstream may be offered HTTP/2 by ALPN. `off` exists for servers
@@ -153,6 +155,29 @@ impl TryFrom<String> for RawHttp2 {
     type Error = String;
     fn try_from(s: String) -> Result<Self, String> {
         variant(&s, &[("auto", RawHttp2::Auto), ("off", RawHttp2::Off)])
+    }
+}
+
+/// Whether a non-streaming request goes upstream as a stream the gateway assembles
+/// (`always`, so `first_token_ms` and `idle_ms` bound it) or as the client sent it
+/// (`as_client`, for a server that cannot stream).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub(super) enum RawUpstreamStreaming {
+    Always,
+    AsClient,
+}
+
+impl TryFrom<String> for RawUpstreamStreaming {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        variant(
+            &s,
+            &[
+                ("always", RawUpstreamStreaming::Always),
+                ("as_client", RawUpstreamStreaming::AsClient),
+            ],
+        )
     }
 }
 

@@ -93,6 +93,10 @@ fn contract_example_parses_into_exact_values() {
     );
     assert_eq!(openai.timeouts, Timeouts::default());
     assert!(openai.http2, "http2 defaults to auto");
+    assert!(
+        openai.stream_always,
+        "upstream_streaming defaults to always"
+    );
     let inhouse = cfg.provider("inhouse").unwrap();
     assert_eq!(inhouse.kind.as_str(), "openai_compatible");
     assert_eq!(inhouse.api_key, None);
@@ -371,6 +375,34 @@ fn http2_auto_by_default_off_when_asked() {
     }
     // A YAML boolean is not one of the words either.
     assert_error(&with("false"), "providers.p1.http2", "invalid type");
+}
+
+#[test]
+fn upstream_streaming_always_by_default_as_client_when_asked() {
+    let cfg = Config::from_yaml_str(&minimal()).unwrap();
+    assert!(cfg.provider("p1").unwrap().stream_always);
+    let with = |v: &str| {
+        minimal().replace(
+            "region: r1 }\nmodels",
+            &format!("region: r1, upstream_streaming: {v} }}\nmodels"),
+        )
+    };
+    let cfg = Config::from_yaml_str(&with("always")).unwrap();
+    assert!(cfg.provider("p1").unwrap().stream_always);
+    let cfg = Config::from_yaml_str(&with("as_client")).unwrap();
+    assert!(!cfg.provider("p1").unwrap().stream_always);
+    for bad in ["never", "as-client"] {
+        assert_error(
+            &with(bad),
+            "providers.p1.upstream_streaming",
+            &format!("unknown variant `{bad}`, expected one of `always`, `as_client`"),
+        );
+    }
+    assert_error(
+        &with("true"),
+        "providers.p1.upstream_streaming",
+        "invalid type",
+    );
 }
 
 #[test]

@@ -7,7 +7,7 @@
 
 use super::named::{check_name, sub, Named};
 use super::net::base_url;
-use super::raw::{Entries, RawConfig, RawHttp2, RawKind, RawProvider, Sec};
+use super::raw::{Entries, RawConfig, RawHttp2, RawKind, RawProvider, RawUpstreamStreaming, Sec};
 use super::report::{child, Report};
 use super::sections::{self, env_secret};
 use super::tenant;
@@ -238,6 +238,10 @@ fn build_provider(name: &str, raw: RawProvider, at: &str, report: &mut Report) -
         region,
         timeouts,
         http2: raw.http2.unwrap_or(RawHttp2::Auto) == RawHttp2::Auto,
+        stream_always: raw
+            .upstream_streaming
+            .unwrap_or(RawUpstreamStreaming::Always)
+            == RawUpstreamStreaming::Always,
     })
 }
 

@@ -47,17 +47,23 @@ pub fn upstream_request(
         body: Bytes::from(body),
         headers: headers(req, provider),
         strip_usage: false,
+        assembled: false,
     })
 }
 
 /// `/v1/messages` to an Anthropic provider: the client's body with the upstream model
 /// name and, when the client sent none, the model's `max_tokens` (a fallback's
-/// smaller bound caps the client's).
+/// smaller bound caps the client's). `assemble`: the client asked for one body, the
+/// upstream gets a stream ([`super::assemble`]).
 pub fn prepare_native(
     req: &ClientRequest,
     to: Target<'_>,
+    assemble: bool,
 ) -> Result<UpstreamRequest, GatewayError> {
     let mut body = req.body.clone();
+    if assemble {
+        super::stream_upstream(&mut body, false);
+    }
     body.insert("model".into(), Value::String(to.dep.upstream_model.clone()));
     // The client's, capped at a fallback's smaller bound; else the model's.
     if req.max_tokens != super::max_tokens_for(req, to.model) || req.max_tokens.is_none() {
@@ -295,7 +301,7 @@ mod tests {
         let req = client(
             json!({"model": "claude-haiku", "messages": [{"role": "user", "content": "hi"}]}),
         );
-        let up = prepare_native(&req, fx::target(&model)).unwrap_or_else(|e| panic!("{e}"));
+        let up = prepare_native(&req, fx::target(&model), false).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(up.path, "/v1/messages");
         let body: Value = serde_json::from_slice(&up.body).unwrap_or_default();
         assert_eq!(body["model"], "claude-3-5-haiku-20241022");
@@ -315,6 +321,7 @@ mod tests {
         let up = prepare_native(
             &req,
             fx::target(&fx::model(crate::config::ProviderKind::Anthropic, None)),
+            false,
         )
         .unwrap_or_else(|e| panic!("{e}"));
         let body: Value = serde_json::from_slice(&up.body).unwrap_or_default();
@@ -333,6 +340,7 @@ mod tests {
         let up = prepare_native(
             &req,
             fx::target(&fx::model(crate::config::ProviderKind::Anthropic, None)),
+            false,
         )
         .unwrap_or_else(|e| panic!("{e}"));
         let body: Value = serde_json::from_slice(&up.body).unwrap_or_default();

@@ -6,6 +6,7 @@
 //! tested on recorded wire fixtures cut at every byte boundary.
 
 pub mod anthropic;
+pub mod assemble;
 pub mod end_user;
 pub mod openai;
 pub mod sse;
@@ -160,6 +161,10 @@ pub struct UpstreamRequest {
     /// The gateway added `stream_options.include_usage`; the usage chunk it brings
     /// must not reach the client.
     pub strip_usage: bool,
+    /// The client asked for one body but the upstream was asked for a stream, which
+    /// the gateway assembles ([`assemble`]), so `first_token_ms` and `idle_ms` bound
+    /// a non-streaming call too.
+    pub assembled: bool,
 }
 
 /// The most output tokens `model` can produce for `req`: what [`max_tokens_for`]
@@ -200,35 +205,68 @@ pub fn check_max_tokens(req: &ClientRequest, first: &Model) -> Result<(), Gatewa
 /// Builds the upstream request for `to` from the client's request.
 ///
 /// Every pair of endpoint format and provider kind is served: the same format is passed
-/// through with the model rewritten, the other is translated.
+/// through with the model rewritten, the other is translated. A non-streaming request
+/// goes upstream as a stream (with usage) unless the provider opted out
+/// (`upstream_streaming: as_client`): see [`UpstreamRequest::assembled`].
 pub fn prepare(req: &ClientRequest, to: Target<'_>) -> Result<UpstreamRequest, GatewayError> {
-    match (req.format, to.dep.provider.kind) {
+    let assemble = !req.stream && to.dep.provider.stream_always;
+    let mut up = match (req.format, to.dep.provider.kind) {
         (
             ApiFormat::OpenAi,
             ProviderKind::OpenAi | ProviderKind::OpenAiCompatible | ProviderKind::AzureOpenAi,
-        ) => openai::prepare_chat(req, to),
+        ) => openai::prepare_chat(req, to, assemble),
         (ApiFormat::OpenAi, ProviderKind::Anthropic) => {
-            let body = translate_request::chat_to_messages(
+            let mut body = translate_request::chat_to_messages(
                 &req.body,
                 &to.dep.upstream_model,
                 max_tokens_for(req, to.model),
             )?;
+            if assemble {
+                stream_upstream(&mut body, false);
+            }
             anthropic::upstream_request(req, &to.dep.provider, body)
         }
-        (ApiFormat::Anthropic, ProviderKind::Anthropic) => anthropic::prepare_native(req, to),
+        (ApiFormat::Anthropic, ProviderKind::Anthropic) => {
+            anthropic::prepare_native(req, to, assemble)
+        }
         (
             ApiFormat::Anthropic,
             kind @ (ProviderKind::OpenAi
             | ProviderKind::OpenAiCompatible
             | ProviderKind::AzureOpenAi),
         ) => {
-            let body = translate_request::messages_to_chat(
+            let mut body = translate_request::messages_to_chat(
                 &req.body,
                 &to.dep.upstream_model,
                 max_tokens_for(req, to.model),
                 kind.openai_native(),
             )?;
+            if assemble {
+                stream_upstream(&mut body, true);
+            }
             openai::chat_request(to.dep, body, false)
+        }
+    }?;
+    up.assembled = assemble;
+    Ok(up)
+}
+
+/// Makes a finished upstream body ask for a stream; an OpenAI-kind one also for the
+/// usage chunk, since the assembled body must carry the usage a non-streamed one
+/// does.
+pub(crate) fn stream_upstream(body: &mut Map<String, Value>, openai_kind: bool) {
+    body.insert("stream".into(), Value::Bool(true));
+    if openai_kind {
+        match body.get_mut("stream_options") {
+            Some(Value::Object(o)) => {
+                o.insert("include_usage".into(), Value::Bool(true));
+            }
+            _ => {
+                body.insert(
+                    "stream_options".into(),
+                    serde_json::json!({"include_usage": true}),
+                );
+            }
         }
     }
 }
@@ -283,6 +321,9 @@ pub enum ResponseTranslator {
     /// Anthropic client, OpenAI-kind provider.
     ChatToMessagesStream(translate_stream_messages::ChatToMessagesStream),
     ChatToMessagesBody(translate_response::ChatToMessageBody),
+    /// A client that asked for one body, an upstream that streams: the stream is
+    /// assembled, then translated by the variant the non-stream path would use.
+    Assembled(Box<assemble::Assembled>),
 }
 
 /// How a response ended, for accounting and the audit row.
@@ -308,6 +349,20 @@ impl ResponseTranslator {
     /// Picks the translator for the pair of endpoint format and provider kind that
     /// [`prepare`] built the upstream request for.
     pub fn new(req: &ClientRequest, up: &UpstreamRequest, to: Target<'_>) -> Self {
+        let body = Self::pick(req, up, to);
+        if !up.assembled {
+            return body;
+        }
+        let assembler = if to.dep.provider.kind == ProviderKind::Anthropic {
+            assemble::Assembler::Anthropic(assemble::AnthropicAssembler::new())
+        } else {
+            assemble::Assembler::OpenAi(assemble::OpenAiAssembler::new())
+        };
+        ResponseTranslator::Assembled(Box::new(assemble::Assembled::new(assembler, body)))
+    }
+
+    /// The translator for the client's own mode (streamed or one body).
+    fn pick(req: &ClientRequest, up: &UpstreamRequest, to: Target<'_>) -> Self {
         use ResponseTranslator as T;
         let anthropic_provider = to.dep.provider.kind == ProviderKind::Anthropic;
         let fallback_model = to.dep.upstream_model.as_str();
@@ -351,6 +406,7 @@ impl ResponseTranslator {
             ResponseTranslator::MessagesToChatBody(t) => t,
             ResponseTranslator::ChatToMessagesStream(t) => t,
             ResponseTranslator::ChatToMessagesBody(t) => t,
+            ResponseTranslator::Assembled(t) => t.as_ref(),
         }
     }
 
@@ -364,6 +420,7 @@ impl ResponseTranslator {
             ResponseTranslator::MessagesToChatBody(t) => t,
             ResponseTranslator::ChatToMessagesStream(t) => t,
             ResponseTranslator::ChatToMessagesBody(t) => t,
+            ResponseTranslator::Assembled(t) => t.as_mut(),
         }
     }
 
@@ -390,6 +447,22 @@ impl ResponseTranslator {
     /// What is known so far, for a stream that was cut before its end.
     pub fn snapshot(&self) -> Completion {
         self.inner().snapshot()
+    }
+
+    /// An assembled answer's stream has begun: the moment a streaming client would
+    /// have had its first byte, which `first_token_ms` bounds. Always false for the
+    /// other variants, whose own output says so.
+    pub fn started(&self) -> bool {
+        matches!(self, ResponseTranslator::Assembled(a) if a.started())
+    }
+
+    /// Why a non-streamed answer that [`finish`](Self::finish) found incomplete
+    /// cannot be delivered: a plain body can only have been unreadable.
+    pub fn unfinished(&self) -> assemble::Unfinished {
+        match self {
+            ResponseTranslator::Assembled(a) => a.unfinished(),
+            _ => assemble::Unfinished::Unreadable,
+        }
     }
 }
 

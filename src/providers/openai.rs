@@ -6,13 +6,19 @@ use super::{ClientRequest, Completion, UpstreamRequest, Usage};
 use crate::config::{Deployment, ProviderKind, Target};
 use crate::error::GatewayError;
 use bytes::{Bytes, BytesMut};
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value};
 use std::borrow::Cow;
 
 pub const CHAT_PATH: &str = "/v1/chat/completions";
 
 /// Rewrites the model and, for streams, asks for the usage chunk the gateway bills from.
-pub fn prepare_chat(req: &ClientRequest, to: Target<'_>) -> Result<UpstreamRequest, GatewayError> {
+/// `assemble`: the client asked for one body, the upstream gets a stream
+/// ([`super::assemble`]).
+pub fn prepare_chat(
+    req: &ClientRequest,
+    to: Target<'_>,
+    assemble: bool,
+) -> Result<UpstreamRequest, GatewayError> {
     let mut body = req.body.clone();
     body.insert("model".into(), Value::String(to.dep.upstream_model.clone()));
     // The budget reservation assumes this bound: make the provider keep to it.
@@ -37,15 +43,8 @@ pub fn prepare_chat(req: &ClientRequest, to: Target<'_>) -> Result<UpstreamReque
         _ => {}
     }
     let strip_usage = req.stream && !req.include_usage;
-    if strip_usage {
-        match body.get_mut("stream_options") {
-            Some(Value::Object(o)) => {
-                o.insert("include_usage".into(), Value::Bool(true));
-            }
-            _ => {
-                body.insert("stream_options".into(), json!({"include_usage": true}));
-            }
-        }
+    if strip_usage || assemble {
+        super::stream_upstream(&mut body, true);
     }
     chat_request(to.dep, body, strip_usage)
 }
@@ -81,6 +80,7 @@ pub fn chat_request(
         body: Bytes::from(body),
         headers,
         strip_usage,
+        assembled: false,
     })
 }
 

@@ -37,6 +37,38 @@ pub const WIRE_OPENAI_TOOLS_CACHED: &[u8] =
 pub const WIRE_OPENAI_TOOLS_STREAM: &[u8] =
     include_bytes!("../../tests/fixtures/wire/openai-tools-stream.sse");
 
+/// Recorded non-stream bodies and streams the assembler is checked against
+/// (tests/fixtures/wire/SOURCES.md says where each came from).
+pub const WIRE_OPENAI_TEXT: &[u8] = include_bytes!("../../tests/fixtures/wire/openai-text.json");
+pub const WIRE_OPENAI_TEXT_STREAM: &[u8] =
+    include_bytes!("../../tests/fixtures/wire/openai-text-stream.sse");
+pub const WIRE_OPENAI_TOOLS_PARALLEL: &[u8] =
+    include_bytes!("../../tests/fixtures/wire/openai-tools-parallel.json");
+pub const WIRE_OPENAI_REFUSAL: &[u8] =
+    include_bytes!("../../tests/fixtures/wire/openai-refusal.json");
+pub const WIRE_OPENAI_REFUSAL_STREAM: &[u8] =
+    include_bytes!("../../tests/fixtures/wire/openai-refusal-stream.sse");
+pub const WIRE_OPENAI_REASONING_STREAM: &[u8] =
+    include_bytes!("../../tests/fixtures/wire/openai-reasoning-stream.sse");
+pub const WIRE_ANTHROPIC_TEXT: &[u8] =
+    include_bytes!("../../tests/fixtures/wire/anthropic-text.json");
+pub const WIRE_ANTHROPIC_TOOL: &[u8] =
+    include_bytes!("../../tests/fixtures/wire/anthropic-tool.json");
+pub const WIRE_ANTHROPIC_CACHE: &[u8] =
+    include_bytes!("../../tests/fixtures/wire/anthropic-cache.json");
+pub const WIRE_ANTHROPIC_TEXT_STREAM: &[u8] =
+    include_bytes!("../../tests/fixtures/wire/anthropic-text-stream.sse");
+pub const WIRE_ANTHROPIC_TOOL_STREAM: &[u8] =
+    include_bytes!("../../tests/fixtures/wire/anthropic-tool-stream.sse");
+pub const WIRE_ANTHROPIC_TOOL_TEXT_STREAM: &[u8] =
+    include_bytes!("../../tests/fixtures/wire/anthropic-tool-text-stream.sse");
+pub const WIRE_ANTHROPIC_THINKING_STREAM: &[u8] =
+    include_bytes!("../../tests/fixtures/wire/anthropic-thinking-stream.sse");
+pub const WIRE_ANTHROPIC_CACHE_STREAM: &[u8] =
+    include_bytes!("../../tests/fixtures/wire/anthropic-cache-stream.sse");
+pub const WIRE_ANTHROPIC_OVERLOADED_STREAM: &[u8] =
+    include_bytes!("../../tests/fixtures/wire/anthropic-overloaded-midstream.sse");
+
 /// A model of the given provider kind, as the config would build it.
 pub fn model(kind: ProviderKind, max_output_tokens: Option<u32>) -> Model {
     let upstream = match kind {
@@ -58,6 +90,7 @@ pub fn model(kind: ProviderKind, max_output_tokens: Option<u32>) -> Model {
         region: "test".into(),
         timeouts: Timeouts::default(),
         http2: true,
+        stream_always: true,
     });
     Model {
         name: "public-model".into(),

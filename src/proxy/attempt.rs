@@ -17,6 +17,7 @@ use super::{cache::FillSlot, respond, upstream, Plan, Shared};
 use crate::config::{Model, Target};
 use crate::error::{ErrorKind, GatewayError};
 use crate::metrics::AttemptResult;
+use crate::providers::assemble::Unfinished;
 use crate::providers::{self, ClientRequest, Completion, ResponseTranslator, UpstreamRequest};
 use crate::routing::cooldown;
 use crate::routing::pool::Candidate;
@@ -78,6 +79,14 @@ impl Refused {
         self.cooldown = cooldown;
         self
     }
+
+    /// The failed attempt this refusal makes.
+    fn into_attempted(self, report: AttemptReport) -> Attempted {
+        let mut a = Attempted::failed(report, self.error, self.result);
+        a.report.upstream_status = self.upstream_status;
+        a.report.cooldown = self.cooldown;
+        a
+    }
 }
 
 /// The deadlines of one attempt.
@@ -127,7 +136,10 @@ impl Shared {
         let t = &provider.timeouts;
         let started = Instant::now();
         let total = started + Duration::from_millis(t.total_ms);
-        let first = if plan.req.stream {
+        // An assembled answer is a stream upstream: its first event is due as a
+        // stream's first byte is, and the rest of it within the total.
+        let assembled = up.assembled;
+        let first = if plan.req.stream || assembled {
             (started + Duration::from_millis(t.first_token_ms)).min(total)
         } else {
             total
@@ -140,14 +152,9 @@ impl Shared {
             biased;
             r = timeout_at(deadlines.first.into(), hold) => match r {
                 Ok(Ok(held)) => held,
-                Ok(Err(r)) => {
-                    let mut a = Attempted::failed(report, r.error, r.result);
-                    a.report.upstream_status = r.upstream_status;
-                    a.report.cooldown = r.cooldown;
-                    return a;
-                }
+                Ok(Err(r)) => return r.into_attempted(report),
                 Err(_) => {
-                    let (msg, result) = if plan.req.stream {
+                    let (msg, result) = if plan.req.stream || assembled {
                         ("no first token in time", AttemptResult::FirstTokenTimeout)
                     } else {
                         ("total time limit reached", AttemptResult::IdleTimeout)
@@ -157,6 +164,24 @@ impl Shared {
                 }
             },
             _ = client.gone() => return Attempted::gone(report),
+        };
+        // The assembled answer has begun: the rest of it is still held (the client
+        // gets one body), each read bounded by `idle_ms`, the whole by `total_ms`.
+        let held = if assembled && !held.ended {
+            tokio::select! {
+                biased;
+                r = timeout_at(deadlines.total.into(), Box::pin(collect(held))) => match r {
+                    Ok(Ok(held)) => held,
+                    Ok(Err(r)) => return r.into_attempted(report),
+                    Err(_) => {
+                        let e = GatewayError::new(ErrorKind::UpstreamTimeout, "total time limit reached");
+                        return Attempted::failed(report, e, AttemptResult::IdleTimeout);
+                    }
+                },
+                _ = client.gone() => return Attempted::gone(report),
+            }
+        } else {
+            held
         };
         // The answer goes to the client: nothing is sent upstream again.
         *request = None;
@@ -191,9 +216,10 @@ impl Shared {
                 let (ge, result) = upstream::classify(&e, true);
                 Refused::early(ge, result)
             })?;
-            // A non-stream answer comes in one piece: only the total bounds its wait.
+            // A non-stream answer comes in one piece: only the total bounds its wait
+            // (an assembled one is a stream upstream: each read waits `idle_ms`).
             let t = &provider.timeouts;
-            let read_ms = if plan.req.stream {
+            let read_ms = if plan.req.stream || up.assembled {
                 t.idle_ms
             } else {
                 t.total_ms
@@ -212,8 +238,9 @@ impl Shared {
                 }
             }
         };
+        let assembled = up.assembled;
         drop(up);
-        let resp = session.response_header().cloned().ok_or_else(|| {
+        let mut resp = session.response_header().cloned().ok_or_else(|| {
             Refused::early(
                 GatewayError::new(ErrorKind::BadUpstreamResponse, "no response header"),
                 AttemptResult::BadResponse,
@@ -221,6 +248,19 @@ impl Shared {
         })?;
         let status = resp.status.as_u16();
         let cooldown = cooldown::cooldown(status, &resp.headers, crate::audit::time::now_ms());
+        // A server that ignored `stream: true` answers one JSON body: no first token
+        // to wait for, so once its header came only the total bounds it.
+        let json_answer = assembled
+            && status == 200
+            && resp
+                .headers
+                .get("content-type")
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|ct| ct.starts_with("application/json"));
+        if assembled && status == 200 {
+            // The client gets the assembled JSON body, not the provider's stream.
+            let _ = resp.insert_header("content-type", "application/json");
+        }
         if status == 429 || status >= 500 {
             session.shutdown().await;
             let e = GatewayError::new(
@@ -262,6 +302,10 @@ impl Shared {
             return Ok(held);
         }
         let stream = plan.req.stream;
+        if json_answer {
+            held.translator = Some(translator);
+            return Ok(held);
+        }
         loop {
             match read(&mut held.session, status).await? {
                 Some(chunk) => translator.feed(&chunk, &mut held.out),
@@ -272,6 +316,11 @@ impl Shared {
             }
             if stream && !held.out.is_empty() {
                 break;
+            }
+            if assembled && translator.started() {
+                // First event in time; `collect` reads the rest.
+                held.translator = Some(translator);
+                return Ok(held);
             }
         }
         let so_far = if held.ended {
@@ -289,11 +338,7 @@ impl Shared {
             translator.snapshot()
         };
         if !stream && !so_far.complete {
-            let e = GatewayError::new(
-                ErrorKind::BadUpstreamResponse,
-                "the upstream answered with an unreadable response",
-            );
-            return Err(Refused::at(status, e, AttemptResult::BadResponse));
+            return Err(unfinished(&translator, status));
         }
         if stream && so_far.upstream_error && so_far.content_bytes == 0 {
             // The provider's own error event before its first token: the next
@@ -518,6 +563,52 @@ fn conclude(
         report.error_event_sent = true;
         report.result = result;
     }
+}
+
+/// Reads the rest of an assembled answer whose stream has begun, then requires it
+/// whole, as a non-streamed body is required whole.
+async fn collect(mut held: Held) -> Result<Held, Refused> {
+    let status = held.header.status.as_u16();
+    let Some(mut t) = held.translator.take() else {
+        let e = GatewayError::new(ErrorKind::Internal, "no translator for the answer");
+        return Err(Refused::at(status, e, AttemptResult::BadResponse));
+    };
+    while let Some(chunk) = read(&mut held.session, status).await? {
+        t.feed(&chunk, &mut held.out);
+    }
+    held.ended = true;
+    let c = t.finish(&mut held.out);
+    if !c.complete {
+        return Err(unfinished(&t, status));
+    }
+    held.completion = Some(c);
+    held.translator = Some(t);
+    Ok(held)
+}
+
+/// Why a non-streamed (or assembled) answer that did not complete is refused.
+fn unfinished(t: &ResponseTranslator, status: u16) -> Refused {
+    let (kind, msg, result) = match t.unfinished() {
+        Unfinished::Unreadable => (
+            ErrorKind::BadUpstreamResponse,
+            "the upstream answered with an unreadable response",
+            AttemptResult::BadResponse,
+        ),
+        Unfinished::Cut => (
+            ErrorKind::BadUpstreamResponse,
+            "the upstream stream ended before completion",
+            AttemptResult::Reset,
+        ),
+        Unfinished::ProviderError => {
+            let e = GatewayError::new(
+                ErrorKind::UpstreamUnavailable,
+                "the provider reported an error in the middle of the stream",
+            )
+            .with_retry_after(1);
+            return Refused::at(status, e, AttemptResult::BadResponse);
+        }
+    };
+    Refused::at(status, GatewayError::new(kind, msg), result)
 }
 
 /// Writes the request and reads the response header (skipping informational ones).

@@ -34,11 +34,18 @@ enum Act {
     Cut,
     /// A 200 whose body is not the provider's format.
     Garbage,
+    /// A stream's header, then nothing (the mock's `fault=stall` on a stream).
+    HeaderThenStall,
+    /// A server that cannot stream: a JSON header at once, the body `delay_ms` later,
+    /// whatever the request asked.
+    JsonLater { delay_ms: u64 },
 }
 
 struct Fake {
     addr: SocketAddr,
     requests: Arc<AtomicUsize>,
+    /// The body of the last request.
+    last_body: Arc<std::sync::Mutex<String>>,
 }
 
 /// A fake provider acting `acts[n]` on its n-th request (the last act repeats).
@@ -46,17 +53,24 @@ async fn fake(acts: Vec<Act>) -> Fake {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let requests = Arc::new(AtomicUsize::new(0));
+    let last_body = Arc::new(std::sync::Mutex::new(String::new()));
     let seen = requests.clone();
+    let last = last_body.clone();
     tokio::spawn(async move {
         while let Ok((sock, _)) = listener.accept().await {
             let acts = acts.clone();
             let seen = seen.clone();
+            let last = last.clone();
             tokio::spawn(async move {
-                serve(sock, &acts, &seen).await;
+                serve(sock, &acts, &seen, &last).await;
             });
         }
     });
-    Fake { addr, requests }
+    Fake {
+        addr,
+        requests,
+        last_body,
+    }
 }
 
 /// An address nothing listens on: connecting is refused.
@@ -67,10 +81,18 @@ async fn refusing() -> SocketAddr {
     addr
 }
 
-async fn serve(mut sock: TcpStream, acts: &[Act], seen: &AtomicUsize) {
+async fn serve(
+    mut sock: TcpStream,
+    acts: &[Act],
+    seen: &AtomicUsize,
+    last: &std::sync::Mutex<String>,
+) {
     let Some(body) = read_request(&mut sock).await else {
         return;
     };
+    if let Ok(mut l) = last.lock() {
+        l.clone_from(&body);
+    }
     let n = seen.fetch_add(1, Ordering::SeqCst);
     let act = acts[n.min(acts.len() - 1)];
     let stream = body.contains("\"stream\":true");
@@ -127,6 +149,18 @@ async fn serve(mut sock: TcpStream, acts: &[Act], seen: &AtomicUsize) {
             let _ = sock
                 .write_all(response(200, "application/json", &[], "<html>oops</html>").as_bytes())
                 .await;
+        }
+        Act::JsonLater { delay_ms } => {
+            let b = r#"{"id":"c2","object":"chat.completion","created":1,"model":"up","choices":[{"index":0,"message":{"role":"assistant","content":"Hello later"},"finish_reason":"stop"}],"usage":{"prompt_tokens":7,"completion_tokens":2,"total_tokens":9}}"#;
+            let head = response(200, "application/json", &[], b);
+            let split = head.len() - b.len();
+            let _ = sock.write_all(&head.as_bytes()[..split]).await;
+            tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+            let _ = sock.write_all(b.as_bytes()).await;
+        }
+        Act::HeaderThenStall => {
+            let _ = sock.write_all(sse_head.as_bytes()).await;
+            tokio::time::sleep(Duration::from_secs(30)).await;
         }
     }
     let _ = sock.shutdown().await;
@@ -232,6 +266,14 @@ impl Recorder {
 
 /// A gateway whose models m1..mN are served by `addrs`, tried in that order.
 fn gateway(addrs: &[SocketAddr]) -> (Arc<Shared>, Vec<Arc<Model>>, tempdir::Dir) {
+    gateway_extra(addrs, "")
+}
+
+/// As [`gateway`], with `extra` (`, key: value`) in every provider's mapping.
+fn gateway_extra(
+    addrs: &[SocketAddr],
+    extra: &str,
+) -> (Arc<Shared>, Vec<Arc<Model>>, tempdir::Dir) {
     let mut models = String::new();
     for i in 0..addrs.len() {
         models += &format!(
@@ -239,21 +281,22 @@ fn gateway(addrs: &[SocketAddr]) -> (Arc<Shared>, Vec<Arc<Model>>, tempdir::Dir)
         );
     }
     let names: Vec<String> = (0..addrs.len()).map(|i| format!("m{i}")).collect();
-    gateway_with(addrs, &models, &names)
+    gateway_with(addrs, &models, &names, extra)
 }
 
-/// A gateway with providers p0..pN at `addrs` and the `models` section given, whose
-/// tenant's chain is `names`.
+/// A gateway with providers p0..pN at `addrs` (`extra`, `, key: value`, in every
+/// provider's mapping) and the `models` section given, whose tenant's chain is `names`.
 fn gateway_with(
     addrs: &[SocketAddr],
     models: &str,
     names: &[String],
+    extra: &str,
 ) -> (Arc<Shared>, Vec<Arc<Model>>, tempdir::Dir) {
     let mut yaml =
         String::from("node: { region: r1 }\nlisten: { http: 127.0.0.1:18080 }\nproviders:\n");
     for (i, a) in addrs.iter().enumerate() {
         yaml += &format!(
-            "  p{i}: {{ kind: openai_compatible, base_url: \"http://{a}\", region: r1, timeouts: {{ connect_ms: 500, first_token_ms: 400, idle_ms: 2000, total_ms: 5000 }} }}\n"
+            "  p{i}: {{ kind: openai_compatible, base_url: \"http://{a}\", region: r1, timeouts: {{ connect_ms: 500, first_token_ms: 400, idle_ms: 2000, total_ms: 5000 }}{extra} }}\n"
         );
     }
     yaml += "models:\n";
@@ -426,6 +469,108 @@ async fn a_stall_fails_over_within_the_first_token_deadline() {
     assert!(took >= Duration::from_millis(400), "{took:?}");
 }
 
+/// A non-streaming request goes upstream as a stream, so a provider that stalls
+/// before its first token (before or after its response header) is left within
+/// `first_token_ms`, not `total_ms`.
+#[tokio::test]
+async fn a_stalled_non_streaming_upstream_fails_over_within_the_first_token_deadline() {
+    for stall in [Act::Stall, Act::HeaderThenStall] {
+        let stalled = fake(vec![stall]).await;
+        let good = fake(vec![Act::Ok { delay_ms: 0 }]).await;
+        let (gw, models, _d) = gateway(&[stalled.addr, good.addr]);
+        let t = Instant::now();
+        let (mut outcome, client, _plan) = run(&gw, &models, false).await;
+        let took = t.elapsed();
+        assert!(stalled
+            .last_body
+            .lock()
+            .unwrap()
+            .contains("\"stream\":true"));
+        assert!(stalled
+            .last_body
+            .lock()
+            .unwrap()
+            .contains("\"stream_options\":{\"include_usage\":true}"));
+        let results: Vec<_> = outcome.attempts.iter().map(|a| a.result).collect();
+        assert_eq!(
+            results,
+            [AttemptResult::FirstTokenTimeout, AttemptResult::Ok],
+            "{stall:?}"
+        );
+        // first_token_ms is 400 in this config, total_ms 5000; the stall waits 30 s.
+        assert!(took < Duration::from_millis(1400), "{stall:?}: {took:?}");
+        assert!(took >= Duration::from_millis(400), "{stall:?}: {took:?}");
+        let tail = outcome.tail.as_ref().expect("an answer");
+        let header = tail.header.as_ref().expect("one piece");
+        let h = |n: &str| header.headers.get(n).and_then(|v| v.to_str().ok());
+        assert_eq!(h("content-type"), Some("application/json"));
+        assert_eq!(
+            h("content-length"),
+            Some(tail.body.len().to_string().as_str())
+        );
+        let (status, body) = client.finish(&mut outcome);
+        assert_eq!(status, 200);
+        let v: serde_json::Value = serde_json::from_str(&body).expect("one JSON body");
+        assert_eq!(v["object"], "chat.completion");
+        assert_eq!(v["choices"][0]["message"]["content"], "Hello world");
+        assert_eq!(v["usage"]["completion_tokens"], 2);
+    }
+}
+
+/// An assembled answer cut after its first token has reached no client yet: the
+/// chain moves on, and the cut attempt is reported as a reset, not delivered.
+#[tokio::test]
+async fn a_non_streaming_answer_cut_mid_stream_fails_over() {
+    let cut = fake(vec![Act::Cut]).await;
+    let good = fake(vec![Act::Ok { delay_ms: 0 }]).await;
+    let (gw, models, _d) = gateway(&[cut.addr, good.addr]);
+    let (mut outcome, client, plan) = run(&gw, &models, false).await;
+    let results: Vec<_> = outcome.attempts.iter().map(|a| a.result).collect();
+    assert_eq!(results, [AttemptResult::Reset, AttemptResult::Ok]);
+    let row = row_of(&plan, &outcome);
+    assert_eq!((row.attempts, row.tokens_out), (2, 2));
+    let (_, body) = client.finish(&mut outcome);
+    assert!(!body.contains("Hel\""), "nothing of the cut answer: {body}");
+}
+
+/// A server that answers `stream: true` with one JSON body is served as the non-stream
+/// path serves it: its body passed through, bounded by `total_ms` once its header came
+/// (here 800 ms after it, past `first_token_ms`).
+#[tokio::test]
+async fn a_server_that_ignores_stream_true_is_answered_with_its_own_body() {
+    let up = fake(vec![Act::JsonLater { delay_ms: 800 }]).await;
+    let (gw, models, _d) = gateway(&[up.addr]);
+    let (mut outcome, client, _plan) = run(&gw, &models, false).await;
+    assert!(up.last_body.lock().unwrap().contains("\"stream\":true"));
+    let a = outcome.delivered().expect("delivered").clone();
+    assert_eq!(a.result, AttemptResult::Ok);
+    assert_eq!(a.completion.usage.map(|u| u.output), Some(2));
+    let (status, body) = client.finish(&mut outcome);
+    assert_eq!(status, 200);
+    assert!(
+        body.starts_with(r#"{"id":"c2","object":"chat.completion""#),
+        "{body}"
+    );
+}
+
+/// `upstream_streaming: as_client`: a non-streaming request goes upstream as the
+/// client sent it, and the provider's body comes back byte for byte.
+#[tokio::test]
+async fn a_provider_that_opted_out_gets_the_request_as_the_client_sent_it() {
+    let up = fake(vec![Act::Ok { delay_ms: 0 }]).await;
+    let (gw, models, _d) = gateway_extra(&[up.addr], ", upstream_streaming: as_client");
+    let (mut outcome, client, _plan) = run(&gw, &models, false).await;
+    let sent = up.last_body.lock().unwrap().clone();
+    assert!(sent.contains("\"stream\":false"), "{sent}");
+    assert!(!sent.contains("stream_options"), "{sent}");
+    let (status, body) = client.finish(&mut outcome);
+    assert_eq!(status, 200);
+    assert!(
+        body.starts_with(r#"{"id":"c1","object":"chat.completion","created":1,"#),
+        "{body}"
+    );
+}
+
 #[tokio::test]
 async fn a_stream_cut_after_its_first_byte_ends_with_one_error_event_and_no_failover() {
     let cut = fake(vec![Act::Cut]).await;
@@ -587,7 +732,7 @@ fn two_deployments(
     let models = format!(
         "  m0:\n    deployments:\n      - {{ provider: p0, upstream_model: u0, weight: 2{p0_extra} }}\n      - {{ provider: p1, upstream_model: u1 }}\n    price: {{ input_per_mtok: 1, output_per_mtok: 2 }}\n  m1: {{ provider: p2, price: {{ input_per_mtok: 1, output_per_mtok: 2 }} }}\n"
     );
-    gateway_with(addrs, &models, &["m0".to_string(), "m1".to_string()])
+    gateway_with(addrs, &models, &["m0".to_string(), "m1".to_string()], "")
 }
 
 #[tokio::test]

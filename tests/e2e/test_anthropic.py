@@ -100,7 +100,8 @@ def test_messages_native_non_stream(gw, mock):
     assert m.usage.input_tokens > 0 and m.usage.output_tokens == 6
     rec = mock.only_request()
     assert_anthropic_upstream(rec)
-    assert rec["stream"] is False
+    # a non-streaming request goes upstream as a stream, assembled by the gateway
+    assert rec["stream"] is True
     assert rec["max_tokens"] == 100
 
 
@@ -175,7 +176,8 @@ def test_messages_on_openai_kind_model(gw, mock, model):
     rec = mock.only_request()
     assert rec["path"] == path
     assert rec["model"] == upstream_model
-    assert rec["stream"] is False
+    # sent upstream as a stream with usage, assembled into the one body asked for
+    assert rec["stream"] is True and rec["include_usage"] is True
     assert rec["max_tokens"] == 100
     assert rec["messages_count"] == 1
     assert_no_tenant_key_upstream(rec)
@@ -253,7 +255,7 @@ def test_chat_on_anthropic_model_non_stream(gw, mock):
     assert u.total_tokens == u.prompt_tokens + u.completion_tokens
     rec = mock.only_request()
     assert_anthropic_upstream(rec)
-    assert rec["stream"] is False
+    assert rec["stream"] is True, "non-streaming requests go upstream as streams"
     # Anthropic requires max_tokens: the client sent none, the model's cap is used
     assert rec["max_tokens"] == ANT_MAX_OUTPUT
 

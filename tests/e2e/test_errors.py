@@ -14,14 +14,12 @@ from helpers import (ACME, MAX_ERROR_LATENCY_S, SOLO, assert_openai_error, chat_
 UPSTREAM_DOWN = {"bad_upstream_response", "upstream_unavailable"}
 
 
-@pytest.fixture(scope="module")
-def gw(gateway, closed_port):
-    """Standard config plus a model whose provider refuses connections, and an `openai`
-    provider that gives up waiting for the first byte after 500 ms."""
-    return gateway({
+def _overrides(closed_port: int, openai_streaming: str = "always") -> dict:
+    return {
         "max_body_bytes": 1048576,
         "providers": {
-            "openai": {"timeouts": {"connect_ms": 1000, "first_token_ms": 500, "idle_ms": 1000, "total_ms": 1500}},
+            "openai": {"timeouts": {"connect_ms": 1000, "first_token_ms": 500, "idle_ms": 1000, "total_ms": 1500},
+                       "upstream_streaming": openai_streaming},
             "dead": {
                 "kind": "openai_compatible",
                 "base_url": f"http://127.0.0.1:{closed_port}",
@@ -31,7 +29,20 @@ def gw(gateway, closed_port):
         },
         "models": {"dead-model": {"provider": "dead", "price": {"input_per_mtok": 0.1, "output_per_mtok": 0.1}}},
         "tenants": {"acme": {"models": ["gpt-4o-mini", "llama-70b", "claude-haiku", "dead-model"]}},
-    })
+    }
+
+
+@pytest.fixture(scope="module")
+def gw(gateway, closed_port):
+    """Standard config plus a model whose provider refuses connections, and an `openai`
+    provider that gives up waiting for the first byte after 500 ms."""
+    return gateway(_overrides(closed_port))
+
+
+@pytest.fixture(scope="module")
+def gw_as_client(gateway, closed_port):
+    """The same, with the `openai` provider opted out of upstream streaming."""
+    return gateway(_overrides(closed_port, "as_client"))
 
 
 def timed(fn, *a, **kw):
@@ -125,11 +136,23 @@ def test_upstream_connection_refused(gw, mock, stream):
 
 
 def test_upstream_timeout(gw, mock):
-    """A non-streamed answer arrives in one piece, so total_ms (1.5 s here) bounds it."""
+    """A non-streaming request goes upstream as a stream; the mock sends its headers, then
+    nothing, so first_token_ms (0.5 s here), not total_ms (1.5 s), bounds the wait."""
     r, elapsed = timed(post_chat, gw, chat_body("Take your time. [[mock: fault=stall]]"))
     assert_openai_error(r, 504, "upstream_timeout")
+    assert 0.4 <= elapsed < 1.4, f"first_token_ms is 500 but the answer took {elapsed:.2f}s"
+    reqs = mock.requests()
+    assert len(reqs) == 1 and reqs[0]["stream"] is True
+
+
+def test_upstream_timeout_as_client(gw_as_client, mock):
+    """A provider opted out of upstream streaming gets the request as sent: its answer
+    arrives in one piece, so total_ms (1.5 s here) bounds it."""
+    r, elapsed = timed(post_chat, gw_as_client, chat_body("Take your time. [[mock: fault=stall]]"))
+    assert_openai_error(r, 504, "upstream_timeout")
     assert 1.4 <= elapsed < MAX_ERROR_LATENCY_S, f"total_ms is 1500 but the answer took {elapsed:.2f}s"
-    assert len(mock.requests()) == 1
+    reqs = mock.requests()
+    assert len(reqs) == 1 and reqs[0]["stream"] is False
 
 
 def test_upstream_timeout_streaming(gw, mock):

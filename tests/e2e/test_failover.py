@@ -12,7 +12,7 @@ per process, and a test that trips them must not change what the next one sees.
 
 How a fault is made to hit one candidate only: a provider on a closed port (refused),
 a provider on a second mock whose first token is 5 s late (timeouts), a tiny local stub
-that answers garbage or resets (the mock's own `fault=` directives would hit every
+that answers garbage, resets or stalls (the mock's own `fault=` directives would hit every
 attempt alike), or `fail_first=1;key=<unique>` (the first request carrying that key
 gets the error, the next attempt succeeds). Providers on the session mock are told
 apart by their base URL's path prefix (`/inhouse`, `/flaky`, `/eu1`, ...) in its log.
@@ -55,6 +55,10 @@ SLOW_TTFT_MS = 5000
 SLOW_FIRST_TOKEN_MS = 300
 SLOW_TOTAL_MS = 600
 
+# The stub's stalls last this long, far beyond the stalled provider's first_token_ms.
+STALL_S = 60
+STALLED_FIRST_TOKEN_MS = 800
+
 # "Well under a second" for answers that need no upstream wait.
 FAST_S = 1.0
 
@@ -79,7 +83,8 @@ DEAD_FOR_BUDGET = [f"dead{i}-model" for i in range(1, 6)]
 
 class _StubHandler(http.server.BaseHTTPRequestHandler):
     """`/garbage/...`: 200 with a body that is not JSON. `/reset/...`: reads the request
-    and resets the connection without a response."""
+    and resets the connection without a response. `/stall/...`: sends a stream's
+    response header, then nothing for a minute; `/stall-head/...`: not even the header."""
 
     protocol_version = "HTTP/1.1"
 
@@ -91,6 +96,18 @@ class _StubHandler(http.server.BaseHTTPRequestHandler):
         if n:
             self.rfile.read(n)
         self.server.hits.append(self.path)  # type: ignore[attr-defined]
+        if self.path.startswith("/stall-head/"):
+            time.sleep(STALL_S)
+            self.close_connection = True
+            return
+        if self.path.startswith("/stall/"):
+            self.send_response(200)
+            self.send_header("content-type", "text/event-stream")
+            self.end_headers()
+            self.wfile.flush()
+            time.sleep(STALL_S)
+            self.close_connection = True
+            return
         if self.path.startswith("/reset/"):
             # linger 0: close() sends RST instead of FIN
             self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -152,6 +169,15 @@ def routing_overrides(mock_url: str, closed_port: int, slow_url: str, stub_url: 
         **{f"dead{i}": _provider(f"{dead}/d{i}") for i in range(1, 6)},
         "slow": _provider(f"{slow_url}/slow", timeouts={"connect_ms": 1000, "first_token_ms": SLOW_FIRST_TOKEN_MS,
                                                         "idle_ms": 1000, "total_ms": SLOW_TOTAL_MS}),
+        # The same slow mock, opted out of upstream streaming: its non-streamed answers
+        # arrive in one piece, so only total_ms bounds them (the old behaviour).
+        "slowoc": {**_provider(f"{slow_url}/slowoc", timeouts={
+            "connect_ms": 1000, "first_token_ms": SLOW_FIRST_TOKEN_MS, "idle_ms": 1000,
+            "total_ms": SLOW_TOTAL_MS}), "upstream_streaming": "as_client"},
+        # Stalls for a minute; total_ms would let it hold a non-streaming request that long.
+        **{p: _provider(f"{stub_url}/{p}", timeouts={
+            "connect_ms": 1000, "first_token_ms": STALLED_FIRST_TOKEN_MS, "idle_ms": 120000,
+            "total_ms": 120000}) for p in ("stall", "stall-head")},
         "garbage": _provider(f"{stub_url}/garbage"),
         "reset": _provider(f"{stub_url}/reset"),
         "flaky": _provider(f"{mock_url}/flaky"),
@@ -165,7 +191,8 @@ def routing_overrides(mock_url: str, closed_port: int, slow_url: str, stub_url: 
     models["eu-b"] = {"provider": "eu2", "price": PRICE}
     std = ["gpt-4o-mini", "llama-70b", "claude-haiku"]
     tenants = {
-        "fo": _tenant(FO, std + ["dead-model", "dead2-model", "slow-model", "garbage-model", "reset-model"],
+        "fo": _tenant(FO, std + ["dead-model", "dead2-model", "slow-model", "slowoc-model", "stall-model",
+                                 "stall-head-model", "garbage-model", "reset-model"],
                       fallback=["llama-70b"], allow_fallback_override=True),
         "strict": _tenant(STRICT, std, fallback=["llama-70b"]),
         "euro": _tenant(EURO, ["eu-a", "gpt-4o-mini", "llama-70b", "eu-b"],
@@ -283,7 +310,10 @@ TRIGGERS = [
     ("429", "gpt-4o-mini", lambda: fail_first_once(429), True),
     ("500", "claude-haiku", lambda: fail_first_once(500), True),
     ("first_token_timeout", "slow-model", lambda: {}, True),
-    ("total_timeout", "slow-model", lambda: {}, False),
+    # a non-streaming request is a stream upstream: first_token_ms bounds it too
+    ("first_token_timeout", "slow-model", lambda: {}, False),
+    # ... unless its provider opted out (upstream_streaming: as_client)
+    ("total_timeout", "slowoc-model", lambda: {}, False),
     ("garbage", "garbage-model", lambda: {}, False),
 ]
 
@@ -317,8 +347,9 @@ def test_failover_trigger_serves_second_model(gw, mock, stub, slow_mock, trigger
         assert count(mock, ANTHROPIC_PATH) == 1, upstream_paths(mock)
     elif first in ("garbage-model", "reset-model"):
         assert len(stub.hits) - stub_hits == 1, stub.hits[stub_hits:]
-    elif first == "slow-model":
+    elif first in ("slow-model", "slowoc-model"):
         assert len(slow_mock.requests()) == 1
+        assert slow_mock.requests()[0]["stream"] is (stream or first == "slow-model")
 
     if trigger == "first_token_timeout":
         assert SLOW_FIRST_TOKEN_MS / 1000 - 0.05 <= elapsed < 2.0, f"first_token_ms is 300 ms: {elapsed:.2f}s"
@@ -408,17 +439,46 @@ def test_every_candidate_refused_is_a_fast_503(gw, mock, stream):
     assert_audit(gw, rid, status=503, attempts=2, error_code="upstream_unavailable")
 
 
-@pytest.mark.parametrize("stream", [False, True], ids=["nonstream", "stream"])
-def test_last_attempt_timed_out_is_504(gw, mock, slow_mock, stream):
-    rid, h = rid_headers({"x-gateway-fallback": "slow-model"})
+@pytest.mark.parametrize("stream,slow", [(False, "slow-model"), (True, "slow-model"), (False, "slowoc-model")],
+                         ids=["nonstream", "stream", "nonstream-as_client"])
+def test_last_attempt_timed_out_is_504(gw, mock, slow_mock, stream, slow):
+    rid, h = rid_headers({"x-gateway-fallback": slow})
     r, elapsed = timed(post_chat, gw, chat_body(model="dead-model", stream=stream), key=FO, headers=h)
     err = assert_openai_error(r, 504, "upstream_timeout")
-    limit = (SLOW_FIRST_TOKEN_MS if stream else SLOW_TOTAL_MS) / 1000
+    # Streamed upstream (every request, unless the provider opted out): the first token's
+    # deadline; a non-streamed answer from an opted-out provider: the total.
+    limit = (SLOW_TOTAL_MS if slow == "slowoc-model" else SLOW_FIRST_TOKEN_MS) / 1000
     assert limit - 0.05 <= elapsed < limit + 1.0, f"the slow provider's limit is {limit}s, took {elapsed:.2f}s"
     assert r.headers.get("x-gateway-attempts") == "2", dict(r.headers)
     msg = err["message"]
-    assert "dead-model" in msg and "slow-model" in msg and "2 attempts" in msg, msg
+    assert "dead-model" in msg and slow in msg and "2 attempts" in msg, msg
     assert_audit(gw, rid, status=504, attempts=2, error_code="upstream_timeout")
+
+
+@pytest.mark.parametrize("stalled", ["stall-model", "stall-head-model"])
+def test_stalled_non_streaming_upstream_fails_over_within_first_token_ms(gw, mock, stub, stalled):
+    """A non-streaming request whose first provider stalls (after its stream's header, or
+    before any header) reaches the healthy fallback within first_token_ms + 1 s: it went
+    upstream as a stream, so the first token's deadline applies, not total_ms (120 s
+    here). The client still gets one JSON body, the fallback's."""
+    stub_hits = len(stub.hits)
+    rid, h = rid_headers()
+    body = chat_body("Stalled first choice. [[mock: tokens=5]]", model=stalled)
+    r, elapsed = timed(post_chat, gw, body, key=FO, headers=h)
+    assert r.status_code == 200, r.text
+    limit = STALLED_FIRST_TOKEN_MS / 1000
+    assert limit - 0.05 <= elapsed < limit + 1.0, f"first_token_ms is {limit}s, took {elapsed:.2f}s"
+    assert r.headers["content-type"] == "application/json"
+    assert int(r.headers["content-length"]) == len(r.content)
+    answer = r.json()
+    assert answer["object"] == "chat.completion"
+    assert len(answer["choices"][0]["message"]["content"].split()) == 5
+    assert answer["usage"]["completion_tokens"] == 5
+    assert_served_by_fallback(r)
+    assert len(stub.hits) - stub_hits == 1, stub.hits[stub_hits:]
+    assert count(mock, INHOUSE_PATH) == 1
+    assert_audit(gw, rid, status=200, attempts=2, fallback_used=1, model="llama-70b", provider="inhouse",
+                 error_code="", stream=0, model_requested=stalled)
 
 
 def test_first_timed_out_last_refused_is_503(gw, mock, slow_mock):

@@ -42,7 +42,35 @@ def test_non_streaming_completion_has_content_and_usage(gw, mock):
     assert u is not None and u.prompt_tokens > 0 and u.completion_tokens > 0
     assert u.total_tokens == u.prompt_tokens + u.completion_tokens
     rec = mock.only_request("/v1/chat/completions")
-    assert rec["stream"] is False
+    # sent upstream as a stream with usage, assembled into the one body asked for
+    assert rec["stream"] is True and rec["include_usage"] is True
+
+
+def test_assembled_non_streaming_answer_is_the_providers_own(gateway, gw, mock):
+    """Through the SDK, a non-streaming answer assembled from the upstream stream equals
+    the one the provider sends non-streamed (a gateway whose provider opted out with
+    `upstream_streaming: as_client`, the old path): same content, finish reason, usage
+    (with its detail objects), fingerprint, and the same members in the same order.
+    The one difference is the provider's: the mock, like OpenAI, puts an empty
+    `annotations` list in non-streamed messages that its streams never carry."""
+    as_client = gateway({"providers": {"openai": {"upstream_streaming": "as_client"}}})
+    got = {}
+    for name, g in (("assembled", gw), ("as_client", as_client)):
+        mock.reset()
+        raw = sdk(g).chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=PROMPT)
+        assert raw.headers["content-type"] == "application/json"
+        assert int(raw.headers["content-length"]) == len(raw.content)
+        got[name] = (json.loads(raw.content), raw.parse())
+        assert mock.only_request("/v1/chat/completions")["stream"] is (name == "assembled")
+    (body, resp), (plain_body, plain) = got["assembled"], got["as_client"]
+    assert plain_body["choices"][0]["message"].pop("annotations") == []
+    for b in (body, plain_body):
+        b.pop("id"), b.pop("created")
+    assert json.dumps(body) == json.dumps(plain_body), (body, plain_body)
+    assert resp.choices[0].message.content == plain.choices[0].message.content
+    assert resp.usage == plain.usage
+    assert resp.usage.completion_tokens_details.reasoning_tokens == 0
+    assert resp.usage.prompt_tokens_details.cached_tokens == 0
 
 
 def test_streaming_equals_non_streaming_and_usage_is_stripped(gw, mock):
