@@ -282,6 +282,29 @@ impl Admin {
         (ready, body)
     }
 
+    /// Every model's deployments with this minute's use of their quota (one counter
+    /// store round trip for all of them).
+    async fn deployment_uses<'c>(
+        &self,
+        cfg: &'c crate::config::Config,
+    ) -> Vec<(
+        &'c crate::config::Model,
+        &'c crate::config::Deployment,
+        crate::limits::MinuteUse,
+    )> {
+        let deps: Vec<_> = cfg
+            .models
+            .iter()
+            .flat_map(|m| m.deployments.iter().map(move |d| (&**m, &**d)))
+            .collect();
+        let only: Vec<_> = deps.iter().map(|(_, d)| *d).collect();
+        let uses = self.gateway.limits.quota_use(&only).await;
+        deps.into_iter()
+            .zip(uses)
+            .map(|((m, d), u)| (m, d, u))
+            .collect()
+    }
+
     async fn deployment_gauges(&self, cfg: &crate::config::Config) {
         let m = &self.gateway.metrics;
         for g in [
@@ -293,19 +316,9 @@ impl Admin {
         ] {
             g.reset();
         }
-        let deps: Vec<_> = cfg
-            .models
-            .iter()
-            .flat_map(|md| md.deployments.iter().map(move |d| (&md.name, &**d)))
-            .collect();
-        let uses = self
-            .gateway
-            .limits
-            .quota_use(&deps.iter().map(|(_, d)| *d).collect::<Vec<_>>())
-            .await;
         let now = crate::audit::time::now_ms();
-        for ((model, d), u) in deps.iter().zip(uses) {
-            let labels = [model.as_str(), d.key.as_str()];
+        for (md, d, u) in self.deployment_uses(cfg).await {
+            let labels = [md.name.as_str(), d.key.as_str()];
             let live = self.gateway.pool.live(d);
             m.deployment_in_flight
                 .with_label_values(&labels)
@@ -352,21 +365,12 @@ impl Admin {
                 })
             })
             .collect();
-        let deps: Vec<(&crate::config::Model, &crate::config::Deployment)> = cfg
-            .models
-            .iter()
-            .flat_map(|m| m.deployments.iter().map(move |d| (&**m, &**d)))
-            .collect();
-        let uses = self
-            .gateway
-            .limits
-            .quota_use(&deps.iter().map(|(_, d)| *d).collect::<Vec<_>>())
-            .await;
         let now = crate::audit::time::now_ms();
-        let deployments: Vec<_> = deps
-            .iter()
-            .zip(uses)
-            .map(|((m, d), u)| {
+        let deployments: Vec<_> = self
+            .deployment_uses(&cfg)
+            .await
+            .into_iter()
+            .map(|(m, d, u)| {
                 let live = self.gateway.pool.live(d);
                 let v = views.get(&d.provider.name);
                 let until = live.cooling_until(now);
