@@ -130,9 +130,11 @@ counters: {{ backend: memory }}
 """
 
 
-def deployments_config(n):
+def deployments_config(n, as_client=False):
     """`policy_config` with model m1 served by `n` deployments (one provider, `n` upstream
-    names, the default `least_busy` balance), to measure what choosing among them costs."""
+    names, the default `least_busy` balance), to measure what choosing among them costs;
+    `as_client`: its provider says `upstream_streaming: as_client` (non-streaming requests
+    go upstream as such, not as streams to assemble)."""
     deps = "\n".join(f"      - {{ provider: p-openai, upstream_model: gpt-4o-mini-{i} }}" for i in range(n))
     m1 = ("  m1: { provider: p-openai, upstream_model: gpt-4o-mini, price: { input_per_mtok: 0.15, "
           "output_per_mtok: 0.60 }, max_output_tokens: 64 }\n")
@@ -140,6 +142,11 @@ def deployments_config(n):
     def body(mock_port):
         cfg = policy_config(mock_port)
         assert m1 in cfg
+        if as_client:
+            cfg = cfg.replace(f"api_key_env: BENCH_OPENAI_KEY, region: r1, {TIMEOUTS} }}",
+                              f"api_key_env: BENCH_OPENAI_KEY, region: r1, {TIMEOUTS}, "
+                              "upstream_streaming: as_client }", 1)
+            assert "as_client" in cfg
         return cfg.replace(m1, f"  m1:\n    deployments:\n{deps}\n    price: {{ input_per_mtok: 0.15, "
                                f"output_per_mtok: 0.60 }}\n    max_output_tokens: 64\n")
     return body

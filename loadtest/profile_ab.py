@@ -10,7 +10,8 @@ the same way, rounds interleaved.
 Each NAME=DIR names a build: DIR/llm-gateway and DIR/examples/passthrough; NAME=DIR@N
 runs that build with model m1 served by N deployments (`benchlib.deployments_config`),
 so `one=target/release@1 eight=target/release@8` measures what choosing among 8
-deployments costs per request. The first
+deployments costs per request; `@N:as_client` also sets `upstream_streaming: as_client`
+on its provider (non-streaming requests not sent as streams to assemble). The first
 build is the reference. Same load and pinning as loadtest/bench.py's max-rps section
 (wrk -t1 -c32 keep-alive, non-streaming; the server alone on CPU 1). Every build's
 gateway and passthrough stay up for the whole run and are fed by one mock (the first
@@ -47,7 +48,8 @@ def main():
         name, d = b.split("=", 1)
         d, _, n = d.partition("@")
         builds[name] = d
-        configs[name] = deployments_config(int(n)) if n else policy_config
+        n, _, mode = n.partition(":")
+        configs[name] = deployments_config(int(n), mode == "as_client") if n else policy_config
     for name, d in builds.items():
         for f in ("llm-gateway", "examples/passthrough"):
             if not os.access(os.path.join(d, f), os.X_OK):
