@@ -143,7 +143,7 @@ pub fn run(config: Config, opts: RunOptions) -> ! {
     let gateway = Gateway::new(config.clone(), audit, metrics);
     server.add_service(background_service(
         "deployment cooldowns",
-        crate::routing::pool::Refresher {
+        crate::proxy::refresh::Refresher {
             gateway: gateway.clone(),
         },
     ));

@@ -17,6 +17,7 @@ pub mod client;
 pub mod dns;
 mod front;
 pub mod head_deadline;
+pub mod refresh;
 pub mod report;
 mod respond;
 #[cfg(test)]

@@ -6,13 +6,9 @@
 //! average of time to first token, and the cooldown a provider asked for. Reading it
 //! is a few atomic loads; nothing on this path waits on I/O. Cooldowns seen by other
 //! nodes arrive through [`Pool::absorb`], which the background refresher
-//! (`Refresher`) feeds from the counter store.
+//! (`proxy::refresh`) feeds from the counter store.
 
 use crate::config::{Balance, Config, Deployment, Model};
-use crate::limits::Limits;
-use async_trait::async_trait;
-use pingora_core::server::ShutdownWatch;
-use pingora_core::services::background::BackgroundService;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -188,37 +184,6 @@ fn weighted_shuffle(v: &mut [(usize, Candidate)]) {
     let order: Vec<usize> = keyed.into_iter().map(|(_, pos)| pos).collect();
     let taken: Vec<(usize, Candidate)> = order.iter().map(|&p| v[p].clone()).collect();
     v.clone_from_slice(&taken);
-}
-
-/// Reads the cooldowns other nodes wrote, every [`crate::limits::COOLDOWN_POLL`]
-/// (only with Redis counters: alone, a node knows every cooldown already).
-pub struct Refresher {
-    pub gateway: crate::proxy::Gateway,
-}
-
-#[async_trait]
-impl BackgroundService for Refresher {
-    async fn start(&self, mut shutdown: ShutdownWatch) {
-        let limits: &Limits = &self.gateway.limits;
-        if !limits.shares_cooldowns() {
-            // Alone, a node knows every cooldown already; wait for the end quietly.
-            let _ = shutdown.changed().await;
-            return;
-        }
-        let mut tick = tokio::time::interval(crate::limits::COOLDOWN_POLL);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                _ = shutdown.changed() => return,
-            }
-            let cfg = self.gateway.config();
-            let keys = Pool::keys(&cfg);
-            if let Some(until) = limits.shared_cooldowns(&keys).await {
-                self.gateway.pool.absorb(&keys, &until);
-            }
-        }
-    }
 }
 
 #[cfg(test)]
