@@ -54,6 +54,12 @@ pub(super) struct Progress {
 }
 
 impl Progress {
+    /// Nothing after this point changes the answer: it ended, broke or erred, so the
+    /// rest of the stream is read and ignored.
+    fn settled(&self) -> bool {
+        self.ended || self.broken || self.upstream_error
+    }
+
     fn complete(&self) -> bool {
         self.ended && !self.upstream_error && !self.broken
     }

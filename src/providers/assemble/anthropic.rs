@@ -39,7 +39,7 @@ impl AnthropicAssembler {
     pub fn push(&mut self, chunk: &[u8]) {
         self.parser.push(chunk);
         while let Some(ev) = self.parser.next_event() {
-            if self.progress.ended || self.progress.broken || self.progress.upstream_error {
+            if self.progress.settled() {
                 continue;
             }
             self.progress.events += 1;
