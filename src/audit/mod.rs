@@ -77,6 +77,14 @@ pub struct AuditRow {
 const QUEUE_ROWS: usize = 65_536;
 /// Most rows the writer appends with one `write(2)`.
 const BATCH_ROWS: usize = 4096;
+/// How long the writer lets rows gather after a batch before looking again
+/// (`LLM_GATEWAY_AUDIT_GATHER_US` overrides; 0 turns it off). Waking the writer for
+/// each row cost a futex wake and two context switches per request, about a sixth of
+/// the gateway's CPU under load; pausing after a batch means that, while rows keep
+/// coming, senders find the writer not parked (no wake) and one write takes what
+/// gathered. A request then waits at most this much longer for its row, and only
+/// under load: after a quiet pause the writer parks and the next row wakes it at once.
+const GATHER: Duration = Duration::from_micros(250);
 /// Client-chosen request ids remembered before the stale ones are dropped.
 const RECENT_IDS: usize = 4096;
 /// How long a written row may wait for its fsync.
@@ -444,9 +452,33 @@ fn writer(mut rx: mpsc::Receiver<Job>, shared: Arc<Shared>, wake: Arc<Notify>) {
         .ok()
         .and_then(|v| v.parse().ok())
         .map(Duration::from_millis);
+    let gather = std::env::var("LLM_GATEWAY_AUDIT_GATHER_US")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map_or(GATHER, Duration::from_micros);
     let mut buf = Vec::with_capacity(1 << 20);
     let mut acks = Vec::with_capacity(BATCH_ROWS);
-    while let Some(first) = rx.blocking_recv() {
+    let mut busy = false;
+    loop {
+        let first = if busy && !gather.is_zero() {
+            // Rows came in the last batch: let the next ones gather instead of being
+            // woken for each (see `GATHER`); none after the pause means quiet again.
+            std::thread::sleep(gather);
+            match rx.try_recv() {
+                Ok(job) => job,
+                Err(mpsc::error::TryRecvError::Empty) => {
+                    busy = false;
+                    continue;
+                }
+                Err(mpsc::error::TryRecvError::Disconnected) => break,
+            }
+        } else {
+            match rx.blocking_recv() {
+                Some(job) => job,
+                None => break,
+            }
+        };
+        busy = true;
         let mut job = Some(first);
         let mut rows = 0;
         while let Some(j) = job.take() {
@@ -570,6 +602,63 @@ mod tests {
         assert_eq!(log.unique_start_ms("x1", t + 5_000), t + 5_001);
         log.unique_start_ms("y", t + 7_000);
         assert_eq!(log.shared.recent_ids.lock().unwrap().last.len(), 1);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The writer pauses after each batch so that rows gather (`GATHER`): rows sent
+    /// in a burst, during the pause and after the writer went back to waiting must all
+    /// be acknowledged well before `WRITE_WAIT` (a row missed by the pause would hold
+    /// its response for the whole 2 s and count as a slow write).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn rows_sent_in_bursts_and_after_pauses_are_all_acknowledged_at_once() {
+        let dir = std::env::temp_dir().join(format!("llmgw-audit-gather-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let conf = AuditConf {
+            spool_dir: dir.clone(),
+            clickhouse: None,
+        };
+        let metrics = crate::metrics::Metrics::new().unwrap().audit;
+        let (log, service) = AuditLog::new(&conf, metrics).unwrap();
+        let log = Arc::new(log);
+        let (stop, watch) = tokio::sync::watch::channel(false);
+        let service = tokio::spawn(async move { service.start(watch).await });
+        let mut n = 0;
+        for pause_us in [0u64, 50, 250, 400, 2_000, 0] {
+            let burst: Vec<_> = (0..64)
+                .map(|_| {
+                    n += 1;
+                    let log = log.clone();
+                    let row = AuditRow {
+                        request_id: format!("g{n}"),
+                        ..AuditRow::default()
+                    };
+                    tokio::spawn(async move { log.write(&row).await })
+                })
+                .collect();
+            let started = std::time::Instant::now();
+            for b in burst {
+                b.await.unwrap();
+            }
+            assert!(
+                started.elapsed() < Duration::from_millis(500),
+                "a burst waited {:?} for its rows",
+                started.elapsed()
+            );
+            tokio::time::sleep(Duration::from_micros(pause_us)).await;
+        }
+        assert_eq!(log.shared.metrics.slow_writes.get(), 0);
+        let lines: usize = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
+            .map(|t| {
+                t.lines()
+                    .filter(|l| l.contains("\"request_id\":\"g"))
+                    .count()
+            })
+            .sum();
+        assert_eq!(lines, n);
+        stop.send(true).unwrap();
+        let _ = service.await;
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
