@@ -4,6 +4,7 @@
 
 pub mod accounting;
 pub mod admin;
+pub mod alerts;
 pub mod audit;
 pub mod auth;
 pub mod breaker;

@@ -64,6 +64,8 @@ pub struct Shared {
     /// Pingora's HTTP/1.1 and HTTP/2 connector with its connection pools: every
     /// attempt to every provider goes through it.
     connector: Connector,
+    /// Where events for on-call go (`alerts:`); the default drops them.
+    pub alerts: crate::alerts::Alerts,
 }
 
 impl std::ops::Deref for Gateway {
@@ -94,6 +96,7 @@ impl Shared {
             retry_budget: RetryBudget::default(),
             metrics,
             connector: Connector::new(None),
+            alerts: crate::alerts::Alerts::default(),
         }
     }
 

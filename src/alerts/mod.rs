@@ -1,0 +1,190 @@
+//! Alerts: the events on-call must hear about (budget thresholds, spend velocity, the
+//! spend guard, circuits, audit shipping), handed to the webhooks of `alerts:`.
+//!
+//! The request path and the background checks only [`Alerts::emit`]: a bounded,
+//! non-blocking hand-off, so a webhook receiver that hangs or answers slowly costs a
+//! request nothing. What happens after (the durable queue under `audit.spool_dir`,
+//! delivery with retries and backoff, signing, "once per tenant and period" across
+//! nodes) lives behind the handle.
+
+use serde_json::{Map, Value};
+use std::sync::{Arc, Mutex};
+use tokio::sync::mpsc;
+
+/// Events queued in memory before the hand-off drops (and counts) new ones; events
+/// are rare (a few per tenant and hour), so a full queue means delivery is stuck.
+pub const QUEUE_EVENTS: usize = 4096;
+
+/// The contract's event types (`type` of the JSON body).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EventKind {
+    BudgetThreshold,
+    SpendVelocity,
+    GuardEngaged,
+    GuardCleared,
+    CircuitOpen,
+    CircuitClosed,
+    AuditShippingStalled,
+}
+
+impl EventKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::BudgetThreshold => "budget_threshold",
+            EventKind::SpendVelocity => "spend_velocity",
+            EventKind::GuardEngaged => "guard_engaged",
+            EventKind::GuardCleared => "guard_cleared",
+            EventKind::CircuitOpen => "circuit_open",
+            EventKind::CircuitClosed => "circuit_closed",
+            EventKind::AuditShippingStalled => "audit_shipping_stalled",
+        }
+    }
+}
+
+/// One event. Its id is derived from what makes it unique (type, tenant, key and
+/// period), so the same event raised twice, by this node or another, has one id and
+/// is delivered once.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    pub kind: EventKind,
+    /// Empty for events of no tenant (circuits, audit shipping).
+    pub tenant: String,
+    /// Empty unless the event is about one API key.
+    pub key_id: String,
+    /// What makes the event once per tenant and period, e.g. `2026-12-03T14` for an
+    /// hour, `2026-12:monthly:0.8` for a monthly threshold, or a provider name and the
+    /// time it opened for a circuit.
+    pub period: String,
+    /// When it was raised, ms since the epoch.
+    pub at_ms: u64,
+    /// The event's own figures (spend, budget, threshold, factor, provider, ...), added
+    /// to the JSON body after `id`, `type`, `at`, `tenant`, `key_id`.
+    pub figures: Map<String, Value>,
+}
+
+impl Event {
+    pub fn new(kind: EventKind, tenant: &str, key_id: &str, period: String, at_ms: u64) -> Self {
+        Event {
+            kind,
+            tenant: tenant.to_string(),
+            key_id: key_id.to_string(),
+            period,
+            at_ms,
+            figures: Map::new(),
+        }
+    }
+
+    pub fn with(mut self, name: &str, value: impl Into<Value>) -> Self {
+        self.figures.insert(name.to_string(), value.into());
+        self
+    }
+
+    /// Stable across nodes and restarts: the same event always has the same id.
+    pub fn id(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        for part in [self.kind.as_str(), &self.tenant, &self.key_id, &self.period] {
+            h.update(part.as_bytes());
+            h.update([0]);
+        }
+        format!("evt_{}", hex::encode(&h.finalize()[..12]))
+    }
+}
+
+/// The hand-off to alert delivery; cheap to clone. The default one has no webhooks
+/// and drops every event (alerts not configured).
+#[derive(Clone, Default)]
+pub struct Alerts {
+    tx: Option<mpsc::Sender<Event>>,
+    /// Tests: every event emitted, in order.
+    recorded: Option<Arc<Mutex<Vec<Event>>>>,
+}
+
+impl Alerts {
+    /// A handle feeding `tx` (the delivery side owns the receiver).
+    pub fn to(tx: mpsc::Sender<Event>) -> Self {
+        Alerts {
+            tx: Some(tx),
+            recorded: None,
+        }
+    }
+
+    /// A handle that only records what is emitted, for tests of the event sources.
+    pub fn recording() -> (Self, Arc<Mutex<Vec<Event>>>) {
+        let rec = Arc::new(Mutex::new(Vec::new()));
+        (
+            Alerts {
+                tx: None,
+                recorded: Some(rec.clone()),
+            },
+            rec,
+        )
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.tx.is_some() || self.recorded.is_some()
+    }
+
+    /// Hands the event over without waiting; returns whether it was taken (false: no
+    /// webhooks, or the queue is full because delivery is stuck).
+    pub fn emit(&self, event: Event) -> bool {
+        if let Some(rec) = &self.recorded {
+            match rec.lock() {
+                Ok(mut r) => r.push(event.clone()),
+                Err(p) => p.into_inner().push(event.clone()),
+            }
+        }
+        match &self.tx {
+            Some(tx) => match tx.try_send(event) {
+                Ok(()) => true,
+                Err(e) => {
+                    log::warn!("alerts: event dropped, the queue is full or closed: {e}");
+                    false
+                }
+            },
+            None => self.recorded.is_some(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_same_event_has_the_same_id_and_another_period_another() {
+        let a = Event::new(
+            EventKind::BudgetThreshold,
+            "acme",
+            "",
+            "2026-12:monthly:0.8".into(),
+            1,
+        );
+        let b = Event::new(
+            EventKind::BudgetThreshold,
+            "acme",
+            "",
+            "2026-12:monthly:0.8".into(),
+            2,
+        )
+        .with("spend_usd", "80.0");
+        let c = Event::new(
+            EventKind::BudgetThreshold,
+            "acme",
+            "",
+            "2026-12:monthly:1".into(),
+            1,
+        );
+        assert_eq!(a.id(), b.id());
+        assert_ne!(a.id(), c.id());
+        assert!(a.id().starts_with("evt_"));
+    }
+
+    #[test]
+    fn recording_keeps_what_is_emitted_and_the_default_drops_it() {
+        assert!(!Alerts::default().emit(Event::new(EventKind::CircuitOpen, "", "", "p".into(), 0)));
+        let (alerts, rec) = Alerts::recording();
+        assert!(alerts.emit(Event::new(EventKind::CircuitOpen, "", "", "p".into(), 0)));
+        assert_eq!(rec.lock().unwrap()[0].kind, EventKind::CircuitOpen);
+    }
+}
