@@ -48,6 +48,10 @@ pub enum ErrorKind {
     MethodNotAllowed,
     BudgetExceeded,
     RateLimited,
+    /// The spend guard throttles the tenant (429 `spend_guard`).
+    SpendGuardThrottled,
+    /// The spend guard blocks the tenant (402 `spend_guard`).
+    SpendGuardBlocked,
     BadUpstreamResponse,
     UpstreamUnavailable,
     UpstreamTimeout,
@@ -68,7 +72,7 @@ impl ErrorKind {
             | RequestTimeout
             | NotFound
             | MethodNotAllowed => Fault::Client,
-            BudgetExceeded | RateLimited => Fault::Policy,
+            BudgetExceeded | RateLimited | SpendGuardThrottled | SpendGuardBlocked => Fault::Policy,
             BadUpstreamResponse | UpstreamUnavailable | UpstreamTimeout => Fault::Upstream,
             Internal => Fault::Internal,
         }
@@ -79,13 +83,13 @@ impl ErrorKind {
         match self {
             InvalidRequest | ModelNotFound => 400,
             InvalidApiKey => 401,
-            BudgetExceeded => 402,
+            BudgetExceeded | SpendGuardBlocked => 402,
             ModelNotAllowed | RegionNotAllowed | FallbackOverrideNotAllowed => 403,
             NotFound => 404,
             MethodNotAllowed => 405,
             RequestTimeout => 408,
             RequestTooLarge => 413,
-            RateLimited => 429,
+            RateLimited | SpendGuardThrottled => 429,
             Internal => 500,
             BadUpstreamResponse => 502,
             UpstreamUnavailable => 503,
@@ -109,6 +113,7 @@ impl ErrorKind {
             MethodNotAllowed => "method_not_allowed",
             BudgetExceeded => "budget_exceeded",
             RateLimited => "rate_limited",
+            SpendGuardThrottled | SpendGuardBlocked => "spend_guard",
             BadUpstreamResponse => "bad_upstream_response",
             UpstreamUnavailable => "upstream_unavailable",
             UpstreamTimeout => "upstream_timeout",
@@ -126,8 +131,8 @@ impl ErrorKind {
                 ApiFormat::OpenAi,
                 ModelNotAllowed | RegionNotAllowed | FallbackOverrideNotAllowed,
             ) => "permission_error",
-            (ApiFormat::OpenAi, BudgetExceeded) => "insufficient_quota",
-            (ApiFormat::OpenAi, RateLimited) => "rate_limit_error",
+            (ApiFormat::OpenAi, BudgetExceeded | SpendGuardBlocked) => "insufficient_quota",
+            (ApiFormat::OpenAi, RateLimited | SpendGuardThrottled) => "rate_limit_error",
             (ApiFormat::OpenAi, BadUpstreamResponse | UpstreamUnavailable | UpstreamTimeout) => {
                 "upstream_error"
             }
@@ -140,8 +145,8 @@ impl ErrorKind {
             ) => "permission_error",
             (ApiFormat::Anthropic, NotFound) => "not_found_error",
             (ApiFormat::Anthropic, RequestTooLarge) => "request_too_large",
-            (ApiFormat::Anthropic, BudgetExceeded) => "billing_error",
-            (ApiFormat::Anthropic, RateLimited) => "rate_limit_error",
+            (ApiFormat::Anthropic, BudgetExceeded | SpendGuardBlocked) => "billing_error",
+            (ApiFormat::Anthropic, RateLimited | SpendGuardThrottled) => "rate_limit_error",
             (ApiFormat::Anthropic, UpstreamUnavailable) => "overloaded_error",
             (ApiFormat::Anthropic, UpstreamTimeout) => "timeout_error",
             (ApiFormat::Anthropic, BadUpstreamResponse | Internal) => "api_error",

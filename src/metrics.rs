@@ -96,6 +96,8 @@ pub struct Metrics {
     pub budget_used_ppm: IntGaugeVec,
     pub spend_velocity_pct: IntGaugeVec,
     pub spend_this_hour: IntGaugeVec,
+    /// 1 while a tenant's spend guard is engaged on this node.
+    pub spend_guard_engaged: IntGaugeVec,
     pub audit: AuditMetrics,
     /// Failed calls to the shared counter store (Redis) since start.
     pub limits_store_errors: IntGauge,
@@ -301,6 +303,12 @@ impl Metrics {
                 "This hour's spend as a percentage of the average hour of the previous 24",
                 &["tenant"],
             )?,
+            spend_guard_engaged: gauge(
+                &r,
+                "spend_guard_engaged",
+                "1 while the tenant's spend guard is engaged (throttling, blocking or alerting)",
+                &["tenant"],
+            )?,
             spend_this_hour: gauge(
                 &r,
                 "spend_this_hour_nanousd",
@@ -355,7 +363,7 @@ impl Metrics {
                 .inc_by(row.cost_nanousd);
         }
         match row.error_code.as_str() {
-            "rate_limited" | "budget_exceeded" => self
+            "rate_limited" | "budget_exceeded" | "spend_guard" => self
                 .rejections
                 .with_label_values(&[&row.tenant, &row.error_code])
                 .inc(),

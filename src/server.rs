@@ -147,6 +147,12 @@ pub fn run(config: Config, opts: RunOptions) -> ! {
             gateway: gateway.clone(),
         },
     ));
+    server.add_service(background_service(
+        "spend guards",
+        crate::proxy::refresh::GuardWatch {
+            gateway: gateway.clone(),
+        },
+    ));
     let mut proxy = Service::new(
         "llm-gateway".to_string(),
         HeadDeadline(Arc::new(pingora_proxy::http_proxy(

@@ -164,6 +164,7 @@ impl Admin {
         m.budget_used_ppm.reset();
         m.spend_this_hour.reset();
         m.spend_velocity_pct.reset();
+        m.spend_guard_engaged.reset();
         let views: std::collections::HashMap<_, _> =
             self.gateway.breakers.views().into_iter().collect();
         for p in &cfg.providers {
@@ -188,6 +189,11 @@ impl Admin {
                         .with_label_values(&[&t.id])
                         .set(used.min(i64::MAX as u128) as i64);
                 }
+            }
+            if t.guard.is_some() {
+                m.spend_guard_engaged
+                    .with_label_values(&[&t.id])
+                    .set(i64::from(limits.guard_engaged(t)));
             }
             let (this_hour, avg) = limits.velocity(t).await.unwrap_or_default();
             m.spend_this_hour
@@ -475,7 +481,13 @@ impl ServeHttp for Admin {
                 let id = &p["/admin/v1/tenants/".len()..p.len() - "/usage".len()];
                 match self.gateway.config().tenant(id) {
                     Some(t) => match self.gateway.limits.usage(t).await {
-                        Ok(view) => json_reply(200, serde_json::to_value(view).unwrap_or_default()),
+                        Ok(view) => {
+                            let mut v = serde_json::to_value(view).unwrap_or_default();
+                            if let Some(g) = self.gateway.limits.guard_view(t) {
+                                v["guard"] = serde_json::to_value(g).unwrap_or_default();
+                            }
+                            json_reply(200, v)
+                        }
                         Err(e) => error(503, &format!("counter store unavailable: {e}")),
                     },
                     None => error(404, "no such tenant"),

@@ -6,7 +6,7 @@
 //! `store_unavailable` when it cannot be reached in time. No answer ever carries a
 //! key's hash; a secret appears once, in the answer that issued it.
 
-use super::{json_reply, Admin};
+use super::{error, json_reply, Admin};
 use crate::audit::time::rfc3339;
 use crate::config::{ApiKey, Tenant};
 use crate::store::{ops, KeyRec, Store, StoreError, TenantRec};
@@ -272,8 +272,56 @@ impl Admin {
                 .await
             }
             ("GET", ["tenants", id, "keys", key, "usage"]) => self.key_usage(id, key).await,
+            ("POST", ["tenants", id, "guard", "clear"]) => self.clear_guard(id, &c.body).await,
             _ => return None,
         })
+    }
+
+    /// `POST /admin/v1/tenants/{id}/guard/clear` (`{"for_s": N}`, default 3600):
+    /// on-call stands the tenant's spend guard down and keeps it from engaging again
+    /// for N seconds (the default runs past the end of this hour, so a clear is not
+    /// undone by the next check while the hour's spend is still over the threshold).
+    async fn clear_guard(&self, id: &str, body: &Value) -> Response<Vec<u8>> {
+        let cfg = self.gateway.config();
+        let Some(t) = cfg.tenant(id) else {
+            return error(404, "no such tenant");
+        };
+        if t.guard.is_none() {
+            return error(409, &format!("tenant `{id}` has no spend guard (`guard:`)"));
+        }
+        let for_s = match body.get("for_s") {
+            None | Some(Value::Null) => Some(3600),
+            Some(v) => v.as_u64().filter(|n| *n <= 31 * 86_400),
+        };
+        let Some(for_s) = for_s else {
+            return error(
+                400,
+                "for_s: must be a whole number of seconds, at most 31 days",
+            );
+        };
+        if let Value::Object(m) = body {
+            if let Some(k) = m.keys().find(|k| k.as_str() != "for_s") {
+                return error(400, &format!("unknown field `{k}`, expected `for_s`"));
+            }
+        }
+        let (change, shared) = self.gateway.limits.clear_guard(t, for_s).await;
+        let was_engaged = change.is_some();
+        if let Some(c) = &change {
+            self.gateway.guard_changed(c);
+        }
+        match shared {
+            Ok(()) => json_reply(
+                200,
+                json!({"tenant": id, "cleared": true, "was_engaged": was_engaged, "for_s": for_s,
+                       "guard": self.gateway.limits.guard_view(t)}),
+            ),
+            Err(e) => error(
+                503,
+                &format!(
+                    "cleared on this node only: the shared counter store is unreachable ({e})"
+                ),
+            ),
+        }
     }
 
     /// A write to a store tenant: refused for file tenants (409) and without a store.

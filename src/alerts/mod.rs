@@ -91,6 +91,51 @@ impl Event {
     }
 }
 
+/// `YYYY-MM-DDTHH` (UTC) of Unix milliseconds: the period of hourly events.
+pub fn hour_label(ms: u64) -> String {
+    let mut s = crate::audit::time::rfc3339(ms);
+    s.truncate(13);
+    s
+}
+
+/// The event of a change of a tenant's spend guard: once per tenant and hour for each
+/// of engaged and cleared, on every node alike (the id does not depend on which node
+/// saw it first).
+pub fn guard_event(change: &crate::limits::GuardChange) -> Event {
+    use crate::limits::{usd, GuardChange};
+    match change {
+        GuardChange::Engaged {
+            tenant,
+            action,
+            figures: f,
+        } => Event::new(
+            EventKind::GuardEngaged,
+            tenant,
+            "",
+            hour_label(f.at_ms),
+            f.at_ms,
+        )
+        .with("action", action.as_str())
+        .with("spend_this_hour_nanousd", f.spend_this_hour)
+        .with("spend_this_hour_usd", usd(f.spend_this_hour))
+        .with("baseline_hourly_nanousd", f.baseline)
+        .with("threshold_nanousd", f.threshold)
+        .with("threshold_usd", usd(f.threshold)),
+        GuardChange::Cleared {
+            tenant,
+            reason,
+            at_ms,
+        } => Event::new(
+            EventKind::GuardCleared,
+            tenant,
+            "",
+            hour_label(*at_ms),
+            *at_ms,
+        )
+        .with("reason", *reason),
+    }
+}
+
 /// The hand-off to alert delivery; cheap to clone. The default one has no webhooks
 /// and drops every event (alerts not configured).
 #[derive(Clone, Default)]

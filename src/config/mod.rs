@@ -553,6 +553,41 @@ pub struct Tenant {
     pub rate: Rate,
     pub budget: Budget,
     pub cache: TenantCache,
+    /// The spend guard (`guard:`); `None`: spend runs away unwatched, as before.
+    pub guard: Option<Guard>,
+}
+
+/// What the spend guard does once engaged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuardAction {
+    /// Only the `guard_engaged` event.
+    Alert,
+    /// The tenant is held to `throttle_rps` (429 `spend_guard` above it).
+    Throttle,
+    /// Every request is refused (402 `spend_guard`).
+    Block,
+}
+
+impl GuardAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GuardAction::Alert => "alert",
+            GuardAction::Throttle => "throttle",
+            GuardAction::Block => "block",
+        }
+    }
+}
+
+/// A tenant's spend guard: it engages when this hour's spend passes both
+/// `factor_milli / 1000` x the tenant's hourly baseline and `min_hourly_nanousd`
+/// (the baseline rule is [`crate::limits::SpendHours::baseline`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Guard {
+    /// The velocity factor in thousandths, so that the comparison is integer.
+    pub factor_milli: u64,
+    pub min_hourly_nanousd: u64,
+    pub action: GuardAction,
+    pub throttle_rps: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -265,6 +265,17 @@ pub(crate) struct RawTenant {
     pub rate: Option<RawRate>,
     pub budget: Option<RawBudget>,
     pub cache: Option<RawTenantCache>,
+    pub guard: Option<RawGuard>,
+}
+
+/// `tenants.X.guard`: what to do when the tenant's spend this hour runs away.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a mapping")]
+pub(crate) struct RawGuard {
+    pub velocity_factor: Option<f64>,
+    pub min_hourly_usd: Option<f64>,
+    pub action: Option<String>,
+    pub throttle_rps: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]

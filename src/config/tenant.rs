@@ -8,7 +8,9 @@ use super::money::usd_to_nanousd;
 use super::named::{sub, Named, Ref};
 use super::raw::{RawApiKey, RawTenant};
 use super::report::{child, item, Report};
-use super::{ApiKey, Budget, Model, Provider, Rate, Tenant, TenantCache, TenantSource};
+use super::{
+    ApiKey, Budget, Guard, GuardAction, Model, Provider, Rate, Tenant, TenantCache, TenantSource,
+};
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -170,6 +172,10 @@ pub(super) fn build_tenant_from(
 
     let rate = build_rate(raw.rate.as_ref(), at, &mut ok, report);
     let budget = build_budget(raw.budget.as_ref(), at, &mut ok, report);
+    let guard = raw
+        .guard
+        .as_ref()
+        .and_then(|g| build_guard(g, &child(at, "guard"), &mut ok, report));
     if let (Some(keys), Some(allowed)) = (&api_keys, &allowed) {
         for (i, key) in keys.iter().enumerate() {
             for (j, name) in key.models.iter().flatten().enumerate() {
@@ -209,6 +215,66 @@ pub(super) fn build_tenant_from(
             enabled: cache.enabled,
             ttl_s: cache.ttl_s,
         },
+        guard,
+    })
+}
+
+/// Defaults: a factor of 10 over a floor of 10 USD an hour, alert only; a throttled
+/// tenant gets 1 request a second unless `throttle_rps` says otherwise.
+fn build_guard(
+    raw: &super::raw::RawGuard,
+    at: &str,
+    ok: &mut bool,
+    report: &mut Report,
+) -> Option<Guard> {
+    let mut fine = true;
+    let factor = raw.velocity_factor.unwrap_or(10.0);
+    if !factor.is_finite() || !(1.0..=1_000_000.0).contains(&factor) {
+        report.error(
+            child(at, "velocity_factor"),
+            "must be a number from 1 to 1000000 (this hour's spend over the hourly average)",
+        );
+        fine = false;
+    }
+    let min_hourly_nanousd = match usd_to_nanousd(raw.min_hourly_usd.unwrap_or(10.0)) {
+        Ok(n) => n,
+        Err(e) => {
+            report.error(child(at, "min_hourly_usd"), e);
+            fine = false;
+            0
+        }
+    };
+    let action = match raw.action.as_deref().unwrap_or("alert") {
+        "alert" => GuardAction::Alert,
+        "throttle" => GuardAction::Throttle,
+        "block" => GuardAction::Block,
+        other => {
+            report.error(
+                child(at, "action"),
+                format!("`{other}` is not one of: alert, throttle, block"),
+            );
+            fine = false;
+            GuardAction::Alert
+        }
+    };
+    if raw.throttle_rps == Some(0) {
+        report.error(
+            child(at, "throttle_rps"),
+            "must be greater than 0 (use action: block to refuse every request)",
+        );
+        fine = false;
+    } else if raw.throttle_rps.is_some() && action != GuardAction::Throttle {
+        report.warn(child(at, "throttle_rps"), "only used with action: throttle");
+    }
+    if !fine {
+        *ok = false;
+        return None;
+    }
+    Some(Guard {
+        factor_milli: (factor * 1000.0).round() as u64,
+        min_hourly_nanousd,
+        action,
+        throttle_rps: raw.throttle_rps.unwrap_or(1),
     })
 }
 

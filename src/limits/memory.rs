@@ -12,8 +12,8 @@
 
 use super::calendar::{month_label, Now};
 use super::{
-    tighter, usd, Actual, Caps, Demand, KeyUsageView, RateHeaders, Refusal, Scope, Subject,
-    UsageView,
+    tighter, usd, Actual, Caps, Demand, KeyUsageView, RateHeaders, Refusal, Scope, SpendHours,
+    Subject, UsageView,
 };
 use crate::config::{ApiKey, Rate, Tenant};
 use std::collections::HashMap;
@@ -165,12 +165,16 @@ impl ScopeState {
         }
     }
 
-    /// Settled spend of the current hour and the average of the 24 hours before it.
-    fn velocity(&self, now: Now) -> (u64, u64) {
-        let past: u64 = (1..=24)
-            .map(|k| self.hour_spent(now.hour.saturating_sub(k)))
-            .sum();
-        (self.hour_spent(now.hour), past / 24)
+    /// Settled spend of the current hour and of each of the 24 before it.
+    fn hours(&self, now: Now) -> SpendHours {
+        let mut past = [0; 24];
+        for (k, slot) in past.iter_mut().enumerate() {
+            *slot = self.hour_spent(now.hour.saturating_sub(k as u64 + 1));
+        }
+        SpendHours {
+            this_hour: self.hour_spent(now.hour),
+            past,
+        }
     }
 
     fn headers(&self, rate: &Rate, now_s: u64) -> RateHeaders {
@@ -488,8 +492,8 @@ impl Store {
 
     pub(super) fn usage(&self, tenant: &Tenant, now: Now) -> UsageView {
         let (m, this_hour, hourly_avg) = self.with(&tenant.id, None, |s, _| {
-            let (this_hour, avg) = s.velocity(now);
-            (s.month(now.month), this_hour, avg)
+            let hours = s.hours(now);
+            (s.month(now.month), hours.this_hour, hours.avg24())
         });
         view(
             tenant,
@@ -542,9 +546,9 @@ impl Store {
         key_view(tenant, key, figures)
     }
 
-    /// Settled spend of the current hour and the average of the 24 hours before it.
-    pub(super) fn velocity(&self, tenant: &str, now: Now) -> (u64, u64) {
-        self.with(tenant, None, |s, _| s.velocity(now))
+    /// Settled spend of the current hour and of each of the 24 hours before it.
+    pub(super) fn hours(&self, tenant: &str, now: Now) -> SpendHours {
+        self.with(tenant, None, |s, _| s.hours(now))
     }
 
     /// How many keys of `tenant` have counters of their own.

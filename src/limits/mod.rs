@@ -38,13 +38,17 @@
 
 mod calendar;
 mod conn;
+mod guard;
 mod memory;
 mod quota;
 mod redis;
 
+pub use guard::{
+    Change as GuardChange, Figures as GuardFigures, GuardView, SpendHours, GUARD_TICK,
+};
 pub use quota::{MinuteUse, Take, COOLDOWN_POLL};
 
-use crate::config::{ApiKey, Budget, Counters, OnError, Rate, Tenant};
+use crate::config::{ApiKey, Budget, Counters, GuardAction, OnError, Rate, Tenant};
 use calendar::Now;
 use memory::{Mode, Store};
 use serde::Serialize;
@@ -132,6 +136,14 @@ pub enum Refusal {
         demand: u64,
         limit: u64,
     },
+    /// The spend guard is engaged: 429 `spend_guard` above `throttle_rps` when it
+    /// throttles, 402 `spend_guard` for every request when it blocks.
+    Guard {
+        action: GuardAction,
+        throttle_rps: u32,
+        retry_after_s: u64,
+        headers: RateHeaders,
+    },
     /// The shared store is unreachable and `on_error` is `fail_closed`.
     Unavailable(String),
 }
@@ -173,6 +185,17 @@ impl Refusal {
                 usd(*demand),
                 scope.phrase(),
                 usd(*limit)
+            ),
+            Refusal::Guard {
+                action: GuardAction::Block,
+                ..
+            } => "spend guard engaged for this tenant: its spend this hour is far above its \
+                  normal, so requests are refused until the hour ends below the threshold or \
+                  an operator clears it"
+                .to_string(),
+            Refusal::Guard { throttle_rps, .. } => format!(
+                "spend guard engaged for this tenant: its spend this hour is far above its \
+                 normal, so it is held to {throttle_rps} requests per second"
             ),
             Refusal::Unavailable(e) => {
                 format!("the shared rate-limit store is unreachable (on_error: fail_closed): {e}")
@@ -272,6 +295,28 @@ impl<'a> Subject<'a> {
     }
 }
 
+/// A refusal of the tenant's rps while the guard throttles it to `throttle` is the
+/// guard's (429 `spend_guard`), not the tenant's own limit.
+fn guarded(r: Refusal, throttle: Option<u32>) -> Refusal {
+    match (r, throttle) {
+        (
+            Refusal::Rate {
+                scope: Scope::Tenant,
+                which: "rps",
+                headers,
+                ..
+            },
+            Some(throttle_rps),
+        ) => Refusal::Guard {
+            action: GuardAction::Throttle,
+            throttle_rps,
+            retry_after_s: 1,
+            headers,
+        },
+        (r, _) => r,
+    }
+}
+
 /// The `x-ratelimit-*` values of the tighter of two scopes: the fewer requests left
 /// (with the limit of the scope that leaves them; with no count known, the smaller
 /// limit) and the fewer tokens left.
@@ -366,6 +411,8 @@ struct Inner {
     shared: Option<Arc<redis::Shared>>,
     /// Deployment quotas: the whole store for `memory`, the fallback on Redis.
     quota: quota::Local,
+    /// The spend guards' state on this node.
+    guard: guard::Board,
 }
 
 impl Inner {
@@ -455,6 +502,7 @@ impl Limits {
                 local: Store::default(),
                 shared,
                 quota: quota::Local::default(),
+                guard: guard::Board::default(),
             }),
         }
     }
@@ -471,7 +519,48 @@ impl Limits {
         key: &ApiKey,
         demand: Demand,
     ) -> Result<Ticket, Refusal> {
+        let (who, throttle) = self.subject(tenant, key)?;
+        self.admit_who(who, demand)
+            .await
+            .map_err(|r| guarded(r, throttle))
+    }
+
+    /// The subject of a request with the spend guard applied: refused while it
+    /// blocks, its rps lowered while it throttles (then the lowered rps, so that
+    /// hitting it is told apart from the tenant's own limit).
+    fn subject<'a>(
+        &self,
+        tenant: &'a Tenant,
+        key: &'a ApiKey,
+    ) -> Result<(Subject<'a>, Option<u32>), Refusal> {
         let who = Subject::of(tenant, key);
+        let Some(g) = &tenant.guard else {
+            return Ok((who, None));
+        };
+        if !self.inner.guard.engaged(&tenant.id) {
+            return Ok((who, None));
+        }
+        match g.action {
+            GuardAction::Alert => Ok((who, None)),
+            GuardAction::Block => Err(Refusal::Guard {
+                action: GuardAction::Block,
+                throttle_rps: 0,
+                // At the earliest, the next hour ends below the threshold.
+                retry_after_s: self.inner.now().secs_to_next_hour() + 3600,
+                headers: RateHeaders::default(),
+            }),
+            GuardAction::Throttle if who.caps.rate.rps.is_some_and(|r| r <= g.throttle_rps) => {
+                Ok((who, None)) // the tenant's own limit is the tighter one
+            }
+            GuardAction::Throttle => {
+                let mut who = who;
+                who.caps.rate.rps = Some(g.throttle_rps);
+                Ok((who, Some(g.throttle_rps)))
+            }
+        }
+    }
+
+    async fn admit_who(&self, who: Subject<'_>, demand: Demand) -> Result<Ticket, Refusal> {
         if let Some(r) = who.never_fits(demand) {
             return Err(r);
         }
@@ -582,9 +671,15 @@ impl Limits {
         tenant: &Tenant,
         key: &ApiKey,
     ) -> Result<RateHeaders, Refusal> {
+        let (who, throttle) = self.subject(tenant, key)?;
+        let now = self.inner.now();
+        self.count_request(who, now)
+            .await
+            .map_err(|r| guarded(r, throttle))
+    }
+
+    async fn count_request(&self, who: Subject<'_>, now: Now) -> Result<RateHeaders, Refusal> {
         let inner = &self.inner;
-        let now = inner.now();
-        let who = Subject::of(tenant, key);
         let none = Demand::default();
         let Some(shared) = &inner.shared else {
             let (_, headers) = inner.local.admit(&who, none, Mode::RequestOnly, now)?;
@@ -624,12 +719,15 @@ impl Limits {
     /// `memory`), so the refusal is never wrong; [`Limits::admit`] still does the
     /// exact check. Refused requests are not counted in the rps window.
     pub fn precheck(&self, tenant: &Tenant, key: &ApiKey) -> Result<(), Refusal> {
-        let who = Subject::of(tenant, key);
+        let (who, throttle) = self.subject(tenant, key)?;
         if !who.has_rate_or_concurrency() {
             return Ok(()); // nothing to check: not even the store's lock is taken
         }
         let now = self.inner.now();
-        self.inner.local.precheck(&who, Mode::Reserve, now)
+        self.inner
+            .local
+            .precheck(&who, Mode::Reserve, now)
+            .map_err(|r| guarded(r, throttle))
     }
 
     /// `x-ratelimit-*` values (the tighter scope's) for a response that was not
@@ -683,10 +781,11 @@ impl Limits {
     /// shared store cannot be read.
     pub async fn velocity(&self, tenant: &Tenant) -> Option<(u64, u64)> {
         let now = self.inner.now();
-        match &self.inner.shared {
-            None => Some(self.inner.local.velocity(&tenant.id, now)),
-            Some(shared) => shared.velocity(tenant, now).await.ok(),
-        }
+        let hours = match &self.inner.shared {
+            None => self.inner.local.hours(&tenant.id, now),
+            Some(shared) => shared.hours(tenant, now).await.ok()?,
+        };
+        Some((hours.this_hour, hours.avg24()))
     }
 
     /// Whether this node has admitted or counted a request of the tenant since it
@@ -704,6 +803,8 @@ impl Limits {
     }
 }
 
+#[cfg(test)]
+mod guard_tests;
 #[cfg(test)]
 mod key_tests;
 #[cfg(test)]

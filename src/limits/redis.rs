@@ -44,8 +44,8 @@
 use super::calendar::{month_label, month_start_ms, Now};
 use super::conn::Conn;
 use super::memory::{Figures, KeyFigures};
-use super::UsageView;
 use super::{tighter, Actual, Clock, Demand, KeyUsageView, RateHeaders, Refusal, Subject};
+use super::{SpendHours, UsageView};
 use crate::config::{ApiKey, Tenant};
 use redis::Script;
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -197,11 +197,21 @@ fn hours_spent(pipe: &mut redis::Pipeline, tenant: &str, now: Now) {
     }
 }
 
-/// This hour's spend and the average of the 24 before it, from [`hours_spent`].
-fn velocity_of(hours: impl IntoIterator<Item = Option<String>>) -> (u64, u64) {
+/// This hour's spend and each of the 24 before it, from [`hours_spent`].
+fn hours_of(hours: impl IntoIterator<Item = Option<String>>) -> SpendHours {
     let mut spent = hours.into_iter().map(number);
     let this_hour = spent.next().unwrap_or(0);
-    (this_hour, spent.take(24).sum::<u64>() / 24)
+    let mut past = [0; 24];
+    for (slot, v) in past.iter_mut().zip(spent) {
+        *slot = v;
+    }
+    SpendHours { this_hour, past }
+}
+
+/// Where on-call's clear of a tenant's guard is kept (Unix ms it lasts until), so
+/// that every node stands down, not only the one the admin call reached.
+fn guard_clear_key(tenant: &str) -> String {
+    key(tenant, "guard_clear")
 }
 
 impl Shared {
@@ -472,7 +482,8 @@ impl Shared {
         let mut next = || number(replies.next().flatten());
         let (spent, tokens_in, tokens_out, requests, reserved) =
             (next(), next(), next(), next(), next());
-        let (this_hour, hourly_avg) = velocity_of(replies);
+        let hours = hours_of(replies);
+        let (this_hour, hourly_avg) = (hours.this_hour, hours.avg24());
         Ok(super::memory::view(
             tenant,
             Figures {
@@ -532,11 +543,43 @@ impl Shared {
         ))
     }
 
-    pub(super) async fn velocity(&self, tenant: &Tenant, now: Now) -> Result<(u64, u64), String> {
+    pub(super) async fn hours(&self, tenant: &Tenant, now: Now) -> Result<SpendHours, String> {
         let mut pipe = redis::pipe();
         hours_spent(&mut pipe, &tenant.id, now);
         let hours: Vec<Option<String>> = self.conn.query(&pipe).await?;
-        Ok(velocity_of(hours))
+        Ok(hours_of(hours))
+    }
+
+    /// The tenant's hours and until when on-call cleared its guard (0: not), in one
+    /// round trip.
+    pub(super) async fn guard_figures(
+        &self,
+        tenant: &str,
+        now: Now,
+    ) -> Result<(SpendHours, u64), String> {
+        let mut pipe = redis::pipe();
+        hours_spent(&mut pipe, tenant, now);
+        pipe.cmd("GET").arg(guard_clear_key(tenant));
+        let mut replies: Vec<Option<String>> = self.conn.query(&pipe).await?;
+        let cleared_until = number(replies.pop().flatten());
+        Ok((hours_of(replies), cleared_until))
+    }
+
+    /// Records on-call's clear for every node; it expires when it no longer matters.
+    pub(super) async fn clear_guard(
+        &self,
+        tenant: &str,
+        until: u64,
+        for_s: u64,
+    ) -> Result<(), String> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("SET")
+            .arg(guard_clear_key(tenant))
+            .arg(until)
+            .arg("PX")
+            .arg(for_s.max(1).saturating_mul(1000));
+        let _: Vec<redis::Value> = self.conn.query(&pipe).await?;
+        Ok(())
     }
 
     /// Starts (or restarts, if its runtime went away) the task that renews leases and

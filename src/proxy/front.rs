@@ -531,6 +531,19 @@ fn refusal_error(r: Refusal, ctx: &mut Ctx) -> GatewayError {
             ctx.rate_headers = Some(headers);
             GatewayError::new(ErrorKind::BudgetExceeded, message).with_retry_after(retry_after_s)
         }
+        Refusal::Guard {
+            action,
+            retry_after_s,
+            headers,
+            ..
+        } => {
+            ctx.rate_headers = Some(headers);
+            let kind = match action {
+                crate::config::GuardAction::Block => ErrorKind::SpendGuardBlocked,
+                _ => ErrorKind::SpendGuardThrottled,
+            };
+            GatewayError::new(kind, message).with_retry_after(retry_after_s)
+        }
         // Never admitted however long the client waits: no retry-after.
         Refusal::NeverFits { .. } => GatewayError::new(ErrorKind::InvalidRequest, message),
     }

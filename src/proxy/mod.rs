@@ -108,6 +108,29 @@ impl Shared {
         }
     }
 
+    /// A tenant's spend guard engaged or stood down: logged once, and sent to on-call.
+    pub fn guard_changed(&self, change: &crate::limits::GuardChange) {
+        use crate::limits::{usd, GuardChange};
+        match change {
+            GuardChange::Engaged {
+                tenant,
+                action,
+                figures: f,
+            } => log::warn!(
+                "spend guard engaged for tenant {tenant} ({}): {} USD this hour, above the \
+                 threshold of {} USD (hourly baseline {} USD)",
+                action.as_str(),
+                usd(f.spend_this_hour),
+                usd(f.threshold),
+                usd(f.baseline)
+            ),
+            GuardChange::Cleared { tenant, reason, .. } => {
+                log::warn!("spend guard cleared for tenant {tenant} ({reason})")
+            }
+        }
+        self.alerts.emit(crate::alerts::guard_event(change));
+    }
+
     pub fn set_config(&self, cfg: Arc<Config>) {
         self.cache.store.set_max_bytes(cfg.cache.max_bytes);
         match self.config.write() {

@@ -1,4 +1,5 @@
-//! The background task that brings other nodes' cooldowns into this node's pool.
+//! Background checks of the proxy's shared state: other nodes' cooldowns brought into
+//! this node's pool, and the spend guards evaluated.
 
 use super::Gateway;
 use crate::limits::Limits;
@@ -33,6 +34,33 @@ impl BackgroundService for Refresher {
             let keys = Pool::keys(&cfg);
             if let Some(until) = limits.shared_cooldowns(&keys).await {
                 self.gateway.pool.absorb(&keys, &until);
+            }
+        }
+    }
+}
+
+/// Evaluates every guarded tenant's spend guard each [`crate::limits::GUARD_TICK`],
+/// and reports each change: a log line, the `guard_engaged` / `guard_cleared` alert.
+pub struct GuardWatch {
+    pub gateway: Gateway,
+}
+
+#[async_trait]
+impl BackgroundService for GuardWatch {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut tick = tokio::time::interval(crate::limits::GUARD_TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.changed() => return,
+            }
+            let cfg = self.gateway.config();
+            if !cfg.tenants.iter().any(|t| t.guard.is_some()) {
+                continue;
+            }
+            for change in self.gateway.limits.check_guards(&cfg.tenants).await {
+                self.gateway.guard_changed(&change);
             }
         }
     }

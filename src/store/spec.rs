@@ -73,6 +73,18 @@ pub fn tenant(t: &Tenant) -> Value {
             serde_json::json!({"enabled": t.cache.enabled, "ttl_s": t.cache.ttl_s}),
         );
     }
+    if let Some(g) = &t.guard {
+        let factor = format!("{}.{:03}", g.factor_milli / 1000, g.factor_milli % 1000);
+        let mut v = serde_json::json!({
+            "velocity_factor": serde_json::from_str::<Value>(factor.trim_end_matches('0').trim_end_matches('.')).unwrap_or(Value::Null),
+            "min_hourly_usd": usd(g.min_hourly_nanousd),
+            "action": g.action.as_str(),
+        });
+        if g.action == crate::config::GuardAction::Throttle {
+            v["throttle_rps"] = g.throttle_rps.into();
+        }
+        m.insert("guard".into(), v);
+    }
     Value::Object(m)
 }
 
