@@ -5,11 +5,14 @@
 # venv/pip) and gcc: installs what is missing (as root, or through sudo), then
 #   1. cargo build --bin llm-gateway
 #   2. cargo test                      (unit tests + Rust integration tests, tests/it)
-#   3. pytest tests/e2e                (the real binary + mock provider, official SDKs)
+#   3. pytest tests/e2e                (the real binary + mock provider, official SDKs;
+#                                       with promtool for the Prometheus rule tests)
 # Re-runs are quick: nothing is reinstalled while present and unchanged.
 #
 # Environment: LLM_GATEWAY_BIN  binary for the e2e suite (default: target/debug/llm-gateway)
 #              PYTEST_ARGS      extra pytest arguments, e.g. "-k streaming -x"
+#              PROMTOOL         promtool binary (default: on PATH, else unpacked into
+#                               .cache/promtool/ from Debian's prometheus package)
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -109,6 +112,53 @@ if [ "$(cat "$STAMP" 2>/dev/null || true)" != "$want" ]; then
     echo "installed tests/e2e/requirements.txt"
 else
     echo "requirements unchanged: nothing to install"
+fi
+
+section "promtool (Prometheus rule tests)"
+# tests/e2e/test_prometheus_rules.py runs `promtool check rules` and `promtool test rules`
+# on conf/prometheus/. Installing Debian's `prometheus` package would also enable and
+# start a Prometheus server (on :9090, the admin port of the demo), so the package is
+# only downloaded and promtool unpacked from it into .cache/promtool/ (gitignored);
+# nothing is installed and nothing is started. Skipped when PROMTOOL is set, a promtool
+# is on PATH, or the unpacked one is there and runs.
+PROMTOOL_DIR="$ROOT/.cache/promtool"
+if [ -n "${PROMTOOL:-}" ]; then
+    echo "PROMTOOL set: $PROMTOOL"
+elif command -v promtool >/dev/null 2>&1; then
+    PROMTOOL="$(command -v promtool)"
+    echo "promtool on PATH: $PROMTOOL"
+elif [ -x "$PROMTOOL_DIR/promtool" ] && "$PROMTOOL_DIR/promtool" --version >/dev/null 2>&1; then
+    PROMTOOL="$PROMTOOL_DIR/promtool"
+    echo "promtool already unpacked: $PROMTOOL"
+else
+    echo "downloading Debian's prometheus package for promtool (not installing it)"
+    mkdir -p "$PROMTOOL_DIR"
+    rm -rf "$PROMTOOL_DIR/deb" "$PROMTOOL_DIR/root"
+    mkdir -p "$PROMTOOL_DIR/deb"
+    # apt-get download writes into the current directory and needs no root; as root it
+    # warns that the _apt user cannot write there, which is harmless.
+    apt_download() { (cd "$PROMTOOL_DIR/deb" && apt-get download -q prometheus); }
+    if ! apt_download; then
+        if [ "$APT_UPDATED" = 0 ]; then
+            $SUDO apt-get update -q && APT_UPDATED=1
+        fi
+        apt_download || true
+    fi
+    deb="$(ls "$PROMTOOL_DIR"/deb/prometheus_*.deb 2>/dev/null | head -n1 || true)"
+    if [ -n "$deb" ] && dpkg-deb -x "$deb" "$PROMTOOL_DIR/root" \
+        && [ -x "$PROMTOOL_DIR/root/usr/bin/promtool" ]; then
+        mv "$PROMTOOL_DIR/root/usr/bin/promtool" "$PROMTOOL_DIR/promtool"
+        basename "$deb" >"$PROMTOOL_DIR/from-package"
+        PROMTOOL="$PROMTOOL_DIR/promtool"
+    else
+        # Not fatal here: under CI=true the rule tests then fail, naming what is missing.
+        echo "tests/run.sh: could not get promtool from Debian's prometheus package" >&2
+    fi
+    rm -rf "$PROMTOOL_DIR/deb" "$PROMTOOL_DIR/root"
+fi
+if [ -n "${PROMTOOL:-}" ]; then
+    export PROMTOOL
+    echo "promtool: $("$PROMTOOL" --version 2>&1 | head -n1)"
 fi
 
 section "cargo build --bin llm-gateway"

@@ -82,10 +82,6 @@ fn tenants(cfg: &Config) -> Vec<Arc<Tenant>> {
     cfg.tenants.clone()
 }
 
-fn guard(t: &Tenant) -> Guard {
-    t.guard.unwrap()
-}
-
 #[test]
 fn the_baseline_counts_only_the_hours_of_history_and_a_new_tenant_starts_at_the_floor() {
     let g = Guard {
