@@ -18,14 +18,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// A private redis-server, killed and its directory removed at the end.
-struct Redis {
+pub(crate) struct Redis {
     proc: Option<Proc>,
     port: u16,
     dir: PathBuf,
 }
 
 impl Redis {
-    fn start() -> Redis {
+    pub(crate) fn start() -> Redis {
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free port")
@@ -86,7 +86,7 @@ impl Redis {
         format!("redis://127.0.0.1:{}/", self.port)
     }
 
-    fn counters(&self, on_error: OnError) -> Counters {
+    pub(crate) fn counters(&self, on_error: OnError) -> Counters {
         Counters::Redis {
             url: self.url(),
             on_error,
@@ -184,7 +184,7 @@ fn tenant(cfg: &Config, id: &str) -> Arc<Tenant> {
 }
 
 /// A clock shared by both nodes, starting now; tests move it by hand.
-fn clock() -> (Arc<AtomicU64>, llm_gateway::limits::Clock) {
+pub(crate) fn clock() -> (Arc<AtomicU64>, llm_gateway::limits::Clock) {
     let now = Arc::new(AtomicU64::new(
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

@@ -5,6 +5,7 @@
 
 mod cli;
 mod fuzz;
+mod guard_redis;
 mod limits_redis;
 mod mock_wire;
 mod pg;
