@@ -97,6 +97,7 @@ pub struct Metrics {
     pub spend_velocity_pct: IntGaugeVec,
     pub spend_this_hour: IntGaugeVec,
     pub audit: AuditMetrics,
+    pub alerts: crate::alerts::AlertMetrics,
     /// Failed calls to the shared counter store (Redis) since start.
     pub limits_store_errors: IntGauge,
     cache_requests: IntCounterVec,
@@ -151,6 +152,7 @@ impl Metrics {
             0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
         ];
         let audit = AuditMetrics::new(&r)?;
+        let alerts = crate::alerts::AlertMetrics::new(&r)?;
         let limits_store_errors = IntGauge::new(
             "limits_store_errors",
             "Failed calls to the shared counter store since start",
@@ -308,6 +310,7 @@ impl Metrics {
                 &["tenant"],
             )?,
             audit,
+            alerts,
             limits_store_errors,
             registry: r,
         })
