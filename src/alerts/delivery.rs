@@ -375,3 +375,79 @@ async fn worker(
         state.set_gauge(pending.len());
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::alerts::EventKind;
+
+    fn conf() -> AlertsConf {
+        let cfg = crate::config::Config::from_yaml_str(&format!(
+            r#"
+node: {{ region: r1 }}
+listen: {{ http: 127.0.0.1:18080 }}
+providers: {{ p1: {{ kind: openai_compatible, base_url: "http://127.0.0.1:9", region: r1 }} }}
+models: {{ m1: {{ provider: p1, price: {{ input_per_mtok: 1, output_per_mtok: 2 }} }} }}
+tenants: {{ t1: {{ api_keys: [ {{ id: k1, sha256: "{}" }} ], models: [m1] }} }}
+alerts: {{ webhooks: [ {{ name: a, url: "http://127.0.0.1:9/" }}, {{ name: b, url: "http://127.0.0.1:9/" }} ] }}
+"#,
+            crate::config::sha256_hex("sk")
+        ))
+        .unwrap();
+        cfg.alerts.unwrap()
+    }
+
+    fn metrics() -> AlertMetrics {
+        AlertMetrics::new(&prometheus::Registry::new()).unwrap()
+    }
+
+    fn event(period: &str) -> Event {
+        Event::new(EventKind::BudgetThreshold, "t1", "", period.into(), 1)
+    }
+
+    /// The local half of "once per event id": a second emit of the same event is
+    /// skipped, and so it is after a restart (the spool remembers the id), while the
+    /// pending deliveries come back for every webhook.
+    #[tokio::test]
+    async fn the_same_event_is_queued_once_even_after_a_restart() {
+        let dir = std::env::temp_dir().join(format!("llmgw-alert-dedupe-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let c = conf();
+        let (_, svc) = start(&c, &dir, &Counters::Memory, "n1".into(), metrics()).unwrap();
+        let workers = HashMap::new();
+        svc.intake(event("2026-12:monthly:0.5"), &workers).await;
+        svc.intake(event("2026-12:monthly:0.5"), &workers).await;
+        svc.intake(event("2026-12:monthly:0.8"), &workers).await;
+        assert_eq!(
+            lock(&svc.state.pending).len(),
+            4,
+            "two events x two webhooks"
+        );
+        drop(svc);
+        let m = metrics();
+        let (_, svc) = start(&c, &dir, &Counters::Memory, "n1".into(), m.clone()).unwrap();
+        assert_eq!(m.pending.get(), 4);
+        assert_eq!(lock(&svc.backlog).len(), 4);
+        svc.intake(event("2026-12:monthly:0.5"), &workers).await;
+        assert_eq!(lock(&svc.state.pending).len(), 4, "known after the restart");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn queued_deliveries_of_a_removed_webhook_are_dropped_and_counted() {
+        let dir = std::env::temp_dir().join(format!("llmgw-alert-gone-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        {
+            let (mut s, _) = Spool::open(&dir.join("alerts"), 0).unwrap();
+            let body = super::super::body::json_body(&event("p"));
+            s.add(&body, 1, &["a".to_string(), "old".to_string()])
+                .unwrap();
+        }
+        let m = metrics();
+        let (_, svc) = start(&conf(), &dir, &Counters::Memory, "n1".into(), m.clone()).unwrap();
+        assert_eq!(m.dropped.get(), 1);
+        assert_eq!(m.pending.get(), 1);
+        assert_eq!(lock(&svc.backlog)[0].webhook, "a");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
