@@ -128,6 +128,12 @@ fn bound_at_start(old: &Config, new: &Config) -> Vec<&'static str> {
     if old.store != new.store {
         out.push("store");
     }
+    // The delivery task and its workers are built from the webhooks at start;
+    // thresholds and velocity are read per check, so they reload.
+    let hooks = |c: &Config| c.alerts.as_ref().map(|a| a.webhooks.clone());
+    if hooks(old) != hooks(new) {
+        out.push("alerts.webhooks");
+    }
     out
 }
 
