@@ -9,6 +9,7 @@ a thread of this process). Checked:
   each event arrives exactly once;
 * the receiver down (port closed) while the events are raised, the gateway restarted
   in between, then the receiver up: every event still arrives, once;
+* a circuit opening and closing sends `circuit_open` then `circuit_closed`;
 * a receiver that accepts and never answers costs requests nothing (a loose bound;
   the real proof is a bench: `loadtest/bench.py` against a gateway configured with such
   a webhook, see README "Alerts (webhooks)").
@@ -347,6 +348,34 @@ def test_a_receiver_that_never_answers_costs_requests_nothing(nodes, receiver, m
     r = httpx.post(f"{gw.base_url}/v1/chat/completions", json=BODY, headers={"authorization": f"Bearer {KEY}"},
                    timeout=5)
     assert r.status_code == 402  # the budget is spent: refused at once, not stuck
+
+
+def test_circuit_open_and_closed_are_sent(nodes, receiver, mock):
+    rec = receiver().start()
+    ov = alerts_overrides(rec.url)
+    ov["providers"] = {"flaky": {"kind": "openai_compatible", "base_url": f"{mock.url}/flaky", "region": "us-east-1"}}
+    ov["models"]["flk"] = {"provider": "flaky", "price": {"input_per_mtok": 0, "output_per_mtok": 0}}
+    ov["tenants"]["spender"]["models"] = ["flk"]
+    ov["tenants"]["spender"].pop("budget")
+    gw = nodes.start("circuit", ov)
+    body = {"model": "flk", "messages": [{"role": "user", "content": "hi"}]}
+    auth = {"authorization": f"Bearer {KEY}"}
+    with httpx.Client(timeout=30) as c:
+        for _ in range(8):  # five failures in a row open it
+            r = c.post(f"{gw.base_url}/v1/chat/completions", json=body, headers={**auth, "x-mock": "status=503"})
+            assert r.status_code == 503
+        opened = rec.wait_for(1)
+        assert [e["type"] for e in opened] == ["circuit_open"], opened
+        assert opened[0]["provider"] == "flaky" and opened[0]["tenant"] == ""
+        # After the open period a good probe closes it.
+        end = time.monotonic() + 20
+        while time.monotonic() < end:
+            if c.post(f"{gw.base_url}/v1/chat/completions", json=body, headers=auth).status_code == 200:
+                break
+            time.sleep(0.25)
+    events = rec.wait_for(2)
+    assert [e["type"] for e in events] == ["circuit_open", "circuit_closed"], events
+    assert_signed(rec)
 
 
 def test_closed_port_is_closed():
