@@ -182,5 +182,19 @@ mod tests {
             )
         });
         assert_eq!(bound_at_start(&base, &redis), vec!["counters"]);
+        let hook = |url: &str, t: &str| {
+            let section = format!(
+                "alerts:\n  webhooks: [ {{ name: a, url: \"{url}\" }} ]\n  budget_thresholds: [{t}]\n"
+            );
+            config(move |y| format!("{y}\n{section}"))
+        };
+        let a = hook("http://127.0.0.1:1/", "0.5");
+        assert_eq!(bound_at_start(&base, &a), vec!["alerts.webhooks"]);
+        // Thresholds are read per check: they reload.
+        assert!(bound_at_start(&a, &hook("http://127.0.0.1:1/", "0.9")).is_empty());
+        assert_eq!(
+            bound_at_start(&a, &hook("http://127.0.0.1:2/", "0.5")),
+            vec!["alerts.webhooks"]
+        );
     }
 }
