@@ -99,6 +99,7 @@ pub struct Metrics {
     /// 1 while a tenant's spend guard is engaged on this node.
     pub spend_guard_engaged: IntGaugeVec,
     pub audit: AuditMetrics,
+    pub alerts: crate::alerts::AlertMetrics,
     /// Failed calls to the shared counter store (Redis) since start.
     pub limits_store_errors: IntGauge,
     cache_requests: IntCounterVec,
@@ -153,6 +154,7 @@ impl Metrics {
             0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
         ];
         let audit = AuditMetrics::new(&r)?;
+        let alerts = crate::alerts::AlertMetrics::new(&r)?;
         let limits_store_errors = IntGauge::new(
             "limits_store_errors",
             "Failed calls to the shared counter store since start",
@@ -316,6 +318,7 @@ impl Metrics {
                 &["tenant"],
             )?,
             audit,
+            alerts,
             limits_store_errors,
             registry: r,
         })

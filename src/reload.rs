@@ -128,6 +128,12 @@ fn bound_at_start(old: &Config, new: &Config) -> Vec<&'static str> {
     if old.store != new.store {
         out.push("store");
     }
+    // The delivery task and its workers are built from the webhooks at start;
+    // thresholds and velocity are read per check, so they reload.
+    let hooks = |c: &Config| c.alerts.as_ref().map(|a| a.webhooks.clone());
+    if hooks(old) != hooks(new) {
+        out.push("alerts.webhooks");
+    }
     out
 }
 
@@ -176,5 +182,19 @@ mod tests {
             )
         });
         assert_eq!(bound_at_start(&base, &redis), vec!["counters"]);
+        let hook = |url: &str, t: &str| {
+            let section = format!(
+                "alerts:\n  webhooks: [ {{ name: a, url: \"{url}\" }} ]\n  budget_thresholds: [{t}]\n"
+            );
+            config(move |y| format!("{y}\n{section}"))
+        };
+        let a = hook("http://127.0.0.1:1/", "0.5");
+        assert_eq!(bound_at_start(&base, &a), vec!["alerts.webhooks"]);
+        // Thresholds are read per check: they reload.
+        assert!(bound_at_start(&a, &hook("http://127.0.0.1:1/", "0.9")).is_empty());
+        assert_eq!(
+            bound_at_start(&a, &hook("http://127.0.0.1:2/", "0.5")),
+            vec!["alerts.webhooks"]
+        );
     }
 }

@@ -140,7 +140,37 @@ pub fn run(config: Config, opts: RunOptions) -> ! {
             grace: std::time::Duration::from_secs(grace_period_s()),
         },
     ));
-    let gateway = Gateway::new(config.clone(), audit, metrics);
+    let node = format!("{}:{}", config.node.hostname, config.admin.listen.port());
+    let alerts = match &config.alerts {
+        None => crate::alerts::Alerts::default(),
+        Some(conf) => {
+            let started = crate::alerts::delivery::start(
+                conf,
+                &config.audit.spool_dir,
+                &config.counters,
+                node.clone(),
+                metrics.alerts.clone(),
+            );
+            match started {
+                Ok((alerts, service)) => {
+                    server.add_service(background_service("alert delivery", service));
+                    alerts
+                }
+                Err(e) => {
+                    eprintln!("cannot start alert delivery: {e}");
+                    std::process::exit(1);
+                }
+            }
+        }
+    };
+    let gateway = Gateway::with_alerts(config.clone(), audit, metrics, alerts);
+    server.add_service(background_service(
+        "alert checks",
+        crate::alerts::sources::Checker {
+            gateway: gateway.clone(),
+            node,
+        },
+    ));
     server.add_service(background_service(
         "deployment cooldowns",
         crate::proxy::refresh::Refresher {

@@ -7,6 +7,15 @@
 //! delivery with retries and backoff, signing, "once per tenant and period" across
 //! nodes) lives behind the handle.
 
+pub mod body;
+pub mod delivery;
+pub mod http;
+pub mod metrics;
+pub mod sources;
+pub mod spool;
+
+pub use metrics::AlertMetrics;
+
 use serde_json::{Map, Value};
 use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc;
@@ -28,6 +37,16 @@ pub enum EventKind {
 }
 
 impl EventKind {
+    pub const ALL: [EventKind; 7] = [
+        EventKind::BudgetThreshold,
+        EventKind::SpendVelocity,
+        EventKind::GuardEngaged,
+        EventKind::GuardCleared,
+        EventKind::CircuitOpen,
+        EventKind::CircuitClosed,
+        EventKind::AuditShippingStalled,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             EventKind::BudgetThreshold => "budget_threshold",
@@ -143,6 +162,10 @@ pub struct Alerts {
     tx: Option<mpsc::Sender<Event>>,
     /// Tests: every event emitted, in order.
     recorded: Option<Arc<Mutex<Vec<Event>>>>,
+    /// `llmgw_alerts_dropped_total`, counted when the hand-off is full.
+    dropped: Option<prometheus::IntCounter>,
+    /// Tenants (and keys) that spent since the budget checker last looked.
+    spent: Option<Arc<Mutex<sources::Spent>>>,
 }
 
 impl Alerts {
@@ -151,6 +174,34 @@ impl Alerts {
         Alerts {
             tx: Some(tx),
             recorded: None,
+            dropped: None,
+            spent: Some(Arc::default()),
+        }
+    }
+
+    /// Counts the events the full hand-off drops in `c`.
+    pub fn counting_drops(mut self, c: prometheus::IntCounter) -> Self {
+        self.dropped = Some(c);
+        self
+    }
+
+    /// After a settle that cost money: notes the tenant and key for the budget and
+    /// velocity checker ([`sources`]), which reads their spend off the request path.
+    /// A map insert under a lock; nothing when alerts are off.
+    pub fn spent(&self, tenant: &Arc<crate::config::Tenant>, key: &Arc<crate::config::ApiKey>) {
+        if let Some(s) = &self.spent {
+            sources::note(s, tenant, key);
+        }
+    }
+
+    /// What [`Alerts::spent`] noted since the last call (the checker's side).
+    pub fn take_spent(&self) -> sources::Spent {
+        match &self.spent {
+            Some(s) => std::mem::take(&mut *match s.lock() {
+                Ok(g) => g,
+                Err(p) => p.into_inner(),
+            }),
+            None => sources::Spent::default(),
         }
     }
 
@@ -161,6 +212,8 @@ impl Alerts {
             Alerts {
                 tx: None,
                 recorded: Some(rec.clone()),
+                dropped: None,
+                spent: Some(Arc::default()),
             },
             rec,
         )
@@ -184,6 +237,9 @@ impl Alerts {
                 Ok(()) => true,
                 Err(e) => {
                     log::warn!("alerts: event dropped, the queue is full or closed: {e}");
+                    if let Some(c) = &self.dropped {
+                        c.inc();
+                    }
                     false
                 }
             },

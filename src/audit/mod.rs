@@ -347,6 +347,12 @@ impl AuditLog {
         done
     }
 
+    /// `ts_ms` of the oldest spooled row not yet in ClickHouse (0: none waiting), for
+    /// the `audit_shipping_stalled` alert.
+    pub fn oldest_unshipped_ms(&self) -> u64 {
+        self.shared.oldest_unshipped_ms.load(Ordering::Relaxed)
+    }
+
     /// Sets the audit gauges (read at scrape time).
     pub async fn refresh_gauges(&self) {
         let m = &self.shared.metrics;

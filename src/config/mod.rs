@@ -7,6 +7,7 @@
 //! to integer nano-USD. A `Config` therefore only exists when the whole file is
 //! consistent, and the proxy never has to handle a dangling reference.
 
+mod alerts;
 mod model;
 mod money;
 mod named;
@@ -20,6 +21,7 @@ mod validate;
 #[cfg(test)]
 mod tests;
 
+pub use alerts::{AlertsConf, VelocityAlert, Webhook, WebhookFormat};
 pub use money::{sha256_hex, usd_to_nanousd};
 pub use tenant::StoreTenantBuilder;
 
@@ -50,6 +52,8 @@ pub struct Config {
     pub audit: AuditConf,
     /// The tenant and key store, when tenants may also come from a database.
     pub store: Option<StoreConf>,
+    /// `alerts:`; `None` when the file has no such section.
+    pub alerts: Option<AlertsConf>,
     /// How many of `tenants` (the first ones) come from this file; the rest are the
     /// store's, merged in by [`Config::with_store_tenants`].
     pub file_tenants: usize,
@@ -120,6 +124,7 @@ impl Config {
                 Ok(Config {
                     file_tenants: p.tenants.len(),
                     store: p.store,
+                    alerts: p.alerts,
                     node: p.node,
                     listen: p.listen,
                     admin: p.admin,

@@ -24,6 +24,7 @@ const SECTIONS: &[&str] = &[
     "cache",
     "audit",
     "store",
+    "alerts",
 ];
 
 /// A section's state after parsing. `Invalid` is kept apart from `Absent` so that a
@@ -58,6 +59,7 @@ pub(super) struct RawConfig {
     pub cache: Sec<RawCache>,
     pub audit: Sec<RawAudit>,
     pub store: Sec<RawStore>,
+    pub alerts: Sec<super::alerts::RawAlerts>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -507,6 +509,7 @@ pub(super) fn parse(text: &str, report: &mut Report) -> Option<RawConfig> {
         cache: Sec::Absent,
         audit: Sec::Absent,
         store: Sec::Absent,
+        alerts: Sec::Absent,
     };
     for (pos, (key, value)) in top.into_iter().enumerate() {
         let Some(name) = key_string(&key) else {
@@ -530,6 +533,7 @@ pub(super) fn parse(text: &str, report: &mut Report) -> Option<RawConfig> {
             "cache" => raw.cache = section(value, &at, report),
             "audit" => raw.audit = section(value, &at, report),
             "store" => raw.store = section(value, &at, report),
+            "alerts" => raw.alerts = section(value, &at, report),
             _ => {
                 let expected: Vec<String> = SECTIONS.iter().map(|s| format!("`{s}`")).collect();
                 report.error(

@@ -31,6 +31,7 @@ pub(super) struct Parts {
     pub cache: CacheConf,
     pub audit: AuditConf,
     pub store: Option<StoreConf>,
+    pub alerts: Option<super::AlertsConf>,
 }
 
 pub(super) fn build(raw: RawConfig, report: &mut Report) -> Option<Parts> {
@@ -50,6 +51,7 @@ pub(super) fn build(raw: RawConfig, report: &mut Report) -> Option<Parts> {
     let cache = sections::cache(raw.cache);
     let audit = sections::audit(raw.audit, report);
     let store = sections::store(raw.store, report);
+    let alerts = super::alerts::alerts(raw.alerts, report);
 
     if let (Some(listen), Some(admin)) = (&listen, &admin) {
         let taken = [listen.http, listen.https.as_ref().map(|h| h.addr)];
@@ -94,6 +96,7 @@ pub(super) fn build(raw: RawConfig, report: &mut Report) -> Option<Parts> {
         cache: cache?,
         audit: audit?,
         store: store?,
+        alerts: alerts?,
     })
 }
 

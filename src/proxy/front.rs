@@ -282,6 +282,12 @@ impl Gateway {
                 cost_nanousd: row.cost_nanousd,
             };
             self.limits.settle(ticket, actual).await;
+            if actual.cost_nanousd > 0 {
+                if let (Some(tenant), Some(key)) = (&ctx.tenant, &ctx.api_key) {
+                    // Budget thresholds and velocity are checked off the request path.
+                    self.alerts.spent(tenant, key);
+                }
+            }
         }
     }
 

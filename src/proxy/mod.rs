@@ -83,6 +83,22 @@ impl Gateway {
     }
 }
 
+impl Gateway {
+    /// [`Gateway::new`] whose events go to `alerts` (the delivery side of `alerts:`).
+    pub fn with_alerts(
+        config: Arc<Config>,
+        audit: AuditLog,
+        metrics: Metrics,
+        alerts: crate::alerts::Alerts,
+    ) -> Self {
+        let mut shared = Shared::new(config, audit, metrics);
+        shared.alerts = alerts;
+        Gateway {
+            inner: Arc::new(shared),
+        }
+    }
+}
+
 impl Shared {
     pub fn new(config: Arc<Config>, audit: AuditLog, metrics: Metrics) -> Self {
         Shared {
