@@ -23,8 +23,9 @@
 //! engaging again for `for_s` seconds (on Redis, on every node).
 
 use super::calendar::Now;
-use super::Limits;
+use super::{Limits, RateHeaders, Refusal, Scope, Subject};
 use crate::audit::time::rfc3339;
+use crate::config::ApiKey;
 use crate::config::{Guard, GuardAction, Tenant};
 use serde::Serialize;
 use std::collections::HashMap;
@@ -230,6 +231,41 @@ impl Board {
 }
 
 impl Limits {
+    /// The subject of a request with the spend guard applied: refused while it
+    /// blocks, its rps lowered while it throttles (then the lowered rps, so that
+    /// hitting it is told apart from the tenant's own limit).
+    pub(super) fn subject<'a>(
+        &self,
+        tenant: &'a Tenant,
+        key: &'a ApiKey,
+    ) -> Result<(Subject<'a>, Option<u32>), Refusal> {
+        let who = Subject::of(tenant, key);
+        let Some(g) = &tenant.guard else {
+            return Ok((who, None));
+        };
+        if !self.inner.guard.engaged(&tenant.id) {
+            return Ok((who, None));
+        }
+        match g.action {
+            GuardAction::Alert => Ok((who, None)),
+            GuardAction::Block => Err(Refusal::Guard {
+                action: GuardAction::Block,
+                throttle_rps: 0,
+                // At the earliest, the next hour ends below the threshold.
+                retry_after_s: self.inner.now().secs_to_next_hour() + 3600,
+                headers: RateHeaders::default(),
+            }),
+            GuardAction::Throttle if who.caps.rate.rps.is_some_and(|r| r <= g.throttle_rps) => {
+                Ok((who, None)) // the tenant's own limit is the tighter one
+            }
+            GuardAction::Throttle => {
+                let mut who = who;
+                who.caps.rate.rps = Some(g.throttle_rps);
+                Ok((who, Some(g.throttle_rps)))
+            }
+        }
+    }
+
     /// Evaluates every guarded tenant among `tenants` that this node has served (a
     /// tenant it has not served has nothing to refuse here; its first request makes
     /// it one, and it is evaluated a tick later). Returns what changed. A tenant whose
@@ -291,5 +327,27 @@ impl Limits {
     /// Whether the tenant's guard is engaged on this node (the metric).
     pub fn guard_engaged(&self, tenant: &Tenant) -> bool {
         tenant.guard.is_some() && self.inner.guard.engaged(&tenant.id)
+    }
+}
+
+/// A refusal of the tenant's rps while the guard throttles it to `throttle` is the
+/// guard's (429 `spend_guard`), not the tenant's own limit.
+pub(super) fn guarded(r: Refusal, throttle: Option<u32>) -> Refusal {
+    match (r, throttle) {
+        (
+            Refusal::Rate {
+                scope: Scope::Tenant,
+                which: "rps",
+                headers,
+                ..
+            },
+            Some(throttle_rps),
+        ) => Refusal::Guard {
+            action: GuardAction::Throttle,
+            throttle_rps,
+            retry_after_s: 1,
+            headers,
+        },
+        (r, _) => r,
     }
 }

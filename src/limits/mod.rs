@@ -50,6 +50,7 @@ pub use quota::{MinuteUse, Take, COOLDOWN_POLL};
 
 use crate::config::{ApiKey, Budget, Counters, GuardAction, OnError, Rate, Tenant};
 use calendar::Now;
+use guard::guarded;
 use memory::{Mode, Store};
 use serde::Serialize;
 use std::sync::Arc;
@@ -295,28 +296,6 @@ impl<'a> Subject<'a> {
     }
 }
 
-/// A refusal of the tenant's rps while the guard throttles it to `throttle` is the
-/// guard's (429 `spend_guard`), not the tenant's own limit.
-fn guarded(r: Refusal, throttle: Option<u32>) -> Refusal {
-    match (r, throttle) {
-        (
-            Refusal::Rate {
-                scope: Scope::Tenant,
-                which: "rps",
-                headers,
-                ..
-            },
-            Some(throttle_rps),
-        ) => Refusal::Guard {
-            action: GuardAction::Throttle,
-            throttle_rps,
-            retry_after_s: 1,
-            headers,
-        },
-        (r, _) => r,
-    }
-}
-
 /// The `x-ratelimit-*` values of the tighter of two scopes: the fewer requests left
 /// (with the limit of the scope that leaves them; with no count known, the smaller
 /// limit) and the fewer tokens left.
@@ -523,41 +502,6 @@ impl Limits {
         self.admit_who(who, demand)
             .await
             .map_err(|r| guarded(r, throttle))
-    }
-
-    /// The subject of a request with the spend guard applied: refused while it
-    /// blocks, its rps lowered while it throttles (then the lowered rps, so that
-    /// hitting it is told apart from the tenant's own limit).
-    fn subject<'a>(
-        &self,
-        tenant: &'a Tenant,
-        key: &'a ApiKey,
-    ) -> Result<(Subject<'a>, Option<u32>), Refusal> {
-        let who = Subject::of(tenant, key);
-        let Some(g) = &tenant.guard else {
-            return Ok((who, None));
-        };
-        if !self.inner.guard.engaged(&tenant.id) {
-            return Ok((who, None));
-        }
-        match g.action {
-            GuardAction::Alert => Ok((who, None)),
-            GuardAction::Block => Err(Refusal::Guard {
-                action: GuardAction::Block,
-                throttle_rps: 0,
-                // At the earliest, the next hour ends below the threshold.
-                retry_after_s: self.inner.now().secs_to_next_hour() + 3600,
-                headers: RateHeaders::default(),
-            }),
-            GuardAction::Throttle if who.caps.rate.rps.is_some_and(|r| r <= g.throttle_rps) => {
-                Ok((who, None)) // the tenant's own limit is the tighter one
-            }
-            GuardAction::Throttle => {
-                let mut who = who;
-                who.caps.rate.rps = Some(g.throttle_rps);
-                Ok((who, Some(g.throttle_rps)))
-            }
-        }
     }
 
     async fn admit_who(&self, who: Subject<'_>, demand: Demand) -> Result<Ticket, Refusal> {
