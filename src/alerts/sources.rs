@@ -153,6 +153,37 @@ pub struct Checker {
     pub node: String,
 }
 
+/// The `budget_threshold` events of one scope's monthly and hourly budgets: `at` is
+/// (tenant, key id or empty, month stamp, hour stamp), `spent` (month, this hour).
+fn budget_events(
+    mem: &mut Memory,
+    alerts: &Alerts,
+    at: (&str, &str, &str, &str),
+    spent: (u64, u64),
+    budget: &crate::config::Budget,
+    thresholds_ppm: &[u64],
+    now: u64,
+) {
+    let (tenant, key_id, month, hour) = at;
+    for (window, stamp, spent, budget) in [
+        ("monthly", month, spent.0, budget.monthly_nanousd),
+        ("hourly", hour, spent.1, budget.hourly_nanousd),
+    ] {
+        let Some(budget) = budget else { continue };
+        let b = Budgeted {
+            tenant,
+            key_id,
+            window,
+            stamp,
+            spent,
+            budget,
+        };
+        for e in threshold_events(&b, thresholds_ppm, now) {
+            mem.emit(alerts, e);
+        }
+    }
+}
+
 #[derive(Default)]
 struct Memory {
     /// Ids raised by this checker, so that a threshold that stays reached is not
@@ -221,65 +252,33 @@ impl Checker {
             let Ok(u) = g.limits.key_usage(tenant, key).await else {
                 continue;
             };
-            for (window, stamp, spent, budget) in [
-                (
-                    "monthly",
-                    &u.month,
-                    u.spent_nanousd,
-                    key.budget.monthly_nanousd,
-                ),
-                (
-                    "hourly",
-                    &hour,
-                    u.spend_this_hour_nanousd,
-                    key.budget.hourly_nanousd,
-                ),
-            ] {
-                let Some(budget) = budget else { continue };
-                let b = Budgeted {
-                    tenant: &tenant.id,
-                    key_id: &key.id,
-                    window,
-                    stamp,
-                    spent,
-                    budget,
-                };
-                for e in threshold_events(&b, &conf.budget_thresholds_ppm, now) {
-                    mem.emit(&g.alerts, e);
-                }
-            }
+            let spent = (u.spent_nanousd, u.spend_this_hour_nanousd);
+            let at = (&tenant.id[..], &key.id[..], &u.month[..], &hour[..]);
+            budget_events(
+                mem,
+                &g.alerts,
+                at,
+                spent,
+                &key.budget,
+                &conf.budget_thresholds_ppm,
+                now,
+            );
         }
         for tenant in tenants.values() {
             let Ok(u) = g.limits.usage(tenant).await else {
                 continue;
             };
-            for (window, stamp, spent, budget) in [
-                (
-                    "monthly",
-                    &u.month,
-                    u.spent_nanousd,
-                    tenant.budget.monthly_nanousd,
-                ),
-                (
-                    "hourly",
-                    &hour,
-                    u.spend_this_hour_nanousd,
-                    tenant.budget.hourly_nanousd,
-                ),
-            ] {
-                let Some(budget) = budget else { continue };
-                let b = Budgeted {
-                    tenant: &tenant.id,
-                    key_id: "",
-                    window,
-                    stamp,
-                    spent,
-                    budget,
-                };
-                for e in threshold_events(&b, &conf.budget_thresholds_ppm, now) {
-                    mem.emit(&g.alerts, e);
-                }
-            }
+            let spent = (u.spent_nanousd, u.spend_this_hour_nanousd);
+            let at = (&tenant.id[..], "", &u.month[..], &hour[..]);
+            budget_events(
+                mem,
+                &g.alerts,
+                at,
+                spent,
+                &tenant.budget,
+                &conf.budget_thresholds_ppm,
+                now,
+            );
             let (this, avg) = (u.spend_this_hour_nanousd, u.spend_hourly_avg_nanousd);
             if let Some(e) = velocity_event(&tenant.id, &hour, this, avg, &conf.velocity, now) {
                 mem.emit(&g.alerts, e);
