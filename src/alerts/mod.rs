@@ -16,7 +16,9 @@ pub mod spool;
 
 pub use metrics::AlertMetrics;
 
+use crate::config::{ApiKey, Tenant};
 use serde_json::{Map, Value};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc;
 
@@ -155,6 +157,21 @@ pub fn guard_event(change: &crate::limits::GuardChange) -> Event {
     }
 }
 
+/// Tenants and keys that spent since the last check, by (tenant id, key id).
+pub type Spent = HashMap<(String, String), (Arc<Tenant>, Arc<ApiKey>)>;
+
+fn note(spent: &Mutex<Spent>, tenant: &Arc<Tenant>, key: &Arc<ApiKey>) {
+    let mut s = match spent.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    };
+    // Replaced, not kept: a reload's newer Arc carries the newer budget.
+    s.insert(
+        (tenant.id.clone(), key.id.clone()),
+        (tenant.clone(), key.clone()),
+    );
+}
+
 /// The hand-off to alert delivery; cheap to clone. The default one has no webhooks
 /// and drops every event (alerts not configured).
 #[derive(Clone, Default)]
@@ -165,7 +182,7 @@ pub struct Alerts {
     /// `llmgw_alerts_dropped_total`, counted when the hand-off is full.
     dropped: Option<prometheus::IntCounter>,
     /// Tenants (and keys) that spent since the budget checker last looked.
-    spent: Option<Arc<Mutex<sources::Spent>>>,
+    spent: Option<Arc<Mutex<Spent>>>,
 }
 
 impl Alerts {
@@ -190,18 +207,18 @@ impl Alerts {
     /// A map insert under a lock; nothing when alerts are off.
     pub fn spent(&self, tenant: &Arc<crate::config::Tenant>, key: &Arc<crate::config::ApiKey>) {
         if let Some(s) = &self.spent {
-            sources::note(s, tenant, key);
+            note(s, tenant, key);
         }
     }
 
     /// What [`Alerts::spent`] noted since the last call (the checker's side).
-    pub fn take_spent(&self) -> sources::Spent {
+    pub fn take_spent(&self) -> Spent {
         match &self.spent {
             Some(s) => std::mem::take(&mut *match s.lock() {
                 Ok(g) => g,
                 Err(p) => p.into_inner(),
             }),
-            None => sources::Spent::default(),
+            None => Spent::default(),
         }
     }
 

@@ -19,34 +19,19 @@
 //!   [`STALL_S`]; once per stall (its id names the oldest row's time and the node).
 
 use super::{Alerts, Event, EventKind};
-use crate::config::{AlertsConf, ApiKey, Tenant};
+use crate::config::{AlertsConf, Tenant};
 use crate::limits::usd;
 use crate::proxy::Gateway;
 use async_trait::async_trait;
 use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 pub const CHECK_EVERY: Duration = Duration::from_secs(1);
 /// Audit shipping is stalled when the oldest unshipped row is older than this.
 pub const STALL_S: u64 = 300;
-
-/// Tenants and keys that spent since the last check, by (tenant id, key id).
-pub type Spent = HashMap<(String, String), (Arc<Tenant>, Arc<ApiKey>)>;
-
-pub(super) fn note(spent: &Mutex<Spent>, tenant: &Arc<Tenant>, key: &Arc<ApiKey>) {
-    let mut s = match spent.lock() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
-    };
-    // Replaced, not kept: a reload's newer Arc carries the newer budget.
-    s.insert(
-        (tenant.id.clone(), key.id.clone()),
-        (tenant.clone(), key.clone()),
-    );
-}
 
 /// `800000` -> `0.8`, `1000000` -> `1`: the threshold as the period names it.
 pub fn fraction(ppm: u64) -> String {

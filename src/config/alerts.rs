@@ -1,40 +1,13 @@
 //! The `alerts:` section: where events for on-call go (webhooks), and when budget and
-//! velocity events fire. Raw form and validated form side by side, since nothing else
-//! in the config refers to it.
+//! velocity events fire. The validated form; the raw one is in `raw.rs` with the others.
 
 use super::money::usd_to_nanousd;
 use super::net::base_url;
-use super::raw::Sec;
+use super::raw::{RawAlerts, RawWebhook, Sec};
 use super::report::{child, item, Report};
 use super::sections::env_secret;
 use super::BaseUrl;
-use serde::Deserialize;
 use std::collections::HashSet;
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, expecting = "a mapping")]
-pub(super) struct RawAlerts {
-    #[serde(default)]
-    pub webhooks: Vec<RawWebhook>,
-    pub budget_thresholds: Option<Vec<f64>>,
-    pub velocity: Option<RawVelocity>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, expecting = "a mapping")]
-pub(super) struct RawWebhook {
-    pub name: String,
-    pub url: String,
-    pub secret_env: Option<String>,
-    pub format: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, expecting = "a mapping")]
-pub(super) struct RawVelocity {
-    pub factor: f64,
-    pub min_hourly_usd: f64,
-}
 
 /// How a webhook's body is written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

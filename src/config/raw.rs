@@ -59,7 +59,7 @@ pub(super) struct RawConfig {
     pub cache: Sec<RawCache>,
     pub audit: Sec<RawAudit>,
     pub store: Sec<RawStore>,
-    pub alerts: Sec<super::alerts::RawAlerts>,
+    pub alerts: Sec<RawAlerts>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -598,4 +598,30 @@ fn key_string(key: &Value) -> Option<String> {
         Value::Number(n) => Some(n.to_string()),
         _ => None,
     }
+}
+
+/// `alerts:` (validated in `alerts.rs`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a mapping")]
+pub(crate) struct RawAlerts {
+    #[serde(default)]
+    pub webhooks: Vec<RawWebhook>,
+    pub budget_thresholds: Option<Vec<f64>>,
+    pub velocity: Option<RawVelocity>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a mapping")]
+pub(crate) struct RawWebhook {
+    pub name: String,
+    pub url: String,
+    pub secret_env: Option<String>,
+    pub format: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a mapping")]
+pub(crate) struct RawVelocity {
+    pub factor: f64,
+    pub min_hourly_usd: f64,
 }
