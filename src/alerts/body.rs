@@ -103,6 +103,11 @@ pub fn slack_text(body: &Map<String, Value>) -> String {
             dollars(body, "spent_usd"),
             dollars(body, "budget_usd"),
         ),
+        // A tenant with no spend in the trailing 24 h has no ratio to state.
+        "spend_velocity" if text(body, "ratio") == "inf" => format!(
+            "{who} spent {} this hour, with no spend in the trailing 24 h",
+            dollars(body, "spend_this_hour_usd"),
+        ),
         "spend_velocity" => format!(
             "{who} spent {} this hour, {}x its trailing 24 h average of {} an hour",
             dollars(body, "spend_this_hour_usd"),
@@ -227,6 +232,28 @@ mod tests {
         );
         assert!(
             slack_text(&circuit).contains("circuit of provider `openai` opened on node `edge-1`")
+        );
+    }
+
+    #[test]
+    fn slack_velocity_text_of_a_tenant_with_no_history_states_no_ratio() {
+        let velocity = |ratio: &str, avg: &str| {
+            json_body(
+                &Event::new(EventKind::SpendVelocity, "acme", "", "h".into(), 0)
+                    .with("spend_this_hour_usd", "60.000000000")
+                    .with("hourly_avg_usd", avg)
+                    .with("ratio", ratio),
+            )
+        };
+        let t = slack_text(&velocity("inf", "0.000000000"));
+        assert!(
+            t.contains("tenant `acme` spent $60.00 this hour, with no spend in the trailing 24 h"),
+            "{t}"
+        );
+        let t = slack_text(&velocity("12.0", "5.000000000"));
+        assert!(
+            t.contains("12.0x its trailing 24 h average of $5.00 an hour"),
+            "{t}"
         );
     }
 }

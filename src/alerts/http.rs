@@ -1,6 +1,9 @@
-//! The webhook POST: hyper's client on rustls (ring, Mozilla roots), the same stack
-//! the ClickHouse client already brings, so `https://` receivers work with no new
-//! crates. Only the delivery task calls it; a receiver that hangs costs that task one
+//! The webhook POST: hyper's client on rustls (ring), the same stack the ClickHouse
+//! client already brings, so `https://` receivers work with no new crates. Receivers'
+//! certificates are verified against the system roots (`SSL_CERT_FILE` /
+//! `SSL_CERT_DIR` replace them), as upstream providers' are: an on-call receiver
+//! behind a company CA must work with the same trust store the providers use. Only
+//! the delivery task calls it; a receiver that hangs costs that task one
 //! [`post_timeout`] per try, and a request nothing.
 
 use crate::config::Webhook;
@@ -25,6 +28,25 @@ pub fn post_timeout() -> Duration {
         .map_or(POST_TIMEOUT, Duration::from_millis)
 }
 
+/// A client TLS config on the system roots; the bundled Mozilla roots only when the
+/// system has none (a minimal container), so https receivers never fail for want of
+/// a trust store.
+fn tls_config() -> Result<rustls::ClientConfig, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    if let Ok(certs) = pingora_rustls::load_native_certs() {
+        let _ = roots.add_parsable_certificates(certs);
+    }
+    if roots.is_empty() {
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    }
+    rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| format!("alerts: TLS set-up: {e}"))
+    .map(|b| b.with_root_certificates(roots).with_no_client_auth())
+}
+
 #[derive(Clone)]
 pub struct Poster {
     client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
@@ -34,8 +56,7 @@ pub struct Poster {
 impl Poster {
     pub fn new() -> Result<Poster, String> {
         let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())
-            .map_err(|e| format!("alerts: TLS set-up: {e}"))?
+            .with_tls_config(tls_config()?)
             .https_or_http()
             .enable_http1()
             .build();

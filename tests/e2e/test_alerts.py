@@ -26,6 +26,7 @@ import hashlib
 import hmac
 import json
 import socket
+import ssl
 import subprocess
 import threading
 import time
@@ -50,20 +51,25 @@ BODY = {"model": "alm", "max_tokens": 10,
 
 
 class Receiver:
-    """A webhook receiver on `port`: `ok` answers 200, `hang` reads the request and never
-    answers. Every request it read is kept (headers and exact body bytes)."""
+    """A webhook receiver on `port`: `ok` answers 200, `fail` answers 503 (a receiver
+    that is up but down behind its load balancer), `hang` reads the request and never
+    answers; over HTTPS when given `tls` (certificate, key). Every request answered 200
+    or held open is kept in `got` (headers and exact body bytes); those answered 503 are
+    only counted in `failed`. `mode` may be changed while it runs."""
 
-    def __init__(self, port: int | None = None, mode: str = "ok"):
+    def __init__(self, port: int | None = None, mode: str = "ok", tls: tuple[Path, Path] | None = None):
         self.port = port or free_ports(1)[0]
         self.mode = mode
+        self.tls = tls
         self.got: list[tuple[dict, bytes]] = []
+        self.failed = 0
         self.lock = threading.Lock()
         self.release = threading.Event()
         self.server: ThreadingHTTPServer | None = None
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/hook"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}/hook"
 
     def start(self) -> "Receiver":
         rec = self
@@ -72,6 +78,13 @@ class Receiver:
             def do_POST(self):
                 n = int(self.headers.get("content-length", "0"))
                 body = self.rfile.read(n)
+                if rec.mode == "fail":
+                    with rec.lock:
+                        rec.failed += 1
+                    self.send_response(503)
+                    self.send_header("content-length", "0")
+                    self.end_headers()
+                    return
                 with rec.lock:
                     rec.got.append(({k.lower(): v for k, v in self.headers.items()}, body))
                 if rec.mode == "hang":
@@ -87,6 +100,10 @@ class Receiver:
         ThreadingHTTPServer.allow_reuse_address = True
         self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
         self.server.daemon_threads = True
+        if self.tls:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(str(self.tls[0]), str(self.tls[1]))
+            self.server.socket = ctx.wrap_socket(self.server.socket, server_side=True)
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         return self
 
@@ -116,8 +133,8 @@ class Receiver:
 def receiver():
     made: list[Receiver] = []
 
-    def make(port: int | None = None, mode: str = "ok") -> Receiver:
-        r = Receiver(port, mode)
+    def make(port: int | None = None, mode: str = "ok", tls: tuple[Path, Path] | None = None) -> Receiver:
+        r = Receiver(port, mode, tls)
         made.append(r)
         return r
 
@@ -290,39 +307,53 @@ def test_two_nodes_on_redis_deliver_each_event_once(nodes, receiver, mock, tmp_p
         redis.stop()
 
 
-def test_receiver_down_then_gateway_restarted_then_up_still_delivers(nodes, receiver, mock):
+FAILURES = 'llmgw_alert_delivery_failures_total{webhook="hook"}'
+DOWN_S = 60  # the issue's "receiver down for a minute"
+
+
+def wait_metric(gw: Gateway, name: str, at_least: float, deadline_s: float = 20.0) -> float | None:
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end and (metric(gw, name) or 0) < at_least:
+        time.sleep(0.1)
+    return metric(gw, name)
+
+
+def test_receiver_down_for_a_minute_gateway_restarted_in_between_still_delivers(nodes, receiver, mock):
+    """The receiver is down for a minute: first nothing listens (connection refused),
+    then, after the gateway was restarted, it is up but answers 503. Only then does it
+    accept, and every event arrives exactly once. The backoff cap is lowered to 300 ms
+    so the last retry comes right after the receiver is back (the real cap is 60 s)."""
     port = free_ports(1)[0]
     env = {"LLM_GATEWAY_ALERT_BACKOFF_MAX_MS": "300"}
-    rec = Receiver(port)  # not started: the port is closed
+    url = Receiver(port).url  # not started: the port is closed
     ports = tuple(free_ports(2))
-    gw = nodes.start("restart", alerts_overrides(rec.url), env=env, ports=ports)
+    down_since = time.monotonic()
+    gw = nodes.start("restart", alerts_overrides(url), env=env, ports=ports)
     spend(gw, 10)
     # Raised and queued, not delivered: failures counted, the queue holds them.
-    end = time.monotonic() + 20
-    while time.monotonic() < end and (metric(gw, "llmgw_alerts_pending") or 0) < 4:
-        time.sleep(0.1)
-    assert metric(gw, "llmgw_alerts_pending") == 4, gw.log_text()
-    end = time.monotonic() + 10
-    while time.monotonic() < end and (metric(gw, 'llmgw_alert_delivery_failures_total{webhook="hook"}') or 0) < 2:
-        time.sleep(0.1)
-    assert metric(gw, 'llmgw_alert_delivery_failures_total{webhook="hook"}') >= 2
+    assert wait_metric(gw, "llmgw_alerts_pending", 4) == 4, gw.log_text()
+    assert wait_metric(gw, FAILURES, 2) >= 2
+    time.sleep(max(0.0, down_since + DOWN_S / 2 - time.monotonic()))  # the outage goes on
     nodes.stop(gw)
     # Memory counters start from zero again: only the spool can bring these events back.
-    gw2 = nodes.start("restart", alerts_overrides(rec.url), env=env, ports=ports)
+    gw2 = nodes.start("restart", alerts_overrides(url), env=env, ports=ports)
     assert metric(gw2, "llmgw_alerts_pending") == 4
-    time.sleep(2)  # still down for a while after the restart
-    assert rec.events() == []
-    receiver_up = receiver(port)
-    receiver_up.start()
-    events = receiver_up.wait_for(4)
-    time.sleep(2)
-    events = receiver_up.events()
+    rec = receiver(port, mode="fail").start()
+    assert wait_metric(gw2, FAILURES, 3) >= 3  # 503 is a failure, retried like a refusal
+    time.sleep(max(0.0, down_since + DOWN_S - time.monotonic()))
+    assert rec.events() == [] and rec.failed >= 3
+    assert metric(gw2, "llmgw_alerts_pending") == 4
+    rec.mode = "ok"
+    rec.wait_for(4)
+    time.sleep(2)  # a duplicate would follow within a few retries
+    events = rec.events()
     assert periods(events) == EXPECTED, events
-    assert_signed(receiver_up)
+    assert_signed(rec)
     end = time.monotonic() + 5
     while time.monotonic() < end and metric(gw2, "llmgw_alerts_pending") != 0:
         time.sleep(0.1)
     assert metric(gw2, "llmgw_alerts_pending") == 0
+    assert metric(gw2, SENT) == 4
 
 
 def test_a_receiver_that_never_answers_costs_requests_nothing(nodes, receiver, mock):
